@@ -1,0 +1,40 @@
+# Every target sets up what it needs by itself on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+# Offline by default: nothing in tests or the demo reaches the Hugging Face hub.
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export HF_EVALUATE_OFFLINE := 1
+# DeepSpeed JIT-compiles its CPU ops once; keep them inside the project so they are reused.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
+
+.PHONY: setup test test-fast demo demo-data clean
+
+setup: $(STAMP)
+
+# torch goes in first, then everything else under a constraint that keeps that exact build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install $(TORCH)
+	echo "$(TORCH)" > $(VENV)/constraints.txt
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest tests
+
+test-fast: setup
+	$(PY) -m pytest tests -m "not e2e"
+
+demo-data: setup
+	$(PY) -m launcher.demo_data --out data/demo
+
+demo: demo-data
+	$(VENV)/bin/mtl validate jobs/demo.yaml
+
+clean:
+	rm -rf $(VENV) .cache data/demo

@@ -1,0 +1,121 @@
+"""`mtl`: the command line. Each subcommand is a small function; user mistakes print a
+message that names the problem and exit 2, without a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from trainer.errors import UserError
+
+EXAMPLES = """examples:
+  mtl validate jobs/demo.yaml
+  mtl validate jobs/demo.yaml train.steps=20 tasks.sentiment.weight=2 --print
+  mtl data jobs/demo.yaml
+  mtl tasks
+"""
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from launcher.jobfile import dump_job, load_job
+    from launcher.validate import require_valid
+
+    spec = load_job(args.job, args.overrides)
+    report = require_valid(spec, check_files=not args.schema_only)
+    if args.print:
+        print(dump_job(spec), end="")
+    for line in report.notes:
+        print(line, file=sys.stderr if args.print else sys.stdout)
+    print(f"{args.job}: OK ({len(spec.tasks)} tasks{', schema only' if args.schema_only else ''})",
+          file=sys.stderr if args.print else sys.stdout)
+    return 0
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Per-task data report: rows, bad rows, truncation, micro-batches, real vs. padded tokens."""
+    from launcher.jobfile import load_job
+    from launcher.validate import require_valid
+    from trainer.model_io import load_tokenizer_and_encoding
+    from trainer.task_data import epoch_padding, prepare_tasks
+
+    spec = load_job(args.job, args.overrides)
+    require_valid(spec)
+    tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
+    tasks = prepare_tasks(spec, tokenizer, encoding, splits=("train",))
+    world = spec.scaling.num_workers
+    print(f"{'task':<14}{'rows':>7}{'bad':>6}{'features':>10}{'truncated':>10}{'mb/epoch':>10}"
+          f"{'real tok':>11}{'padded tok':>12}{'real %':>8}{'unsorted %':>11}")
+    for name, data in tasks.items():
+        task = spec.tasks[name]
+        enc = data.encoded["train"]
+        lengths = __import__("numpy").asarray(enc.features["length"])
+        common = dict(rank=0, world=world, seed=spec.train.seed, task=name, max_tokens=task.max_tokens,
+                      rows=None if task.max_tokens else (task.micro_batch_size or spec.train.micro_batch_size),
+                      pool=spec.train.pool_micro_batches)
+        grouped = epoch_padding(lengths, by_length=spec.train.length_grouping, **common)
+        shuffled = epoch_padding(lengths, by_length=False, **common)
+        print(f"{name:<14}{enc.rows:>7}{data.checked.bad['train'].count:>6}{len(enc.features):>10}{enc.truncated:>10}"
+              f"{grouped.micro_batches:>10}{grouped.real_tokens:>11}{grouped.padded_tokens:>12}"
+              f"{100 * grouped.efficiency:>7.1f}%{100 * shuffled.efficiency:>10.1f}%")
+    print(f"(train split, rank 0 of {world}, one epoch; 'unsorted' is the same shard without length grouping)")
+    return 0
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from trainer.tasks import registry
+
+    for name in registry.names():
+        t = registry.get(name)
+        print(f"{name}\n  fields: {', '.join(f + ('' if f in t.required else ' (optional)') for f in t.fields)}"
+              f"\n  models: {', '.join(t.model_kinds)}\n  metrics: {', '.join(t.allowed_metrics)} "
+              f"(default {', '.join(t.default_metrics)})\n  prompt: {t.default_prompt}")
+        for key, f in t.options_model.model_fields.items():
+            print(f"  options.{key}: {f.default!r} — {f.description}")
+        if t.description:
+            print(f"  {t.description}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtl", description="Distributed multitask fine-tuning: Ray Train + DeepSpeed ZeRO, one YAML job.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("validate", help="check a job (spec, DeepSpeed config, model, every data row) before running it")
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
+    p.add_argument("--print", action="store_true", help="print the resolved job (defaults filled in) as YAML")
+    p.add_argument("--schema-only", action="store_true", help="check the spec and DeepSpeed config, not the files")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("data", help="per-task data report: bad rows, truncation, micro-batches, padding")
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("tasks", help="list the registered task types, their fields, metrics and options")
+    p.set_defaults(func=cmd_tasks)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after flags (`mtl validate JOB --print train.steps=20`).
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"mtl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mtl {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""Reading a job: YAML + dotted `key=value` overrides -> a validated, resolved JobSpec.
+
+Errors from the typed tree are rewritten for people: the dotted field, what is wrong, and
+for a typo the closest valid key or value.
+"""
+
+from __future__ import annotations
+
+import os
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from launcher.spec import JobSpec
+from trainer.errors import UserError, did_you_mean
+
+SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+
+
+class JobErrors(UserError):
+    """Several spec errors at once, one per line."""
+
+    def __init__(self, source: str, errors: list[str]):
+        self.errors = errors
+        super().__init__(f"{source}: {len(errors)} error{'s' if len(errors) > 1 else ''}\n"
+                         + "\n".join(f"  - {e}" for e in errors))
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['train.steps=20', 'tasks.a.weight=2'] -> nested dict; values are read as YAML scalars."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override '{item}' must look like dotted.key=value (e.g. train.steps=20)")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise UserError(f"override '{item}': cannot read the value: {exc}") from None
+        node = tree
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"override '{item}' conflicts with another override of '{part}'")
+        node[leaf] = value
+    return tree
+
+
+def merge(base: dict, overrides: dict, path: str = "") -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value, f"{path}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise UserError(f"job file not found: '{path}'") from None
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a job file must be a YAML mapping (name:, model:, tasks:, ...)")
+    return data
+
+
+def load_job(path: str, overrides: list[str] | None = None, *, resolve_paths: bool = True) -> JobSpec:
+    raw = merge(read_yaml(path), parse_overrides(overrides or []))
+    spec = parse_job(raw, source=path)
+    return resolve(spec) if resolve_paths else spec
+
+
+def parse_job(raw: dict, source: str = "job") -> JobSpec:
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise JobErrors(source, [_describe(err, raw) for err in exc.errors()]) from None
+
+
+def _describe(err: dict, raw: dict) -> str:
+    loc = [str(p) for p in err["loc"]]
+    where = ".".join(loc) or "job"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        parent, key = loc[:-1], loc[-1]
+        return f"{where}: unknown key{did_you_mean(key, _fields_at(parent))}" + _valid_keys(parent)
+    if kind == "missing":
+        return f"{where}: required field is missing"
+    if kind == "literal_error":
+        expected = [v.strip().strip("'") for v in err["ctx"]["expected"].replace(" or ", ", ").split(",")]
+        return f"{where}: '{err['input']}' is not one of {', '.join(expected)}{did_you_mean(str(err['input']), expected)}"
+    message = err["msg"].removeprefix("Value error, ").removeprefix(": ")
+    return f"{where}: {message}" + (f" (got {err['input']!r})" if kind not in ("value_error", "assertion_error")
+                                      and not isinstance(err.get("input"), dict) else "")
+
+
+def _valid_keys(parent: list[str]) -> str:
+    keys = _fields_at(parent)
+    return f"; valid keys: {', '.join(keys)}" if keys else ""
+
+
+def _fields_at(loc: list[str]) -> list[str]:
+    """The field names valid at a location in the tree (dict keys like task names are skipped)."""
+    node: Any = JobSpec
+    for part in loc:
+        node = _model_of(node)
+        if node is None:
+            return []
+        if part in node.model_fields:
+            node = node.model_fields[part].annotation
+        else:  # a dict key, e.g. a task name: step into the dict's value type
+            node = _dict_value(node)
+    model = _model_of(node)
+    return list(model.model_fields) if model else []
+
+
+def _model_of(tp: Any):
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in typing.get_args(tp):
+        found = _model_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _dict_value(tp: Any):
+    args = typing.get_args(tp)
+    return args[1] if len(args) == 2 else tp
+
+
+def resolve(spec: JobSpec) -> JobSpec:
+    """Relative paths become absolute (against the current folder), so workers anywhere find them."""
+    spec = spec.model_copy(deep=True)
+    spec.deepspeed = resolve_ds_config(spec.deepspeed)
+    for task in spec.tasks.values():
+        for key in ("train", "validation", "test", "path"):
+            value = getattr(task.data, key)
+            if value:
+                setattr(task.data, key, os.path.abspath(os.path.expanduser(value)))
+    if _local_path(spec.model.name_or_path):
+        spec.model.name_or_path = os.path.abspath(os.path.expanduser(spec.model.name_or_path))
+    if "://" not in spec.storage.path:
+        spec.storage.path = os.path.abspath(os.path.expanduser(spec.storage.path))
+    return spec
+
+
+def resolve_ds_config(value: str) -> str:
+    """A shipped config by bare name ('zero2'), else a path."""
+    shipped = SHIPPED_DS_CONFIGS / f"{value}.json"
+    if "/" not in value and not value.endswith(".json") and shipped.exists():
+        return str(shipped)
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def _local_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.path.exists(name)
+
+
+def dump_job(spec: JobSpec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,282 @@
+"""The job spec: one typed tree that a user writes as YAML.
+
+Every field has a description (it is the reference the README is generated from) and is
+checked here for what can be checked without touching files. Checks that read files
+(data columns, DeepSpeed JSON) live in `launcher.validate`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from trainer.tasks import registry, text2text
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (a typo must never be silently ignored)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSpec(_Strict):
+    r: int = Field(8, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA scaling numerator (alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] | None = Field(
+        None, description="Module names to adapt; null lets peft pick for the architecture."
+    )
+
+
+class ModelSpec(_Strict):
+    name_or_path: str = Field(description="Hub model id or a local folder with config + weights.")
+    kind: Literal["heads", "text2text"] = Field(
+        "heads",
+        description="heads: a shared AutoModel backbone with one head per task. "
+        "text2text: one LM head (causal or seq2seq, read from the config) with instruction prompts.",
+    )
+    max_length: int = Field(256, ge=8, description="Longest input in tokens; longer inputs are truncated (and counted).")
+    lora: LoraSpec | None = Field(None, description="Train LoRA adapters (through peft) instead of all weights.")
+
+
+class DataSpec(_Strict):
+    """Where a task's rows come from: explicit split files, one file split by fractions, or a hub dataset."""
+
+    train: str | None = Field(None, description="Train split file (jsonl/json/csv/tsv/parquet).")
+    validation: str | None = Field(None, description="Validation split file.")
+    test: str | None = Field(None, description="Test split file.")
+    path: str | None = Field(None, description="One file (or a folder of files) to derive splits from.")
+    split: dict[Literal["validation", "test"], float] | None = Field(
+        None, description="With `path`: fractions held out, e.g. {validation: 0.1, test: 0.1}; the rest is train."
+    )
+    seed: int = Field(0, description="Seed of the deterministic split derivation.")
+    hub: str | None = Field(None, description="Hub dataset name (e.g. glue); needs the hub at run time.")
+    subset: str | None = Field(None, description="Hub dataset configuration (e.g. sst2).")
+    splits: dict[Literal["train", "validation", "test"], str] | None = Field(
+        None, description="With `hub`: which hub split plays each role (default: same names)."
+    )
+    format: Literal["jsonl", "json", "csv", "tsv", "parquet"] | None = Field(
+        None, description="File format; default: from the file extension."
+    )
+    limit: int | None = Field(None, ge=1, description="Use at most this many rows of each split (for smoke runs).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        files = self.train is not None
+        derived = self.path is not None
+        hub = self.hub is not None
+        if files + derived + hub != 1:
+            raise ValueError("give exactly one source: train/validation/test files, `path` (+ `split`), or `hub`")
+        if files and (self.split is not None):
+            raise ValueError("`split` only goes with `path` (explicit split files are used as they are)")
+        if derived:
+            if self.validation or self.test:
+                raise ValueError("`validation`/`test` files do not go with `path`; use `split` fractions")
+            fractions = self.split or {}
+            if any(not 0.0 < f < 1.0 for f in fractions.values()):
+                raise ValueError(f"split fractions must be between 0 and 1, got {fractions}")
+            if sum(fractions.values()) >= 1.0:
+                raise ValueError(f"split fractions sum to {sum(fractions.values()):g}; nothing would be left to train on")
+        if not hub and (self.subset or self.splits):
+            raise ValueError("`subset`/`splits` only go with `hub`")
+        return self
+
+
+class TaskSpec(_Strict):
+    type: str = Field(description="Task type from the registry: " + ", ".join(registry.names()) + ".")
+    data: DataSpec = Field(description="Where the rows come from.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Map task fields onto file columns, e.g. {text: sentence}; default: same name."
+    )
+    prompt: str | None = Field(
+        None, description="Instruction template over the task fields, e.g. 'sentiment: {text}' (text2text models)."
+    )
+    weight: float = Field(1.0, ge=0.0, description="Static loss weight (the starting point of adaptive weighting).")
+    metrics: list[str] | None = Field(None, description="Metric names; default: the task type's defaults.")
+    labels: list[str] | None = Field(None, description="Classification label set and order; default: inferred from train.")
+    rate: float | None = Field(None, gt=0.0, description="Sampling rate under `mixture.strategy: explicit`.")
+    accumulation: int | None = Field(
+        None, ge=1, description="Fixed number of this task's micro-batches in every optimizer step."
+    )
+    micro_batch_size: int | None = Field(None, ge=1, description="Rows per micro-batch for this task (default: train.micro_batch_size).")
+    max_tokens: int | None = Field(
+        None, ge=8, description="Token budget per micro-batch (rows x padded length); replaces micro_batch_size."
+    )
+    max_length: int | None = Field(None, ge=8, description="Input length for this task (default: model.max_length).")
+    bad_rows: Literal["skip", "error"] = Field("skip", description="skip (count and report) or error on bad rows.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Options of the task type (see its reference).")
+
+    @field_validator("type")
+    @classmethod
+    def _known_type(cls, value: str) -> str:
+        registry.get(value)  # raises with a suggestion
+        return value
+
+    @model_validator(mode="after")
+    def _type_checks(self) -> TaskSpec:
+        task_type = registry.get(self.type)
+        unknown = set(self.columns) - set(task_type.fields)
+        if unknown:
+            field = sorted(unknown)[0]
+            raise ValueError(
+                f"columns: '{field}' is not a field of {self.type} tasks"
+                f"{registry.suggest(field, task_type.fields)} (fields: {', '.join(task_type.fields)})"
+            )
+        if self.max_tokens is not None and self.micro_batch_size is not None:
+            raise ValueError("give micro_batch_size or max_tokens, not both")
+        task_type.options_model.model_validate(self.options)
+        if self.metrics is not None:
+            for name in self.metrics:
+                if name not in task_type.allowed_metrics:
+                    raise ValueError(
+                        f"metric '{name}' does not apply to {self.type} tasks{registry.suggest(name, task_type.allowed_metrics)}"
+                        f" (choose from {', '.join(task_type.allowed_metrics)})"
+                    )
+        if self.prompt is not None:
+            unknown = text2text.template_fields(self.prompt) - set(task_type.fields) - {"task"}
+            if unknown:
+                name = sorted(unknown)[0]
+                raise ValueError(f"prompt: '{{{name}}}' is not a field of {self.type} tasks"
+                                 f"{registry.suggest(name, task_type.fields)} (use {{task}} or "
+                                 + ", ".join("{" + f + "}" for f in task_type.fields) + ")")
+        if self.labels is not None and self.type != "classification":
+            raise ValueError("`labels` only applies to classification tasks")
+        return self
+
+    def column(self, field: str) -> str:
+        """The file column that holds `field`."""
+        return self.columns.get(field, field)
+
+
+class MixtureSpec(_Strict):
+    strategy: Literal["proportional", "capped", "temperature", "uniform", "explicit"] = Field(
+        "temperature",
+        description="How tasks share the micro-batches of a step: proportional to train size, capped-proportional "
+        "(sizes capped at `cap`), temperature (size^(1/T)), uniform, or explicit `rates`.",
+    )
+    temperature: float = Field(2.0, gt=0.0, description="T of the temperature strategy (1 = proportional).")
+    cap: int | None = Field(None, ge=1, description="K of the capped strategy, in train rows.")
+    rates: dict[str, float] | None = Field(None, description="Task -> rate for `explicit` (normalised; or tasks.<t>.rate).")
+
+    @model_validator(mode="after")
+    def _strategy_args(self) -> MixtureSpec:
+        if self.strategy == "capped" and self.cap is None:
+            raise ValueError("strategy 'capped' needs `cap` (rows per task counted at most)")
+        if self.rates is not None:
+            if self.strategy != "explicit":
+                raise ValueError("`rates` only goes with strategy 'explicit'")
+            bad = {k: v for k, v in self.rates.items() if not v > 0}
+            if bad:
+                raise ValueError(f"rates must be > 0, got {bad}")
+        return self
+
+
+class WeightingSpec(_Strict):
+    strategy: Literal["static", "uncertainty", "dwa"] = Field(
+        "static",
+        description="static: tasks.<t>.weight. uncertainty: learned log-variances (Kendall et al. 2018). "
+        "dwa: dynamic weight averaging (Liu et al. 2019) from the loss ratios of the last two windows.",
+    )
+    temperature: float = Field(2.0, gt=0.0, description="DWA softmax temperature.")
+    window: int = Field(10, ge=1, description="DWA: optimizer steps per loss-averaging window.")
+    lr: float = Field(1e-2, gt=0.0, description="Uncertainty: learning rate of the log-variances.")
+
+
+class TrainSpec(_Strict):
+    steps: int = Field(200, ge=1, description="Optimizer steps in total (raise it to train a finished run further).")
+    micro_batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per worker) unless a task sets its own.")
+    micro_batches_per_step: int = Field(
+        4, ge=1, description="Micro-batches per optimizer step per worker (DeepSpeed gradient_accumulation_steps)."
+    )
+    lr: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then linear decay to 0.")
+    max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at the end).")
+    checkpoint_every: int = Field(50, ge=0, description="Write a version every N steps (0: only at the end).")
+    keep_last: int | None = Field(None, ge=1, description="Keep only the N newest versions (null keeps all).")
+    seed: int = Field(0, description="Seed of sampling, data order, initialisation and dropout.")
+    length_grouping: bool = Field(True, description="Group examples of similar length into micro-batches.")
+    pool_micro_batches: int = Field(50, ge=1, description="Micro-batches per length-sorting pool.")
+
+    @model_validator(mode="after")
+    def _warmup(self) -> TrainSpec:
+        if self.warmup_steps >= self.steps and self.warmup_steps > 0:
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+
+class ScalingSpec(_Strict):
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
+    use_gpu: bool = Field(False, description="One GPU per worker.")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker.")
+
+
+class StorageSpec(_Strict):
+    path: str = Field("./runs", description="Local/NFS folder or s3://bucket/prefix for versions and metrics.")
+    endpoint_url: str | None = Field(None, description="S3-compatible endpoint (e.g. http://127.0.0.1:9000).")
+    region: str | None = Field(None, description="S3 region.")
+
+
+class JobSpec(_Strict):
+    name: str = Field(description="Experiment name; running the same name again resumes it.", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    model: ModelSpec
+    tasks: dict[str, TaskSpec] = Field(description="Task name -> task; names are used in logs, folders and routing.")
+    mixture: MixtureSpec = Field(default_factory=MixtureSpec)
+    loss_weighting: WeightingSpec = Field(default_factory=WeightingSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    deepspeed: str = Field("ds_configs/zero2.json", description="DeepSpeed JSON; batch numbers and optimizer are filled from the job.")
+    scaling: ScalingSpec = Field(default_factory=ScalingSpec)
+    storage: StorageSpec = Field(default_factory=StorageSpec)
+
+    @field_validator("tasks")
+    @classmethod
+    def _task_names(cls, tasks: dict[str, TaskSpec]) -> dict[str, TaskSpec]:
+        if not tasks:
+            raise ValueError("at least one task is needed")
+        for name in tasks:
+            if not name.replace("_", "").replace("-", "").isalnum():
+                raise ValueError(f"task name '{name}' must be letters, digits, '_' or '-'")
+        return tasks
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
+        for name, task in self.tasks.items():
+            task_type = registry.get(task.type)
+            if self.model.kind not in task_type.model_kinds:
+                raise ValueError(
+                    f"tasks.{name}: {task.type} tasks need model.kind "
+                    f"{' or '.join(task_type.model_kinds)}, but model.kind is '{self.model.kind}'"
+                )
+        if self.mixture.strategy == "explicit":
+            rates = self.explicit_rates()
+            missing = [t for t in self.tasks if t not in rates and self.tasks[t].accumulation is None]
+            if missing:
+                raise ValueError(f"mixture 'explicit' needs a rate for every task; missing: {', '.join(missing)}")
+        if self.mixture.rates:
+            for t in self.mixture.rates:
+                if t not in self.tasks:
+                    raise ValueError(f"mixture.rates: unknown task '{t}'{registry.suggest(t, list(self.tasks))}")
+        fixed = sum(t.accumulation or 0 for t in self.tasks.values())
+        free = [n for n, t in self.tasks.items() if t.accumulation is None]
+        if free and fixed >= self.train.micro_batches_per_step:
+            raise ValueError(
+                f"tasks with a fixed `accumulation` take {fixed} micro-batches but train.micro_batches_per_step is "
+                f"{self.train.micro_batches_per_step}: nothing is left for {', '.join(free)}"
+            )
+        if not free and fixed != self.train.micro_batches_per_step:
+            # Every task is fixed: the step size follows from them. Keep one source of truth.
+            if "micro_batches_per_step" in self.train.model_fields_set:
+                raise ValueError(
+                    f"every task has a fixed `accumulation` (together {fixed}) but train.micro_batches_per_step "
+                    f"is {self.train.micro_batches_per_step}; leave it out or make them agree")
+            self.train.micro_batches_per_step = fixed
+        return self
+
+    def explicit_rates(self) -> dict[str, float]:
+        """Task -> rate from `mixture.rates`, falling back to `tasks.<t>.rate`."""
+        rates = {t: spec.rate for t, spec in self.tasks.items() if spec.rate is not None}
+        rates.update(self.mixture.rates or {})
+        return rates

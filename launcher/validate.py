@@ -1,0 +1,101 @@
+"""Everything that can be checked before any resource starts.
+
+The typed tree (launcher.spec) has already checked shapes, names and ranges. Here we read
+what the job points at: the DeepSpeed JSON (and its agreement with the derived batch
+numbers), the model folder, and every data file — columns present in every split, each
+row checked by its task type, labels consistent across splits. All problems of all tasks
+are collected, so one run of `mtl validate` lists everything to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from launcher.spec import JobSpec
+from trainer.ds_config import build_ds_config, read_ds_config
+from trainer.errors import UserError
+from trainer.prepare import CheckedTask
+from trainer.task_data import check_task_data
+
+
+@dataclass
+class Report:
+    errors: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    tasks: dict[str, CheckedTask] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class ValidationFailed(UserError):
+    def __init__(self, report: Report):
+        self.report = report
+        super().__init__(f"{len(report.errors)} problem{'s' if len(report.errors) > 1 else ''} found:\n"
+                         + "\n".join(f"  - {e}" for e in report.errors))
+
+
+def validate_job(spec: JobSpec, *, check_files: bool = True) -> Report:
+    """check_files=False checks the spec and the DeepSpeed config only (no model or data files)."""
+    report = Report()
+    _check_deepspeed(spec, report)
+    if check_files:
+        _check_model(spec, report)
+        for name in spec.tasks:
+            try:
+                report.tasks[name] = check_task_data(spec, name)
+            except UserError as exc:
+                report.errors.append(str(exc))
+        for name, checked in report.tasks.items():
+            _describe_task(spec, name, checked, report)
+    return report
+
+
+def require_valid(spec: JobSpec, *, check_files: bool = True) -> Report:
+    report = validate_job(spec, check_files=check_files)
+    if not report.ok:
+        raise ValidationFailed(report)
+    return report
+
+
+def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Report) -> None:
+    sizes = ", ".join(f"{s} {len(rows)}" for s, rows in checked.splits.items())
+    labels = f"; labels: {', '.join(checked.labels)}" if checked.labels else ""
+    report.notes.append(f"{name} ({checked.type}): {sizes}{labels}")
+    for split, bad in checked.bad.items():
+        if bad.count:
+            report.notes.append(f"  {name}/{split} ({bad.origin}): {bad.summary()}")
+    if "validation" not in checked.splits:
+        report.notes.append(f"  {name}: no validation split; it is not evaluated during training")
+    if len(checked.splits["train"]) < spec.scaling.num_workers:
+        report.errors.append(f"tasks.{name}: {len(checked.splits['train'])} train rows cannot be shared by "
+                             f"scaling.num_workers={spec.scaling.num_workers} workers")
+
+
+def _check_deepspeed(spec: JobSpec, report: Report) -> None:
+    try:
+        base = read_ds_config(spec.deepspeed)
+        build_ds_config(base, micro_batch_size=spec.train.micro_batch_size,
+                        micro_batches_per_step=spec.train.micro_batches_per_step,
+                        world_size=spec.scaling.num_workers, lr=spec.train.lr,
+                        weight_decay=spec.train.weight_decay, warmup_steps=spec.train.warmup_steps,
+                        total_steps=spec.train.steps, max_grad_norm=spec.train.max_grad_norm,
+                        precision=spec.train.precision)
+    except UserError as exc:
+        report.errors.append(str(exc))
+    if spec.train.precision == "fp16" and not spec.scaling.use_gpu:
+        report.errors.append("train.precision: fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16")
+
+
+def _check_model(spec: JobSpec, report: Report) -> None:
+    path = spec.model.name_or_path
+    if os.path.isabs(path):
+        if not os.path.isdir(path):
+            report.errors.append(f"model.name_or_path: folder not found: '{path}'")
+        elif not os.path.exists(os.path.join(path, "config.json")):
+            report.errors.append(f"model.name_or_path: '{path}' has no config.json (is it a model folder?)")
+    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+        report.errors.append(f"model.name_or_path: '{path}' is not a local folder and the hub is offline "
+                             "(HF_HUB_OFFLINE=1)")

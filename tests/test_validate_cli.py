@@ -1,0 +1,228 @@
+"""`mtl validate`: accepts good jobs, rejects bad jobs and bad data with messages that name the problem."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import yaml
+
+from conftest import job_dict, write_jsonl
+from launcher.cli import main
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+def test_good_job_validates_and_reports_sizes(capsys, data_dir, model_dir, write_job):
+    code, out = run(capsys, "validate", write_job(job_dict(data_dir, str(model_dir))))
+    assert code == 0, out
+    assert "sentiment (classification): train 40, validation 10, test 10; labels: negative, positive" in out
+    assert "OK (3 tasks)" in out
+
+
+def test_print_shows_resolved_job_with_overrides_and_defaults(capsys, data_dir, model_dir, write_job):
+    code, out = run(capsys, "validate", write_job(job_dict(data_dir, str(model_dir))), "--print",
+                    "train.steps=20", "tasks.sentiment.weight=2", "mixture.strategy=uniform")
+    assert code == 0, out
+    resolved = yaml.safe_load(out.split("sentiment (classification)")[0])
+    assert resolved["train"]["steps"] == 20
+    assert resolved["tasks"]["sentiment"]["weight"] == 2.0
+    assert resolved["mixture"]["strategy"] == "uniform"
+    assert resolved["loss_weighting"]["strategy"] == "static"  # a default, filled in
+    assert resolved["deepspeed"].endswith("ds_configs/zero2.json")
+
+
+def _break(job: dict, path: str, value) -> dict:
+    job = copy.deepcopy(job)
+    *parents, leaf = path.split(".")
+    node = job
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is DELETE:
+        node.pop(leaf)
+    else:
+        node[leaf] = value
+    return job
+
+
+DELETE = object()
+
+# (what is broken: dotted path, new value) -> words the error must contain
+SPEC_MISTAKES = [
+    ("tasks.sentiment.wieght", 2.0, ["tasks.sentiment.wieght", "unknown key", "did you mean 'weight'"]),
+    ("trian", {"steps": 3}, ["trian", "unknown key", "did you mean 'train'"]),
+    ("tasks.sentiment.type", "clasification", ["tasks.sentiment.type", "did you mean 'classification'"]),
+    ("mixture", {"strategy": "temprature"}, ["mixture.strategy", "'temprature'", "did you mean 'temperature'"]),
+    ("tasks.sentiment.weight", -1, ["tasks.sentiment.weight", "greater than or equal to 0"]),
+    ("model.kind", "heads", ["tasks.summary", "generation tasks need model.kind text2text"]),
+    ("model.name_or_path", DELETE, ["model.name_or_path", "required field is missing"]),
+    ("mixture", {"strategy": "explicit", "rates": {"sentiment": 1.0}}, ["explicit", "missing: qa, summary"]),
+    ("mixture", {"strategy": "capped"}, ["mixture", "needs `cap`"]),
+    ("tasks.sentiment.accumulation", 3, ["accumulation", "nothing is left for qa, summary"]),
+    ("tasks.sentiment.prompt", "rate: {txt}", ["tasks.sentiment", "'{txt}' is not a field", "did you mean 'text'"]),
+    ("tasks.sentiment.metrics", ["acuracy"], ["metric 'acuracy'", "did you mean 'accuracy'"]),
+    ("tasks.qa.columns", {"qestion": "q"}, ["'qestion' is not a field", "did you mean 'question'"]),
+    ("train.micro_batch_size", 0, ["train.micro_batch_size", "greater than or equal to 1"]),
+    ("train.precision", "fp8", ["train.precision", "'fp8' is not one of fp32, bf16, fp16"]),
+    ("name", "bad name!", ["name", "should match pattern"]),
+]
+
+
+@pytest.mark.parametrize("path,value,words", SPEC_MISTAKES, ids=[m[0] for m in SPEC_MISTAKES])
+def test_spec_mistakes_name_the_field(capsys, data_dir, model_dir, write_job, path, value, words):
+    job = _break(job_dict(data_dir, str(model_dir)), path, value)
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2
+    assert "Traceback" not in out
+    for word in words:
+        assert word in out, f"{word!r} not in:\n{out}"
+
+
+def test_split_sources_are_exclusive_and_fractions_checked(capsys, data_dir, model_dir, write_job):
+    job = job_dict(data_dir, str(model_dir))
+    job["tasks"]["sentiment"]["data"]["path"] = str(data_dir / "sentiment" / "train.jsonl")
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "tasks.sentiment.data" in out and "exactly one source" in out
+    job["tasks"]["sentiment"]["data"] = {"path": str(data_dir / "sentiment" / "train.jsonl"),
+                                         "split": {"validation": 0.6, "test": 0.5}}
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "split fractions sum to 1.1" in out
+
+
+def test_derived_splits_are_deterministic(capsys, data_dir, model_dir, write_job):
+    job = job_dict(data_dir, str(model_dir))
+    job["tasks"]["sentiment"]["data"] = {"path": str(data_dir / "sentiment" / "train.jsonl"),
+                                         "split": {"validation": 0.25, "test": 0.25}, "seed": 3}
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 0, out
+    assert "sentiment (classification): train 20, validation 10, test 10" in out
+
+
+FILE_MISTAKES = {
+    "missing data file": (lambda d, j: j["tasks"]["qa"]["data"].update(train=str(d / "nope.jsonl")),
+                          ["tasks.qa.data.train", "file not found", "nope.jsonl"]),
+    "missing column": (lambda d, j: j["tasks"]["sentiment"].update(columns={"text": "sentence"}),
+                       ["tasks.sentiment.data.train", "column 'sentence' (field 'text') not found", "columns are: label, text"]),
+    "column absent from one split": (
+        lambda d, j: j["tasks"]["sentiment"]["data"].update(validation=write_jsonl(
+            d / "v.jsonl", [{"sentence": "great", "label": "positive"}])),
+        ["tasks.sentiment.data.validation", "v.jsonl", "column 'text'", "tasks.sentiment.columns.text"]),
+    "empty split": (lambda d, j: j["tasks"]["summary"]["data"].update(test=_empty_file(d)),
+                    ["tasks.summary.data.test", "empty.jsonl"]),
+    "broken json line": (lambda d, j: j["tasks"]["summary"]["data"].update(train=_broken_file(d)),
+                         ["tasks.summary.data.train", "broken.jsonl", "cannot read"]),
+    "unknown extension": (lambda d, j: j["tasks"]["summary"]["data"].update(train=_file(d, "x.txt", "hi")),
+                          ["tasks.summary.data.train", "cannot tell the format", "data.format"]),
+    "missing deepspeed file": (lambda d, j: j.update(deepspeed=str(d / "zero9.json")),
+                               ["deepspeed", "DeepSpeed config not found", "zero9.json"]),
+    "deepspeed not json": (lambda d, j: j.update(deepspeed=_file(d, "ds.json", "{stage: 2")),
+                           ["deepspeed", "ds.json", "not valid JSON"]),
+    "deepspeed batch size disagrees": (
+        lambda d, j: j.update(deepspeed=_file(d, "ds.json", json.dumps({"train_batch_size": 7}))),
+        ["deepspeed", "train_batch_size is 7", "job gives 24"]),
+    "deepspeed bad stage": (
+        lambda d, j: j.update(deepspeed=_file(d, "ds.json", json.dumps({"zero_optimization": {"stage": 4}}))),
+        ["deepspeed", "stage must be 0, 1, 2 or 3"]),
+    "model folder missing": (lambda d, j: j["model"].update(name_or_path=str(d / "no-model")),
+                             ["model.name_or_path", "folder not found"]),
+    "fp16 on cpu": (lambda d, j: j["train"].update(precision="fp16"), ["train.precision", "fp16 needs GPUs"]),
+    "fewer rows than workers": (lambda d, j: j["scaling"].update(num_workers=41),
+                                ["tasks.sentiment", "40 train rows", "num_workers=41"]),
+    "single label in train": (
+        lambda d, j: j["tasks"]["sentiment"]["data"].update(train=write_jsonl(
+            d / "one.jsonl", [{"text": "great", "label": "positive"}] * 3)),
+        ["one.jsonl", "single label 'positive'"]),
+}
+
+
+def _file(d, name, text):
+    (d / name).write_text(text)
+    return str(d / name)
+
+
+def _empty_file(d):
+    return _file(d, "empty.jsonl", "")
+
+
+def _broken_file(d):
+    return _file(d, "broken.jsonl", '{"source": "a", "target": "b"}\n{"source": "c", "targ\n')
+
+
+@pytest.mark.parametrize("mistake", list(FILE_MISTAKES))
+def test_file_mistakes_name_the_file(capsys, data_dir, model_dir, write_job, mistake):
+    change, words = FILE_MISTAKES[mistake]
+    job = job_dict(data_dir, str(model_dir))
+    change(data_dir, job)
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2, out
+    assert "Traceback" not in out
+    for word in words:
+        assert word in out, f"{word!r} not in:\n{out}"
+
+
+def test_all_problems_are_listed_at_once(capsys, data_dir, model_dir, write_job):
+    job = job_dict(data_dir, str(model_dir))
+    job["tasks"]["qa"]["data"]["train"] = str(data_dir / "nope.jsonl")
+    job["tasks"]["sentiment"]["columns"] = {"text": "sentence"}
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2
+    assert "2 problems found" in out and "nope.jsonl" in out and "'sentence'" in out
+
+
+def _bad_rows_job(data_dir, model_dir, policy):
+    rows = [{"text": "great film", "label": "positive"}, {"text": "", "label": "negative"},
+            {"text": "dull", "label": "neutral"}, {"text": "fine", "label": "negative"},
+            {"label": "positive"}]
+    job = job_dict(data_dir, str(model_dir))
+    job["tasks"]["sentiment"]["data"]["validation"] = write_jsonl(data_dir / "val_bad.jsonl", rows)
+    job["tasks"]["sentiment"]["bad_rows"] = policy
+    qa = [{"question": "where does bob live ?", "context": "bob lives in rome .", "answers": "oslo"},
+          {"question": "where does bob live ?", "context": "bob lives in rome .", "answers": "rome"}]
+    job["tasks"]["qa"]["data"]["test"] = write_jsonl(data_dir / "qa_bad.jsonl", qa)
+    job["tasks"]["qa"]["bad_rows"] = policy
+    return job
+
+
+def test_bad_rows_are_skipped_counted_and_reported(capsys, data_dir, model_dir, write_job):
+    code, out = run(capsys, "validate", write_job(_bad_rows_job(data_dir, model_dir, "skip")))
+    assert code == 0, out
+    assert "sentiment/validation" in out and "val_bad.jsonl" in out
+    assert "3 of 5 rows skipped" in out
+    assert "empty 'text' (rows 2, 5)" in out
+    assert "unknown label 'neutral' (rows 3)" in out
+    assert "qa/test" in out and "1 of 2 rows skipped: 1 answer not in its context (rows 1)" in out
+
+
+def test_bad_rows_error_policy_names_file_row_and_problem(capsys, data_dir, model_dir, write_job):
+    code, out = run(capsys, "validate", write_job(_bad_rows_job(data_dir, model_dir, "error")))
+    assert code == 2
+    assert "tasks.sentiment.data.validation" in out and "val_bad.jsonl): row 2: empty 'text'" in out
+    assert "qa_bad.jsonl): row 1: answer not in its context: 'oslo'" in out
+
+
+def test_job_file_problems(capsys, tmp_path):
+    code, out = run(capsys, "validate", str(tmp_path / "missing.yaml"))
+    assert code == 2 and "job file not found" in out
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    code, out = run(capsys, "validate", str(tmp_path / "list.yaml"))
+    assert code == 2 and "must be a YAML mapping" in out
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    code, out = run(capsys, "validate", str(tmp_path / "bad.yaml"))
+    assert code == 2 and "not valid YAML" in out
+
+
+def test_bad_override_syntax(capsys, data_dir, model_dir, write_job):
+    code, out = run(capsys, "validate", write_job(job_dict(data_dir, str(model_dir))), "train.steps")
+    assert code == 2 and "must look like dotted.key=value" in out
+
+
+def test_hub_dataset_offline_is_a_clear_error(capsys, data_dir, model_dir, write_job):
+    job = job_dict(data_dir, str(model_dir))
+    job["tasks"]["sentiment"]["data"] = {"hub": "glue", "subset": "sst2"}
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "tasks.sentiment.data.hub" in out and "cannot load hub dataset 'glue'/sst2" in out

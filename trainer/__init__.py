@@ -1,0 +1,1 @@
+"""Worker side of mtl: tasks, data, sampling, weighting and the training loop."""

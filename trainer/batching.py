@@ -1,0 +1,128 @@
+"""Task-homogeneous micro-batches: sharded per rank, grouped by length, padded per micro-batch.
+
+Per task and epoch, every rank computes the same seeded permutation of the task's
+features and takes its own contiguous block of it, so shards are disjoint and equally
+long. Inside a shard, examples are sorted by length within pools of ~`pool` micro-batches
+(sorting the whole shard would make the batch order track length), cut into micro-batches
+(by row count or by a token budget), and the micro-batches are shuffled. The order is a
+pure function of (seed, task, epoch, rank, world), so a stream's whole state is
+(epoch, cursor).
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+import torch
+
+from trainer.errors import DataError
+
+IGNORE_INDEX = -100
+# Per-token fields and their padding value; everything else is per-example.
+PAD_VALUES = {"input_ids": None, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+TENSOR_FIELDS = {"labels", "start_positions", "end_positions", "label_id", "prompt_length", "length", "example_id"}
+
+
+def task_salt(task: str) -> int:
+    """A stable per-task number (Python's hash() changes between processes)."""
+    return zlib.crc32(task.encode())
+
+
+def shard_indices(n: int, rank: int, world: int, seed: int, salt: int, epoch: int) -> np.ndarray:
+    per_rank = n // world
+    order = np.random.default_rng([seed, salt, epoch]).permutation(n)
+    return order[rank * per_rank:(rank + 1) * per_rank]
+
+
+def group_micro_batches(indices: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, *,
+                        rows: int | None, max_tokens: int | None, pool: int, by_length: bool) -> list[list[int]]:
+    if rows is None and max_tokens is None:
+        raise ValueError("give rows or max_tokens")
+    rows_per_pool = pool * (rows or max(1, max_tokens // max(1, int(np.median(lengths[indices])))))
+    batches: list[list[int]] = []
+    for start in range(0, len(indices), rows_per_pool):
+        chunk = indices[start:start + rows_per_pool]
+        if by_length:
+            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+        batches.extend(_cut(chunk, lengths, rows, max_tokens))
+    if by_length:
+        order = rng.permutation(len(batches))
+        batches = [batches[i] for i in order]
+    return batches
+
+
+def _cut(chunk: np.ndarray, lengths: np.ndarray, rows: int | None, max_tokens: int | None) -> list[list[int]]:
+    if max_tokens is None:
+        return [chunk[i:i + rows].tolist() for i in range(0, len(chunk), rows)]
+    out, current, longest = [], [], 0
+    for i in chunk.tolist():
+        new_longest = max(longest, int(lengths[i]))
+        if current and new_longest * (len(current) + 1) > max_tokens:
+            out.append(current)
+            current, new_longest = [], int(lengths[i])
+        current.append(i)
+        longest = new_longest
+    if current:
+        out.append(current)
+    return out
+
+
+def collate(columns: dict[str, list], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Pad per-token fields to the longest in this micro-batch (never to max_length)."""
+    out: dict = {}
+    longest = max(len(x) for x in columns["input_ids"])
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    for key, values in columns.items():
+        if key in PAD_VALUES and isinstance(values[0], list):
+            fill = pad_id if PAD_VALUES[key] is None else PAD_VALUES[key]
+            out[key] = torch.tensor([v + [fill] * (longest - len(v)) for v in values], dtype=torch.long)
+        elif key in TENSOR_FIELDS:
+            out[key] = torch.tensor(values, dtype=torch.long)
+        else:
+            out[key] = values  # metadata (offsets, ids) for evaluation
+    return out
+
+
+class TaskStream:
+    """An endless, resumable stream of one task's micro-batches for one rank."""
+
+    def __init__(self, task: str, features, *, rank: int, world: int, seed: int, pad_id: int,
+                 micro_batch_size: int | None, max_tokens: int | None = None, pool: int = 50,
+                 by_length: bool = True):
+        if len(features) < world:
+            raise DataError(f"task '{task}': {len(features)} training examples cannot be shared by {world} workers")
+        self.task, self.features, self.rank, self.world, self.seed = task, features, rank, world, seed
+        self.pad_id, self.rows, self.max_tokens = pad_id, micro_batch_size, max_tokens
+        self.pool, self.by_length = pool, by_length
+        self.lengths = np.asarray(features["length"])
+        self.salt = task_salt(task)
+        self.epoch, self.cursor = 0, 0
+        self._batches: list[list[int]] | None = None
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        idx = shard_indices(len(self.features), self.rank, self.world, self.seed, self.salt, epoch)
+        rng = np.random.default_rng([self.seed, self.salt, epoch, self.rank, 1])
+        return group_micro_batches(idx, self.lengths, rng, rows=self.rows, max_tokens=self.max_tokens,
+                                   pool=self.pool, by_length=self.by_length)
+
+    def next_indices(self) -> list[int]:
+        if self._batches is None:
+            self._batches = self.epoch_batches(self.epoch)
+        if self.cursor >= len(self._batches):
+            self.epoch, self.cursor = self.epoch + 1, 0
+            self._batches = self.epoch_batches(self.epoch)
+        batch = self._batches[self.cursor]
+        self.cursor += 1
+        return batch
+
+    def next_batch(self) -> dict:
+        return collate(self.features[self.next_indices()], self.pad_id)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        self._batches = None

@@ -1,0 +1,134 @@
+"""Reading a task's raw splits: local files (jsonl/json/csv/tsv/parquet), one file split by
+fractions, or a hub dataset. Every row gets `__row__`, its 1-based position in its source,
+so that every later message can name the row."""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from trainer.errors import DataError
+
+SPLITS = ("train", "validation", "test")
+ROW = "__row__"
+_BUILDERS = {"jsonl": ("json", {}), "json": ("json", {}), "csv": ("csv", {}),
+             "tsv": ("csv", {"delimiter": "\t"}), "parquet": ("parquet", {})}
+
+
+@dataclass
+class RawSplit:
+    split: str
+    rows: object  # datasets.Dataset with the file's columns + __row__
+    origin: str   # what a message should name: a file path or hub:name/subset[split]
+    field: str    # the spec field that points at it, e.g. tasks.qa.data.train
+
+
+def file_format(path: str, declared: str | None, field: str) -> str:
+    if declared:
+        return declared
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in _BUILDERS:
+        raise DataError(f"{field}: cannot tell the format of '{path}' from its extension; "
+                        f"set data.format to one of {', '.join(_BUILDERS)}")
+    return ext
+
+
+def _files(path: str, field: str) -> list[str]:
+    if os.path.isdir(path):
+        found = sorted(f for f in glob.glob(os.path.join(path, "*"))
+                       if os.path.splitext(f)[1].lstrip(".").lower() in _BUILDERS)
+        if not found:
+            raise DataError(f"{field}: folder '{path}' holds no {'/'.join(_BUILDERS)} files")
+        return found
+    if not os.path.exists(path):
+        raise DataError(f"{field}: file not found: '{path}'")
+    if not os.access(path, os.R_OK):
+        raise DataError(f"{field}: file is not readable: '{path}'")
+    return [path]
+
+
+def read_file(path: str, fmt: str | None, field: str):
+    """A local file (or folder of files) as a Dataset with `__row__` added."""
+    import datasets
+
+    datasets.disable_progress_bars()  # one line per file is noise at this scale; errors still surface
+    files = _files(path, field)
+    builder, kwargs = _BUILDERS[file_format(files[0], fmt, field)]
+    if builder == "csv":
+        kwargs = {**kwargs, "keep_default_na": False}  # an empty cell stays "", not NaN
+    try:
+        with _quiet_datasets():
+            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    except Exception as exc:  # the datasets builders raise many types; the user needs the file and the reason
+        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"{field}: cannot read '{path}' as {builder}: {reason}") from exc
+    return ds.add_column(ROW, list(range(1, len(ds) + 1)))
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """datasets logs a parse failure itself before raising; we report it once, with the field."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def derive_splits(ds, fractions: dict[str, float], seed: int) -> dict[str, object]:
+    """Deterministic held-out splits from one dataset: a seeded permutation cut by fractions."""
+    order = np.random.default_rng(seed).permutation(len(ds))
+    out, start = {}, 0
+    for split in ("validation", "test"):
+        if split in fractions:
+            n = max(1, int(round(fractions[split] * len(ds))))
+            out[split] = ds.select(sorted(order[start:start + n].tolist()))
+            start += n
+    out["train"] = ds.select(sorted(order[start:].tolist()))
+    return out
+
+
+def read_hub(name: str, subset: str | None, roles: dict[str, str] | None, field: str) -> dict[str, object]:
+    import datasets
+
+    datasets.disable_progress_bars()
+    try:
+        loaded = datasets.load_dataset(name, subset)
+    except Exception as exc:
+        raise DataError(f"{field}: cannot load hub dataset '{name}'{f'/{subset}' if subset else ''}: "
+                        f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}") from exc
+    roles = roles or {s: s for s in SPLITS if s in loaded}
+    out = {}
+    for role, hub_split in roles.items():
+        if hub_split not in loaded:
+            raise DataError(f"{field}: hub dataset '{name}' has no split '{hub_split}' (it has {', '.join(loaded)})")
+        ds = loaded[hub_split]
+        out[role] = ds.add_column(ROW, list(range(1, len(ds) + 1)))
+    return out
+
+
+def read_splits(task: str, data) -> list[RawSplit]:
+    """Every split the task's `data` block names, read and numbered. `data` is a DataSpec."""
+    base = f"tasks.{task}.data"
+    if data.hub:
+        loaded = read_hub(data.hub, data.subset, data.splits, f"{base}.hub")
+        label = f"hub:{data.hub}{'/' + data.subset if data.subset else ''}"
+        splits = [RawSplit(s, ds, f"{label}[{s}]", f"{base}.hub") for s, ds in loaded.items()]
+    elif data.path:
+        whole = read_file(data.path, data.format, f"{base}.path")
+        derived = derive_splits(whole, data.split or {}, data.seed)
+        splits = [RawSplit(s, ds, data.path, f"{base}.path") for s, ds in derived.items()]
+    else:
+        splits = [RawSplit(s, read_file(getattr(data, s), data.format, f"{base}.{s}"), getattr(data, s), f"{base}.{s}")
+                  for s in SPLITS if getattr(data, s)]
+    if data.limit:
+        for raw in splits:
+            raw.rows = raw.rows.select(range(min(data.limit, len(raw.rows))))
+    return sorted(splits, key=lambda r: SPLITS.index(r.split))

@@ -1,0 +1,68 @@
+"""The one place DeepSpeed's numbers are derived from the job.
+
+The JSON files in ds_configs/ hold only what a person chooses (ZeRO stage, offload,
+communication knobs). Batch sizes, gradient accumulation, optimizer, scheduler, clipping
+and precision are filled in here from the job and the world size, so they cannot disagree
+with the loop. A value the file sets itself must either be "auto" or equal the derived one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+from trainer.errors import SpecError
+
+DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
+                "gradient_clipping")
+
+
+def read_ds_config(path: str, field: str = "deepspeed") -> dict:
+    try:
+        with open(path) as fh:
+            config = json.load(fh)
+    except FileNotFoundError:
+        raise SpecError(field, f"DeepSpeed config not found: '{path}'") from None
+    except json.JSONDecodeError as exc:
+        raise SpecError(field, f"'{path}' is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise SpecError(field, f"'{path}' must hold a JSON object")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise SpecError(field, f"'{path}': zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    return config
+
+
+def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step: int, world_size: int,
+                    lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
+                    max_grad_norm: float | None, precision: str, field: str = "deepspeed") -> dict:
+    """`base` with every derived number filled in; raises if the file contradicts the job."""
+    derived = {
+        # DeepSpeed only uses this for bookkeeping: a task may set its own rows per micro-batch.
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": micro_batches_per_step,
+        "train_batch_size": micro_batch_size * micro_batches_per_step * world_size,
+        "gradient_clipping": max_grad_norm if max_grad_norm is not None else 0.0,
+    }
+    config = copy.deepcopy(base)
+    for key, value in derived.items():
+        given = config.get(key, "auto")
+        if given != "auto" and given != value:
+            raise SpecError(field, f"{key} is {given!r} in the DeepSpeed config but the job gives {value!r}; "
+                                   f"remove it or set it to \"auto\" (it is derived from train.* and scaling.*)")
+        config[key] = value
+    for key in ("optimizer", "scheduler"):
+        if key in config and config[key] != "auto":
+            raise SpecError(field, f"'{key}' is set in the DeepSpeed config; it is derived from train.* "
+                                   f"(lr, weight_decay, warmup_steps, steps) — remove it")
+    config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
+                                                       "betas": [0.9, 0.999], "eps": 1e-8}}
+    config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup_steps,
+        "total_num_steps": total_steps, "warmup_type": "linear"}}
+    for mode in ("fp16", "bf16"):
+        config.pop(mode, None)
+    if precision in ("fp16", "bf16"):
+        config[precision] = {"enabled": True}
+    config.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
+    return config

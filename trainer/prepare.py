@@ -1,0 +1,152 @@
+"""From raw splits to checked rows to model features, with counts of everything dropped.
+
+`check_task` maps file columns onto the task type's fields, checks every row (missing or
+empty fields, then the type's own check, e.g. a QA answer outside its context or a label
+unseen in train), and applies the bad-row policy. `encode_split` turns checked rows into
+features with the task type's encoder and records truncation and lengths.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field, replace
+
+from trainer.data import ROW, RawSplit
+from trainer.errors import DataError, did_you_mean
+from trainer.tasks.classification import label_text
+from trainer.tasks.registry import TaskContext, TaskType
+
+EXAMPLE_ROWS = 5  # row numbers quoted per reason in a report
+
+
+@dataclass
+class BadRows:
+    origin: str
+    total: int = 0
+    reasons: Counter = field(default_factory=Counter)
+    rows: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def count(self) -> int:
+        return sum(self.reasons.values())
+
+    def add(self, reason: str, row: int) -> None:
+        self.reasons[reason] += 1
+        self.rows.setdefault(reason, [])
+        if len(self.rows[reason]) < EXAMPLE_ROWS:
+            self.rows[reason].append(row)
+
+    def summary(self) -> str:
+        parts = [f"{n} {reason} (rows {', '.join(map(str, self.rows[reason]))}{', ...' if n > EXAMPLE_ROWS else ''})"
+                 for reason, n in self.reasons.most_common()]
+        return f"{self.count} of {self.total} rows skipped: " + "; ".join(parts)
+
+
+@dataclass
+class CheckedTask:
+    name: str
+    type: str
+    labels: tuple[str, ...]
+    splits: dict[str, list[dict]]  # split -> rows holding the task fields + __row__
+    bad: dict[str, BadRows]
+
+
+def _columns_for(raw: RawSplit, task: str, task_type: TaskType, columns: dict[str, str]) -> dict[str, str]:
+    """field -> column for this split; a missing required (or explicitly mapped) column is an error."""
+    present = set(raw.rows.column_names) - {ROW}
+    mapping = {}
+    for name in task_type.fields:
+        column = columns.get(name, name)
+        if column in present:
+            mapping[name] = column
+        elif name in task_type.required or name in columns:
+            hint = f" — map it with tasks.{task}.columns.{name}" if name not in columns else ""
+            raise DataError(f"{raw.field} ({raw.origin}): column '{column}' (field '{name}') not found"
+                            f"{did_you_mean(column, present)}; columns are: {', '.join(sorted(present))}{hint}")
+    return mapping
+
+
+def _empty(value) -> bool:
+    return value is None or (isinstance(value, str) and not value.strip()) or (
+        isinstance(value, (list, dict)) and not value)
+
+
+def _check_split(raw: RawSplit, task: str, task_type: TaskType, columns: dict[str, str],
+                 ctx: TaskContext, policy: str) -> tuple[list[dict], BadRows]:
+    mapping = _columns_for(raw, task, task_type, columns)
+    bad = BadRows(origin=raw.origin, total=len(raw.rows))
+    kept = []
+    for source in raw.rows:
+        row = {name: source[column] for name, column in mapping.items()}
+        row[ROW] = source[ROW]
+        problem = next((f"empty '{name}' (column '{mapping[name]}')" for name in task_type.required
+                        if _empty(row[name])), None)
+        if problem is None:
+            problem = task_type.check_row(row, ctx)
+        if problem is None:
+            kept.append(row)
+            continue
+        if policy == "error":
+            raise DataError(f"{raw.field} ({raw.origin}): row {row[ROW]}: {problem} "
+                            f"(set tasks.{task}.bad_rows: skip to skip such rows)")
+        bad.add(_reason(problem), row[ROW])
+    if not kept:
+        detail = f": {bad.summary()}" if bad.count else ""
+        raise DataError(f"{raw.field} ({raw.origin}): the {raw.split} split of task '{task}' has no usable rows{detail}")
+    return kept, bad
+
+
+def _reason(problem: str) -> str:
+    """Group messages by kind: "unknown label 'x' (...)" -> "unknown label 'x'", "answer not in ...: '…'" -> its head."""
+    return problem.split(" (")[0].split(": ")[0]
+
+
+def infer_labels(rows: list[dict]) -> tuple[str, ...]:
+    values = {r["label"] for r in rows}
+    try:  # numeric labels sort as numbers (2 before 10)
+        return tuple(sorted(values, key=float))
+    except ValueError:
+        return tuple(sorted(values))
+
+
+def check_task(task: str, task_type: TaskType, raw_splits: list[RawSplit], columns: dict[str, str],
+               labels: list[str] | None, ctx: TaskContext, policy: str) -> CheckedTask:
+    """Check every split; train first, since it fixes the label set the others are checked against."""
+    if not any(r.split == "train" for r in raw_splits):
+        raise DataError(f"tasks.{task}.data: no train split")
+    fixed = tuple(label_text(x) for x in labels) if labels else ()
+    splits, bad = {}, {}
+    for raw in raw_splits:
+        split_ctx = _with_labels(ctx, fixed)
+        splits[raw.split], bad[raw.split] = _check_split(raw, task, task_type, columns, split_ctx, policy)
+        if raw.split == "train" and task_type.has_labels and not fixed:
+            fixed = infer_labels(splits["train"])
+            if len(fixed) < 2:
+                raise DataError(f"{raw.field} ({raw.origin}): task '{task}' has a single label "
+                                f"'{fixed[0]}' in train; classification needs at least two")
+    return CheckedTask(task, task_type.name, fixed if task_type.has_labels else (), splits, bad)
+
+
+def _with_labels(ctx: TaskContext, labels: tuple[str, ...]) -> TaskContext:
+    return replace(ctx, labels=labels)
+
+
+@dataclass
+class EncodedSplit:
+    features: object  # datasets.Dataset; every feature has input_ids and `length`
+    rows: int
+    truncated: int
+
+
+def encode_split(rows: list[dict], task_type: TaskType, ctx: TaskContext, chunk: int = 1000) -> EncodedSplit:
+    import datasets
+
+    columns: dict[str, list] = {}
+    truncated = 0
+    for start in range(0, len(rows), chunk):
+        feats, cut = task_type.encode(rows[start:start + chunk], ctx)
+        truncated += cut
+        for key, values in feats.items():
+            columns.setdefault(key, []).extend(values)
+    columns["length"] = [len(ids) for ids in columns["input_ids"]]
+    return EncodedSplit(datasets.Dataset.from_dict(columns), len(rows), truncated)

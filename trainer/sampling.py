@@ -1,0 +1,75 @@
+"""Mixing tasks: each optimizer step is a plan of how many micro-batches each task gets.
+
+Rates come from a mixture strategy over the tasks' train sizes (T5's proportional,
+capped-proportional and temperature mixing, uniform, or explicit rates). Tasks with a fixed
+`accumulation` take exactly that many micro-batches every step; the remaining slots of a
+step are drawn from the rates. The draw uses one seeded generator that every rank holds in
+the same state, so plans agree across ranks without communication, and its state is saved
+so a resumed run draws the same plans.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+STRATEGIES = ("proportional", "capped", "temperature", "uniform", "explicit")
+
+
+def mixture_rates(strategy: str, sizes: dict[str, int], *, temperature: float = 1.0, cap: int | None = None,
+                  explicit: dict[str, float] | None = None) -> dict[str, float]:
+    """Task -> sampling rate (sums to 1) over the tasks in `sizes`."""
+    tasks = list(sizes)
+    if strategy == "proportional":
+        raw = [float(sizes[t]) for t in tasks]
+    elif strategy == "capped":
+        raw = [float(min(sizes[t], cap)) for t in tasks]
+    elif strategy == "temperature":
+        total = sum(sizes.values())
+        raw = [(sizes[t] / total) ** (1.0 / temperature) for t in tasks]
+    elif strategy == "uniform":
+        raw = [1.0] * len(tasks)
+    elif strategy == "explicit":
+        raw = [float(explicit[t]) for t in tasks]
+    else:
+        raise ValueError(f"unknown mixture strategy '{strategy}' (choose from {', '.join(STRATEGIES)})")
+    total = sum(raw)
+    return {t: r / total for t, r in zip(tasks, raw)}
+
+
+class StepPlanner:
+    """Draws one plan per optimizer step: {task: micro-batches}, in task order."""
+
+    def __init__(self, tasks: list[str], rates: dict[str, float], fixed: dict[str, int],
+                 micro_batches_per_step: int, seed: int):
+        self.tasks = list(tasks)
+        self.fixed = {t: fixed[t] for t in self.tasks if t in fixed}
+        self.free = [t for t in self.tasks if t not in self.fixed]
+        self.slots = micro_batches_per_step - sum(self.fixed.values())
+        if self.free and self.slots < 1:
+            raise ValueError("no micro-batches left for tasks without a fixed accumulation")
+        probs = np.array([rates[t] for t in self.free], dtype=float)
+        self.probs = probs / probs.sum() if self.free else probs
+        self.rng = np.random.default_rng(seed)
+        self.step = 0
+
+    def plan(self) -> dict[str, int]:
+        counts = dict(self.fixed)
+        if self.free:
+            drawn = self.rng.multinomial(self.slots, self.probs)
+            counts.update({t: int(n) for t, n in zip(self.free, drawn)})
+        self.step += 1
+        return {t: counts[t] for t in self.tasks if counts.get(t, 0) > 0}
+
+    def expected_rates(self) -> dict[str, float]:
+        """Each task's expected share of a step's micro-batches (what the logs call its rate)."""
+        total = self.slots + sum(self.fixed.values()) if self.free else sum(self.fixed.values())
+        rates = {t: n / total for t, n in self.fixed.items()}
+        rates.update({t: p * self.slots / total for t, p in zip(self.free, self.probs)})
+        return {t: rates[t] for t in self.tasks}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.rng.bit_generator.state = state["rng"]

@@ -1,0 +1,85 @@
+"""Entry-level data preparation: reads the job, builds every task's checked and encoded
+splits. This is the one place where the job spec meets the data components (which take
+plain arguments)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from trainer.batching import group_micro_batches, shard_indices, task_salt
+from trainer.data import read_splits
+from trainer.prepare import CheckedTask, EncodedSplit, check_task, encode_split
+from trainer.tasks import registry
+from trainer.tasks.registry import TaskContext
+
+
+@dataclass
+class TaskData:
+    name: str
+    type: str
+    labels: tuple[str, ...]
+    checked: CheckedTask
+    encoded: dict[str, EncodedSplit] = field(default_factory=dict)
+
+
+def model_encoding(kind: str, is_encoder_decoder: bool) -> str:
+    """How inputs are laid out for a model: heads | seq2seq | causal."""
+    if kind == "heads":
+        return "heads"
+    return "seq2seq" if is_encoder_decoder else "causal"
+
+
+def task_context(spec, name: str, tokenizer=None, encoding: str | None = None,
+                 labels: tuple[str, ...] = ()) -> TaskContext:
+    """The plain values a task's checks and encoders need, read from the job."""
+    task = spec.tasks[name]
+    task_type = registry.get(task.type)
+    return TaskContext(
+        task=name, tokenizer=tokenizer, encoding=encoding or spec.model.kind,
+        max_length=task.max_length or spec.model.max_length,
+        prompt=task.prompt or task_type.default_prompt, labels=labels,
+        options=task_type.options_model.model_validate(task.options))
+
+
+def check_task_data(spec, name: str) -> CheckedTask:
+    task = spec.tasks[name]
+    raw = read_splits(name, task.data)
+    return check_task(name, registry.get(task.type), raw, task.columns, task.labels,
+                      task_context(spec, name), task.bad_rows)
+
+
+def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation", "test")) -> dict[str, TaskData]:
+    out = {}
+    for name, task in spec.tasks.items():
+        checked = check_task_data(spec, name)
+        ctx = task_context(spec, name, tokenizer, encoding, checked.labels)
+        data = TaskData(name, task.type, checked.labels, checked)
+        for split in splits:
+            if split in checked.splits:
+                data.encoded[split] = encode_split(checked.splits[split], registry.get(task.type), ctx)
+        out[name] = data
+    return out
+
+
+@dataclass
+class PaddingStats:
+    micro_batches: int
+    real_tokens: int
+    padded_tokens: int
+
+    @property
+    def efficiency(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+
+def epoch_padding(lengths: np.ndarray, *, rank: int, world: int, seed: int, task: str,
+                  rows: int | None, max_tokens: int | None, pool: int, by_length: bool) -> PaddingStats:
+    """Real vs. padded tokens of one epoch of one rank's micro-batches (what the loop would see)."""
+    idx = shard_indices(len(lengths), rank, world, seed, task_salt(task), 0)
+    batches = group_micro_batches(idx, lengths, np.random.default_rng(seed), rows=rows, max_tokens=max_tokens,
+                                  pool=pool, by_length=by_length)
+    real = sum(int(lengths[b].sum()) for b in batches)
+    padded = sum(int(lengths[b].max()) * len(b) for b in batches)
+    return PaddingStats(len(batches), real, padded)

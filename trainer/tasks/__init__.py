@@ -1,0 +1,1 @@
+"""Task types: classification, extractive QA, generation (more by `registry.register`)."""

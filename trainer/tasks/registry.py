@@ -1,0 +1,93 @@
+"""The task-type registry: a task type is one frozen record of plain functions.
+
+A type declares its fields (what `columns` maps file columns onto), which model kinds it
+supports, its metrics and options, how a raw row is checked and normalised, and how a
+batch of rows becomes model features for each model encoding. Adding a type is one
+`register(TaskType(...))` call; nothing in the loop changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from trainer.errors import SpecError, did_you_mean
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What encoding a task needs, as plain values (built by the entry code from the job)."""
+
+    task: str
+    tokenizer: Any
+    encoding: str  # "heads" | "causal" | "seq2seq"
+    max_length: int
+    prompt: str
+    labels: tuple[str, ...] = ()
+    options: Any = None
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {label: i for i, label in enumerate(self.labels)}
+
+
+# check_row(row, ctx) -> problem or None; may normalise the row in place.
+RowCheck = Callable[[dict, TaskContext], "str | None"]
+# encode(rows, ctx) -> (features: dict of equal-length lists, truncated: rows whose input was cut)
+Encode = Callable[[list[dict], TaskContext], "tuple[dict[str, list], int]"]
+
+
+@dataclass(frozen=True)
+class TaskType:
+    name: str
+    fields: tuple[str, ...]
+    required: tuple[str, ...]
+    model_kinds: tuple[str, ...]
+    default_metrics: tuple[str, ...]
+    allowed_metrics: tuple[str, ...]
+    default_prompt: str
+    check_row: RowCheck
+    encode: Encode
+    options_model: type[BaseModel] = NoOptions
+    has_labels: bool = False  # a label set is inferred from train and stored with the model
+    description: str = field(default="", compare=False)
+
+
+_REGISTRY: dict[str, TaskType] = {}
+
+
+def register(task_type: TaskType) -> TaskType:
+    if task_type.name in _REGISTRY:
+        raise ValueError(f"task type '{task_type.name}' is already registered")
+    _REGISTRY[task_type.name] = task_type
+    return task_type
+
+
+def get(name: str) -> TaskType:
+    _load_builtins()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise SpecError("", f"unknown task type '{name}'{did_you_mean(name, _REGISTRY)} "
+                            f"(registered: {', '.join(sorted(_REGISTRY))})") from None
+
+
+def names() -> list[str]:
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def suggest(word: str, choices) -> str:
+    return did_you_mean(word, choices)
+
+
+def _load_builtins() -> None:
+    # Imported lazily so that the built-in types register themselves exactly once.
+    from trainer.tasks import classification, extractive_qa, generation  # noqa: F401

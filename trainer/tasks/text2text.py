@@ -1,0 +1,79 @@
+"""Prompt + target encoding shared by every task type on a text2text model.
+
+causal (decoder-only): input = prompt tokens + target tokens + EOS; the loss sees only the
+target (prompt positions are labelled -100). seq2seq: the encoder reads the prompt, the
+decoder is trained on the target. Over-long prompts keep their first tokens and their last
+`PROMPT_TAIL` tokens, so both the instruction and a trailing cue ("Answer:") survive.
+"""
+
+from __future__ import annotations
+
+import string
+
+from trainer.tasks.registry import TaskContext
+
+PROMPT_TAIL = 16
+IGNORE_INDEX = -100
+
+
+def render(template: str, row: dict, task: str) -> str:
+    return template.format(task=task, **row)
+
+
+def template_fields(template: str) -> set[str]:
+    """Placeholder names in a prompt template ('{text}' -> {'text'})."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name}
+
+
+def _cut(ids: list[int], limit: int) -> list[int]:
+    if len(ids) <= limit:
+        return ids
+    tail = min(PROMPT_TAIL, limit // 2)
+    return ids[: limit - tail] + ids[len(ids) - tail:]
+
+
+def encode_prompt_target(prompts: list[str], targets: list[str], ctx: TaskContext,
+                         max_target_length: int) -> tuple[dict[str, list], int]:
+    tok = ctx.tokenizer
+    if ctx.encoding == "seq2seq":
+        enc = tok(prompts, truncation=False)
+        ids = enc["input_ids"]
+        truncated = sum(len(x) > ctx.max_length for x in ids)
+        # Keep the closing special token (EOS/SEP) that the tokenizer put last.
+        ids = [x if len(x) <= ctx.max_length else _cut(x[:-1], ctx.max_length - 1) + x[-1:] for x in ids]
+        labels = tok(text_target=targets, max_length=max_target_length, truncation=True)["input_ids"]
+        return {"input_ids": ids, "attention_mask": [[1] * len(x) for x in ids], "labels": labels}, truncated
+
+    if ctx.encoding != "causal":
+        raise ValueError(f"encode_prompt_target: unknown encoding {ctx.encoding!r}")
+    prompt_ids = tok(prompts, add_special_tokens=True)["input_ids"]
+    target_ids = tok(targets, add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    features: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_length": []}
+    truncated = 0
+    for p, t in zip(prompt_ids, target_ids):
+        t = t[: max_target_length - 1] + ([eos] if eos is not None else [])
+        room = max(ctx.max_length - len(t), 1)
+        if len(p) > room:
+            truncated += 1
+            p = _cut(p, room)
+        features["input_ids"].append(p + t)
+        features["attention_mask"].append([1] * (len(p) + len(t)))
+        features["labels"].append([IGNORE_INDEX] * len(p) + t)
+        features["prompt_length"].append(len(p))
+    return features, truncated
+
+
+def heads_encode_text(texts: list[str], pairs: list[str] | None, ctx: TaskContext) -> tuple[dict[str, list], int]:
+    """Encoder input for a heads model; counts rows that did not fit `max_length`."""
+    tok = ctx.tokenizer
+    args = (texts,) if pairs is None else (texts, pairs)
+    enc = dict(tok(*args, truncation=False))
+    too_long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > ctx.max_length]
+    if too_long:
+        # Re-encode only the rows that did not fit, with the tokenizer's own truncation.
+        sub = tok(*[[a[i] for i in too_long] for a in args], truncation=True, max_length=ctx.max_length)
+        for key in enc:
+            for j, i in enumerate(too_long):
+                enc[key][i] = sub[key][j]
+    return enc, len(too_long)

@@ -33,7 +33,7 @@ def build_tokenizer(folder: Path):
     from transformers import BertTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789")
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789:;-")
     vocab = special + words() + [c for c in chars if c not in words()] + ["##" + c for c in chars]
     tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))})
     tok.save_pretrained(folder)

@@ -1,0 +1,101 @@
+"""Every shipped job and DeepSpeed config loads; DeepSpeed numbers are derived in one place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from launcher.jobfile import load_job, parse_overrides, resolve_ds_config
+from launcher.validate import validate_job
+from trainer.ds_config import build_ds_config, read_ds_config
+from trainer.errors import SpecError, UserError
+
+JOBS = sorted((REPO / "jobs").glob("*.yaml"))
+DS_CONFIGS = sorted((REPO / "ds_configs").glob("*.json"))
+DEMO_DATA = (REPO / "data" / "demo" / "sentiment" / "train.jsonl").exists()
+
+
+def test_there_are_shipped_configs():
+    assert len(JOBS) >= 3 and len(DS_CONFIGS) >= 6
+
+
+@pytest.mark.parametrize("path", JOBS, ids=[p.name for p in JOBS])
+def test_every_shipped_job_passes_schema_and_deepspeed_checks(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    spec = load_job(str(path))
+    report = validate_job(spec, check_files=False)
+    assert report.ok, report.errors
+    assert Path(spec.deepspeed).exists()
+
+
+@pytest.mark.skipif(not DEMO_DATA, reason="demo data not prepared (make demo-data)")
+@pytest.mark.parametrize("path", [p for p in JOBS if p.name.startswith("demo")], ids=lambda p: p.name)
+def test_demo_jobs_pass_full_validation_when_data_is_there(path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    report = validate_job(load_job(str(path)))
+    assert report.ok, report.errors
+
+
+@pytest.mark.parametrize("path", DS_CONFIGS, ids=[p.name for p in DS_CONFIGS])
+def test_every_shipped_ds_config_builds(path):
+    base = read_ds_config(str(path))
+    config = build_ds_config(base, micro_batch_size=8, micro_batches_per_step=4, world_size=2, lr=1e-4,
+                             weight_decay=0.01, warmup_steps=10, total_steps=100, max_grad_norm=1.0,
+                             precision="bf16")
+    assert config["train_batch_size"] == 64
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["train_micro_batch_size_per_gpu"] == 8
+    assert config["bf16"] == {"enabled": True}
+    assert config["optimizer"]["params"]["lr"] == 1e-4
+    assert config["scheduler"]["params"]["total_num_steps"] == 100
+    assert config["zero_optimization"]["stage"] == int(path.stem[4])
+
+
+def test_ds_config_auto_is_filled_and_conflicts_raise():
+    config = build_ds_config({"train_batch_size": "auto", "gradient_accumulation_steps": 3},
+                             micro_batch_size=2, micro_batches_per_step=3, world_size=4, lr=1e-3,
+                             weight_decay=0.0, warmup_steps=0, total_steps=10, max_grad_norm=None,
+                             precision="fp32")
+    assert config["train_batch_size"] == 24 and config["gradient_clipping"] == 0.0
+    assert "bf16" not in config and "fp16" not in config
+    with pytest.raises(SpecError, match="optimizer"):
+        build_ds_config({"optimizer": {"type": "Adam"}}, micro_batch_size=2, micro_batches_per_step=3,
+                        world_size=4, lr=1e-3, weight_decay=0.0, warmup_steps=0, total_steps=10,
+                        max_grad_norm=None, precision="fp32")
+
+
+def test_ds_config_by_bare_name():
+    assert resolve_ds_config("zero3_offload") == str(REPO / "ds_configs" / "zero3_offload.json")
+    assert resolve_ds_config("my.json").endswith("/my.json")
+
+
+def test_overrides_parse_yaml_scalars_and_nest():
+    assert parse_overrides(["train.steps=20", "tasks.a.weight=2.5", "scaling.use_gpu=true", "name=x"]) == {
+        "train": {"steps": 20}, "tasks": {"a": {"weight": 2.5}}, "scaling": {"use_gpu": True}, "name": "x"}
+    with pytest.raises(UserError, match="dotted.key=value"):
+        parse_overrides(["train..steps=1"])
+    with pytest.raises(UserError, match="conflicts"):
+        parse_overrides(["train=1", "train.steps=2"])
+
+
+def test_all_fixed_accumulation_sets_step_size(tmp_path):
+    from conftest import job_dict
+    from launcher.jobfile import parse_job
+
+    job = job_dict(tmp_path)
+    for t, n in zip(job["tasks"], (2, 1, 1)):
+        job["tasks"][t]["accumulation"] = n
+    del job["train"]["micro_batches_per_step"]
+    assert parse_job(job).train.micro_batches_per_step == 4
+    job["train"]["micro_batches_per_step"] = 3
+    with pytest.raises(UserError, match="together 4"):
+        parse_job(job)
+
+
+def test_ds_configs_are_plain_json():
+    for path in DS_CONFIGS:
+        data = json.loads(path.read_text())
+        assert "train_batch_size" not in data and "optimizer" not in data  # derived, never hand-set

@@ -1,0 +1,120 @@
+"""Task types encode rows for every model kind; QA offsets map back to the gold answer."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from conftest import qa_rows
+from trainer.prepare import encode_split
+from trainer.tasks import registry
+from trainer.tasks.extractive_qa import normalize_answers
+from trainer.tasks.registry import TaskContext
+
+IGNORE = -100
+
+
+def ctx(tokenizer, task_type, encoding, max_length=64, labels=(), **options):
+    t = registry.get(task_type)
+    return TaskContext(task="t", tokenizer=tokenizer, encoding=encoding, max_length=max_length,
+                       prompt=t.default_prompt, labels=labels, options=t.options_model.model_validate(options))
+
+
+def test_registry_rejects_duplicates_and_suggests():
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("classification"))
+    with pytest.raises(ValueError, match="did you mean 'extractive_qa'"):
+        registry.get("extractive-qa")
+
+
+def test_classification_heads_labels_and_truncation(tokenizer):
+    c = ctx(tokenizer, "classification", "heads", max_length=8, labels=("negative", "positive"))
+    rows = [{"text": "great film", "label": "positive"},
+            {"text": "the film was dull and boring and tedious and bland", "label": "negative"}]
+    feats, truncated = registry.get("classification").encode(rows, c)
+    assert feats["labels"] == [1, 0]
+    assert truncated == 1
+    assert [len(x) for x in feats["input_ids"]] == [4, 8]
+    assert feats["input_ids"][1][-1] == tokenizer.sep_token_id  # truncation keeps the closing [SEP]
+
+
+def test_classification_text_pair(tokenizer):
+    c = ctx(tokenizer, "classification", "heads", labels=("negative", "positive"))
+    feats, _ = registry.get("classification").encode(
+        [{"text": "great", "text_pair": "film", "label": "positive"}], c)
+    assert feats["token_type_ids"][0] == [0, 0, 0, 1, 1]
+
+
+def test_causal_prompt_is_masked_and_target_trained(tokenizer):
+    tokenizer.eos_token = "[SEP]"
+    c = ctx(tokenizer, "classification", "causal", labels=("negative", "positive"))
+    feats, _ = registry.get("classification").encode([{"text": "great film", "label": "positive"}], c)
+    ids, labels, plen = feats["input_ids"][0], feats["labels"][0], feats["prompt_length"][0]
+    assert labels[:plen] == [IGNORE] * plen
+    target = [i for i in labels if i != IGNORE]
+    assert tokenizer.decode(target[:-1]) == "positive" and target[-1] == tokenizer.eos_token_id
+    assert ids[plen:] == target and feats["label_id"] == [1]
+
+
+def test_causal_long_prompt_keeps_head_and_tail_and_fits(tokenizer):
+    tokenizer.eos_token = "[SEP]"
+    c = ctx(tokenizer, "generation", "causal", max_length=40, max_target_length=8)
+    source = " ".join(["people walked home"] * 30)
+    feats, truncated = registry.get("generation").encode([{"source": source, "target": "news today ."}], c)
+    assert truncated == 1
+    assert len(feats["input_ids"][0]) <= 40
+    prompt = feats["input_ids"][0][:feats["prompt_length"][0]]
+    assert tokenizer.decode(prompt[:3]).startswith("[CLS] t :")  # the instruction head survives
+
+
+def test_seq2seq_generation_labels(tokenizer):
+    c = ctx(tokenizer, "generation", "seq2seq", max_length=16, max_target_length=5)
+    feats, truncated = registry.get("generation").encode(
+        [{"source": "people walked home . it rained", "target": "people walked home today it rained"}], c)
+    assert truncated == 0
+    assert len(feats["labels"][0]) == 5 and "prompt_length" not in feats
+
+
+def test_qa_answer_normalisation():
+    context = "bob lives in rome ."
+    assert normalize_answers("rome.", context) == ({"text": ["rome"], "answer_start": [13]}, None)
+    assert normalize_answers({"text": "rome", "answer_start": 13}, context)[0]["answer_start"] == [13]
+    assert normalize_answers({"text": ["rome"], "answer_start": [0]}, context)[0]["answer_start"] == [13]
+    assert normalize_answers(["bob", "rome"], context)[0]["text"] == ["bob", "rome"]
+    assert normalize_answers("oslo", context)[1] == "answer not in its context: 'oslo'"
+
+
+@pytest.mark.parametrize("max_length,stride", [(24, 8), (32, 4), (40, 16)])
+def test_qa_offsets_recover_gold_answer_in_every_window_that_contains_it(tokenizer, max_length, stride):
+    rows = qa_rows(40, random.Random(1))
+    for i, r in enumerate(rows):
+        r["__row__"] = i + 1
+    c = ctx(tokenizer, "extractive_qa", "heads", max_length=max_length, doc_stride=stride)
+    encoded = encode_split(rows, registry.get("extractive_qa"), c)
+    feats = encoded.features
+    by_id = {r["__row__"]: r for r in rows}
+    containing = 0
+    for f in feats:
+        row = by_id[f["example_id"]]
+        gold = row["answers"]["text"][0]
+        start_char = row["answers"]["answer_start"][0]
+        offsets = f["offset_mapping"]
+        inside = [o for o in offsets if o is not None]
+        window_has_answer = inside[0][0] <= start_char and inside[-1][1] >= start_char + len(gold)
+        if window_has_answer:
+            containing += 1
+            s, e = f["start_positions"], f["end_positions"]
+            assert row["context"][offsets[s][0]:offsets[e][1]] == gold
+        else:
+            assert f["start_positions"] == f["end_positions"] == 0
+    assert containing >= len(rows)  # every example has at least one window with its answer
+    assert len(feats) > len(rows) and encoded.truncated > 0  # long contexts were windowed
+
+
+def test_qa_text2text_target_is_answer(tokenizer):
+    c = ctx(tokenizer, "extractive_qa", "seq2seq")
+    row = {"question": "where does bob live ?", "context": "bob lives in rome .",
+           "answers": {"text": ["rome"], "answer_start": [13]}, "__row__": 1}
+    feats, _ = registry.get("extractive_qa").encode([row], c)
+    assert tokenizer.decode(feats["labels"][0], skip_special_tokens=True) == "rome"

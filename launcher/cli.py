@@ -76,6 +76,13 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_schema(args: argparse.Namespace) -> int:
+    from launcher.reference import markdown
+
+    print(markdown(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtl", description="Distributed multitask fine-tuning: Ray Train + DeepSpeed ZeRO, one YAML job.",
@@ -93,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
     p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("schema", help="print the job spec reference (every field, default and meaning)")
+    p.set_defaults(func=cmd_schema)
 
     p = sub.add_parser("tasks", help="list the registered task types, their fields, metrics and options")
     p.set_defaults(func=cmd_tasks)

@@ -99,3 +99,11 @@ def test_ds_configs_are_plain_json():
     for path in DS_CONFIGS:
         data = json.loads(path.read_text())
         assert "train_batch_size" not in data and "optimizer" not in data  # derived, never hand-set
+
+
+def test_readme_embeds_the_current_schema_reference():
+    from launcher.reference import BEGIN, END, markdown
+
+    readme = (REPO / "README.md").read_text()
+    embedded = readme.split(BEGIN + "\n", 1)[1].split(END, 1)[0]
+    assert embedded == markdown(), "README is stale: regenerate the reference with `mtl schema`"

@@ -4,11 +4,14 @@ message that names the problem and exit 2, without a traceback."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from trainer.errors import UserError
 
 EXAMPLES = """examples:
+  mtl train jobs/demo.yaml
+  mtl train jobs/demo.yaml train.steps=300     # the same name resumes from its latest version
   mtl validate jobs/demo.yaml
   mtl validate jobs/demo.yaml train.steps=20 tasks.sentiment.weight=2 --print
   mtl data jobs/demo.yaml
@@ -28,6 +31,15 @@ def cmd_validate(args: argparse.Namespace) -> int:
         print(line, file=sys.stderr if args.print else sys.stdout)
     print(f"{args.job}: OK ({len(spec.tasks)} tasks{', schema only' if args.schema_only else ''})",
           file=sys.stderr if args.print else sys.stdout)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launcher.jobfile import load_job
+    from launcher.run import train
+
+    spec = load_job(args.job, args.overrides)
+    train(spec, address=args.address)
     return 0
 
 
@@ -96,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-only", action="store_true", help="check the spec and DeepSpeed config, not the files")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("train", help="train a job: embedded local Ray, or a cluster with --address / RAY_ADDRESS")
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("data", help="per-task data report: bad rows, truncation, micro-batches, padding")
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
@@ -122,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"mtl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # a failed Ray Train run: say what the workers said, not the driver's stack
+        if type(exc).__name__ not in ("WorkerGroupError", "TrainingFailedError", "ControllerError"):
+            raise
+        print(f"mtl {args.command}: training failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"mtl {args.command}: interrupted", file=sys.stderr)
         return 130

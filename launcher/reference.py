@@ -78,3 +78,16 @@ def markdown() -> str:
         for key, f in t.options_model.model_fields.items():
             lines.append(f"  - `options.{key}` (default `{f.default}`): {f.description}")
     return "\n".join(lines) + "\n"
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Replace the generated block of the README with the current reference."""
+    text = open(path).read()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    with open(path, "w") as fh:
+        fh.write(f"{head}{BEGIN}\n{markdown()}{END}{tail}")
+
+
+if __name__ == "__main__":
+    update_readme()

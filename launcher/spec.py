@@ -191,13 +191,18 @@ class TrainSpec(_Strict):
     )
     lr: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps, then linear decay to 0.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `lr`.")
+    lr_schedule: Literal["linear", "cosine", "constant"] = Field(
+        "linear", description="After warm-up: linear or cosine decay to 0 at `steps`, or constant.")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
     eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at the end).")
     checkpoint_every: int = Field(50, ge=0, description="Write a version every N steps (0: only at the end).")
     keep_last: int | None = Field(None, ge=1, description="Keep only the N newest versions (null keeps all).")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest version after a failure (-1: no limit).")
     seed: int = Field(0, description="Seed of sampling, data order, initialisation and dropout.")
+    log_every: int = Field(1, ge=1, description="Print and report metrics every N steps.")
+    eval_batch_size: int | None = Field(None, ge=1, description="Rows per evaluation batch (default: micro_batch_size).")
     length_grouping: bool = Field(True, description="Group examples of similar length into micro-batches.")
     pool_micro_batches: int = Field(50, ge=1, description="Micro-batches per length-sorting pool.")
 
@@ -227,7 +232,8 @@ class JobSpec(_Strict):
     mixture: MixtureSpec = Field(default_factory=MixtureSpec)
     loss_weighting: WeightingSpec = Field(default_factory=WeightingSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    deepspeed: str = Field("ds_configs/zero2.json", description="DeepSpeed JSON; batch numbers and optimizer are filled from the job.")
+    deepspeed: str = Field("ds_configs/zero2.json", description="DeepSpeed JSON (a path, or a shipped name: zero0 … zero3_offload); "
+                           "batch numbers, clipping and precision are filled in from the job.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
 
@@ -250,6 +256,11 @@ class JobSpec(_Strict):
                     f"tasks.{name}: {task.type} tasks need model.kind "
                     f"{' or '.join(task_type.model_kinds)}, but model.kind is '{self.model.kind}'"
                 )
+            stride = task.options.get("doc_stride")
+            length = task.max_length or self.model.max_length
+            if task.type == "extractive_qa" and self.model.kind == "heads" and (stride or 128) * 2 > length:
+                raise ValueError(f"tasks.{name}.options.doc_stride ({stride or 128}{'' if stride else ', the default'}) "
+                                 f"must be at most half of the task's max_length ({length}); windows overlap by it")
         if self.mixture.strategy == "explicit":
             rates = self.explicit_rates()
             missing = [t for t in self.tasks if t not in rates and self.tasks[t].accumulation is None]

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from launcher.spec import JobSpec
-from trainer.ds_config import build_ds_config, read_ds_config
+from trainer.ds_config import job_ds_config
 from trainer.errors import UserError
 from trainer.prepare import CheckedTask
 from trainer.task_data import check_task_data
@@ -76,13 +76,7 @@ def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Repor
 
 def _check_deepspeed(spec: JobSpec, report: Report) -> None:
     try:
-        base = read_ds_config(spec.deepspeed)
-        build_ds_config(base, micro_batch_size=spec.train.micro_batch_size,
-                        micro_batches_per_step=spec.train.micro_batches_per_step,
-                        world_size=spec.scaling.num_workers, lr=spec.train.lr,
-                        weight_decay=spec.train.weight_decay, warmup_steps=spec.train.warmup_steps,
-                        total_steps=spec.train.steps, max_grad_norm=spec.train.max_grad_norm,
-                        precision=spec.train.precision)
+        job_ds_config(spec)
     except UserError as exc:
         report.errors.append(str(exc))
     if spec.train.precision == "fp16" and not spec.scaling.use_gpu:

@@ -1,9 +1,11 @@
 """The one place DeepSpeed's numbers are derived from the job.
 
 The JSON files in ds_configs/ hold only what a person chooses (ZeRO stage, offload,
-communication knobs). Batch sizes, gradient accumulation, optimizer, scheduler, clipping
-and precision are filled in here from the job and the world size, so they cannot disagree
-with the loop. A value the file sets itself must either be "auto" or equal the derived one.
+communication knobs). Batch sizes, gradient accumulation, clipping and precision are filled
+in here from the job and the world size, so they cannot disagree with the loop; a value the
+file sets itself must either be "auto" or equal the derived one. The optimizer (AdamW) and
+the LR schedule are built by the loop as torch objects (trainer.models) and handed to
+DeepSpeed, so the files must not name them.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ def read_ds_config(path: str, field: str = "deepspeed") -> dict:
 
 
 def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step: int, world_size: int,
-                    lr: float, weight_decay: float, warmup_steps: int, total_steps: int,
                     max_grad_norm: float | None, precision: str, field: str = "deepspeed") -> dict:
     """`base` with every derived number filled in; raises if the file contradicts the job."""
     derived = {
@@ -52,17 +53,20 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
                                    f"remove it or set it to \"auto\" (it is derived from train.* and scaling.*)")
         config[key] = value
     for key in ("optimizer", "scheduler"):
-        if key in config and config[key] != "auto":
-            raise SpecError(field, f"'{key}' is set in the DeepSpeed config; it is derived from train.* "
-                                   f"(lr, weight_decay, warmup_steps, steps) — remove it")
-    config["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
-                                                       "betas": [0.9, 0.999], "eps": 1e-8}}
-    config["scheduler"] = {"type": "WarmupDecayLR", "params": {
-        "warmup_min_lr": 0.0, "warmup_max_lr": lr, "warmup_num_steps": warmup_steps,
-        "total_num_steps": total_steps, "warmup_type": "linear"}}
+        if key in config:
+            raise SpecError(field, f"'{key}' is set in the DeepSpeed config; the loop builds them from train.* "
+                                   f"(lr, weight_decay, warmup_steps, lr_schedule, steps) — remove it")
     for mode in ("fp16", "bf16"):
         config.pop(mode, None)
     if precision in ("fp16", "bf16"):
         config[precision] = {"enabled": True}
     config.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
     return config
+
+
+def job_ds_config(spec, world_size: int | None = None) -> dict:
+    """The DeepSpeed config of a job (the one place that reads the job for it)."""
+    return build_ds_config(read_ds_config(spec.deepspeed), micro_batch_size=spec.train.micro_batch_size,
+                           micro_batches_per_step=spec.train.micro_batches_per_step,
+                           world_size=world_size or spec.scaling.num_workers,
+                           max_grad_norm=spec.train.max_grad_norm, precision=spec.train.precision)

@@ -144,7 +144,10 @@ def encode_split(rows: list[dict], task_type: TaskType, ctx: TaskContext, chunk:
     columns: dict[str, list] = {}
     truncated = 0
     for start in range(0, len(rows), chunk):
-        feats, cut = task_type.encode(rows[start:start + chunk], ctx)
+        batch = rows[start:start + chunk]
+        feats, cut = task_type.encode(batch, ctx)
+        if "example_id" not in feats:  # one feature per row: its id is the row's number
+            feats["example_id"] = [r[ROW] for r in batch]
         truncated += cut
         for key, values in feats.items():
             columns.setdefault(key, []).extend(values)

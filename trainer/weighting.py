@@ -66,8 +66,18 @@ class UncertaintyWeighting(torch.nn.Module):
         pass
 
     def weights(self) -> dict[str, float]:
-        values = self.log_vars.detach().float().tolist()
+        values = _read_param(self.log_vars)
         return {t: self.static[t] * math.exp(-s) for t, s in zip(self.tasks, values)}
+
+
+def _read_param(p: torch.Tensor) -> list[float]:
+    """A parameter's values, gathering it first when ZeRO-3 has partitioned it across ranks."""
+    if hasattr(p, "ds_id"):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([p]):
+            return p.detach().float().tolist()
+    return p.detach().float().tolist()
 
 
 class DWAWeighting:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from trainer.tasks import text2text
+from trainer.tasks.heads import ClassificationHead
 from trainer.tasks.registry import TaskContext, TaskType, register
 
 
@@ -35,6 +36,13 @@ def encode(rows: list[dict], ctx: TaskContext) -> tuple[dict[str, list], int]:
     return features, truncated
 
 
+def decode(logits, batch: dict, rows_by_id: dict, ctx: TaskContext) -> list[tuple]:
+    probs = logits.float().softmax(-1)
+    score, index = probs.max(-1)
+    return [(int(i), float(s), ctx.labels[int(k)])
+            for i, s, k in zip(batch["example_id"].tolist(), score.tolist(), index.tolist())]
+
+
 def _prompt_row(row: dict) -> dict:
     return {"text": row["text"], "text_pair": row.get("text_pair") or ""}
 
@@ -49,6 +57,10 @@ CLASSIFICATION = register(TaskType(
     default_prompt="{task}: {text}",
     check_row=check_row,
     encode=encode,
+    reference=lambda row: row["label"],
+    make_head=ClassificationHead,
+    decode=decode,
+    text2text_eval="rank",
     has_labels=True,
     description="One text (or a text pair) -> one label. heads: a linear head on the first token; "
                 "text2text: the label word is the target, scored by rank classification.",

@@ -7,9 +7,11 @@ predicted token span maps back to the exact text of the context.
 
 from __future__ import annotations
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from trainer.tasks import text2text
+from trainer.tasks.heads import SpanHead
 from trainer.tasks.registry import TaskContext, TaskType, register
 
 
@@ -99,6 +101,28 @@ def encode(rows: list[dict], ctx: TaskContext) -> tuple[dict[str, list], int]:
     return features, sum(w > 1 for w in windows)
 
 
+def decode(logits, batch: dict, rows_by_id: dict, ctx: TaskContext) -> list[tuple]:
+    """The best span of each window whose tokens lie in the context, as text of the context."""
+    out = []
+    max_len = ctx.options.max_answer_length
+    for f, (ids, offsets) in enumerate(zip(batch["example_id"].tolist(), batch["offset_mapping"])):
+        start_logits, end_logits = logits[f, :, 0], logits[f, :, 1]
+        n = len(offsets)
+        valid = torch.tensor([o is not None for o in offsets] + [False] * (logits.shape[1] - n))
+        scores = start_logits[:, None] + end_logits[None, :]
+        allowed = valid[:, None] & valid[None, :]
+        allowed &= torch.ones_like(allowed).triu() & ~torch.ones_like(allowed).triu(max_len)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        best = int(scores.argmax())
+        s, e = divmod(best, scores.shape[1])
+        if not torch.isfinite(scores[s, e]):
+            out.append((ids, float("-inf"), ""))
+            continue
+        context = rows_by_id[ids]["context"]
+        out.append((ids, float(scores[s, e]), context[offsets[s][0]:offsets[e][1]]))
+    return out
+
+
 EXTRACTIVE_QA = register(TaskType(
     name="extractive_qa",
     fields=("question", "context", "answers"),
@@ -109,6 +133,9 @@ EXTRACTIVE_QA = register(TaskType(
     default_prompt="{task}: question: {question} context: {context}",
     check_row=check_row,
     encode=encode,
+    reference=lambda row: row["answers"]["text"],
+    make_head=SpanHead,
+    decode=decode,
     options_model=QAOptions,
     description="SQuAD-style span extraction. heads: start/end logits over context windows; "
                 "text2text: the answer text is the target.",

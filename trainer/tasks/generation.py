@@ -35,6 +35,7 @@ GENERATION = register(TaskType(
     default_prompt="{task}: {source}",
     check_row=check_row,
     encode=encode,
+    reference=lambda row: row["target"],
     options_model=GenerationOptions,
     description="Source text -> target text (summarization, abstractive QA); text2text models only.",
 ))

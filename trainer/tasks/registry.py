@@ -39,6 +39,8 @@ class TaskContext:
 
 
 # check_row(row, ctx) -> problem or None; may normalise the row in place.
+# make_head(hidden_size, num_labels) -> nn.Module whose forward(hidden, batch) gives (loss, logits).
+# decode(logits, batch, rows_by_id, ctx) -> [(example_id, score, prediction)] per feature (heads models).
 RowCheck = Callable[[dict, TaskContext], "str | None"]
 # encode(rows, ctx) -> (features: dict of equal-length lists, truncated: rows whose input was cut)
 Encode = Callable[[list[dict], TaskContext], "tuple[dict[str, list], int]"]
@@ -55,6 +57,10 @@ class TaskType:
     default_prompt: str
     check_row: RowCheck
     encode: Encode
+    reference: Callable[[dict], Any] = lambda row: None  # the gold answer a metric compares with
+    make_head: Callable[[int, int], Any] | None = None  # None: no heads-model support
+    decode: Callable[..., list] | None = None
+    text2text_eval: str = "generate"  # generate | rank (score each label as the target)
     options_model: type[BaseModel] = NoOptions
     has_labels: bool = False  # a label set is inferred from train and stored with the model
     description: str = field(default="", compare=False)

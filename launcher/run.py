@@ -1,0 +1,68 @@
+"""Driver side of a training run: Ray (embedded or a cluster), storage, and the TorchTrainer.
+
+`train()` is what `mtl train` runs on the user's machine and what `mtl submit` runs on the
+cluster's head node: validate, write the resolved job next to the versions, build the Ray
+Train objects from the job, fit, and summarise.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from launcher.jobfile import dump_job
+from launcher.spec import JobSpec
+from launcher.storage import Storage, open_storage
+from launcher.validate import require_valid
+
+# Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
+FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
+                 "HF_HOME", "TOKENIZERS_PARALLELISM")
+
+
+def train(spec: JobSpec, *, address: str | None = None) -> dict:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.loop import train_loop_per_worker
+
+    require_valid(spec)
+    storage = open_storage(spec.storage)
+    storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
+    started_here = not ray.is_initialized()
+    if started_here:
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # Ray Train turns print() into log records; dill (under datasets) prints while it captures
+        # stdout, and those records would flood the console with bytecode dumps.
+        env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+        if not spec.scaling.use_gpu:
+            env.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
+        # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
+        ray.init(address=address, runtime_env={"env_vars": env}, dashboard_host="127.0.0.1")
+    try:
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config={"job": spec.model_dump(mode="json")},
+            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
+                                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
+                                                               **({"GPU": 1} if spec.scaling.use_gpu else {})}),
+            run_config=RunConfig(name=spec.name, storage_path=storage.ray_path, storage_filesystem=storage.fs,
+                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_last),
+                                 failure_config=FailureConfig(max_failures=spec.train.max_failures),
+                                 logging_config=LoggingConfig(log_level="WARNING")),
+        )
+        result = trainer.fit()
+    finally:
+        if started_here:
+            ray.shutdown()
+    return summarize(spec, storage, result)
+
+
+def summarize(spec: JobSpec, storage: Storage, result) -> dict:
+    registry = storage.read_json(f"{spec.name}/registry.json") or {}
+    print(f"[mtl] run '{spec.name}' finished at {registry.get('latest', '?')}; versions in "
+          f"{storage.describe(spec.name)}", file=sys.stderr)
+    return {"registry": registry, "metrics": result.metrics if result is not None else {}}

@@ -1,0 +1,79 @@
+"""Shared storage for runs: a local/NFS folder or an S3 bucket, through one pyarrow filesystem.
+
+Ray Train gets the same filesystem, so versions, metrics and TensorBoard files land together
+under `<storage>/<experiment>/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+
+@dataclass
+class Storage:
+    fs: object  # pyarrow.fs.FileSystem
+    ray_path: str  # the storage path as Ray Train wants it with `fs` (no scheme)
+    uri: str
+
+    def path(self, relative: str) -> str:
+        return f"{self.ray_path.rstrip('/')}/{relative}"
+
+    def write_text(self, relative: str, text: str) -> None:
+        path = self.path(relative)
+        self.fs.create_dir(os.path.dirname(path), recursive=True)
+        with self.fs.open_output_stream(path) as out:
+            out.write(text.encode())
+
+    def read_text(self, relative: str) -> str | None:
+        import pyarrow.fs as pafs
+
+        path = self.path(relative)
+        if self.fs.get_file_info(path).type != pafs.FileType.File:
+            return None
+        with self.fs.open_input_stream(path) as fh:
+            return fh.read().decode()
+
+    def read_json(self, relative: str):
+        text = self.read_text(relative)
+        return json.loads(text) if text is not None else None
+
+    def exists(self, relative: str) -> bool:
+        import pyarrow.fs as pafs
+
+        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+
+    def list_dirs(self, relative: str) -> list[str]:
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
+        return sorted(i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+
+    def download(self, relative: str, local: str) -> None:
+        import pyarrow.fs as pafs
+
+        os.makedirs(local, exist_ok=True)
+        pafs.copy_files(self.path(relative), local, source_filesystem=self.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+
+    def describe(self, relative: str) -> str:
+        return f"{self.uri.rstrip('/')}/{relative}"
+
+
+def open_storage(spec) -> Storage:
+    """spec: a StorageSpec (path, endpoint_url, region)."""
+    import pyarrow.fs as pafs
+
+    if spec.path.startswith("s3://"):
+        bucket_prefix = spec.path[len("s3://"):]
+        kwargs = {}
+        if spec.endpoint_url:
+            scheme, _, host = spec.endpoint_url.partition("://")
+            kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+        if spec.region:
+            kwargs["region"] = spec.region
+        return Storage(pafs.S3FileSystem(**kwargs), bucket_prefix, spec.path)
+    path = os.path.abspath(spec.path)
+    os.makedirs(path, exist_ok=True)
+    return Storage(pafs.LocalFileSystem(), path, path)

@@ -1,0 +1,132 @@
+"""Per-task evaluation on a held-out split, by every rank together.
+
+Each rank predicts a round-robin share of the split's features (padded to the same count, so
+ZeRO-3's per-layer gathers stay in lockstep), the candidates are gathered, and every rank
+computes the same metrics. Heads models decode their logits with the task type's `decode`;
+text2text models either generate (QA, generation) or rank the label words by likelihood
+(classification).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from trainer import metrics
+from trainer.batching import IGNORE_INDEX, collate
+from trainer.tasks.registry import TaskContext, TaskType
+
+SAMPLES = 3  # predictions kept per task for logs and TensorBoard
+
+
+@dataclass
+class EvalSet:
+    task: str
+    task_type: TaskType
+    ctx: TaskContext
+    features: object  # datasets.Dataset
+    rows_by_id: dict
+    metric_names: list[str]
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    samples: list[dict]
+    predictions: dict[int, str]
+
+
+def _my_indices(n: int, rank: int, world: int) -> list[int]:
+    mine = list(range(rank, n, world))
+    share = -(-n // world)
+    return mine + [mine[-1] if mine else 0] * (share - len(mine))
+
+
+def _move(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int, pad_id: int,
+                  encoding: str, synced: bool, device="cpu") -> EvalResult:
+    was_training = model.training
+    model.eval()
+    try:
+        indices = _my_indices(len(es.features), rank, world)
+        candidates: list[tuple] = []
+        for start in range(0, len(indices), batch_size):
+            chunk = es.features[indices[start:start + batch_size]]
+            candidates.extend(_predict(model, es, chunk, pad_id, encoding, synced, device))
+    finally:
+        model.train(was_training)
+    if world > 1:
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, candidates)
+        candidates = [c for part in gathered for c in part]
+    best: dict[int, tuple[float, str]] = {}
+    for example_id, score, prediction in candidates:
+        if example_id not in best or score > best[example_id][0]:
+            best[example_id] = (score, prediction)
+    ids = sorted(best)
+    preds = [best[i][1] for i in ids]
+    refs = [es.task_type.reference(es.rows_by_id[i]) for i in ids]
+    values = metrics.compute(es.metric_names, preds, refs)
+    samples = [{"id": i, "prediction": p, "reference": r} for i, p, r in list(zip(ids, preds, refs))[:SAMPLES]]
+    return EvalResult(values, samples, dict(zip(ids, preds)))
+
+
+def _predict(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:
+    ids = chunk["example_id"]
+    if encoding == "heads":
+        batch = _move(collate(chunk, pad_id), device)
+        _, logits = model.head_outputs(es.task, batch)
+        return es.task_type.decode(logits.float().cpu(), {**batch, "example_id": torch.tensor(ids)},
+                                   es.rows_by_id, es.ctx)
+    if es.task_type.text2text_eval == "rank":
+        return _rank_labels(model, es, ids, pad_id, encoding, device)
+    return _generate(model, es, chunk, pad_id, encoding, synced, device)
+
+
+def _sequence_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    if causal:  # position t predicts token t+1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = labels != IGNORE_INDEX
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * mask).sum(-1)
+
+
+def _rank_labels(model, es: EvalSet, ids: list[int], pad_id: int, encoding: str, device) -> list[tuple]:
+    """Rank classification: the label whose words the model finds most likely as the target."""
+    rows = [es.rows_by_id[i] for i in ids]
+    scores = []
+    for label in es.ctx.labels:
+        feats, _ = es.task_type.encode([{**r, "label": label} for r in rows], es.ctx)
+        batch = _move(collate({k: feats[k] for k in ("input_ids", "attention_mask", "labels")}, pad_id), device)
+        logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          labels=batch["labels"]).logits
+        scores.append(-_sequence_nll(logits, batch["labels"], causal=encoding == "causal").cpu())
+    stacked = torch.stack(scores, dim=-1)
+    best, index = stacked.max(-1)
+    return [(i, float(s), es.ctx.labels[int(k)]) for i, s, k in zip(ids, best.tolist(), index.tolist())]
+
+
+def _generate(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:
+    options = es.ctx.options
+    kwargs = {"max_new_tokens": getattr(options, "max_new_tokens", 32), "num_beams": getattr(options, "num_beams", 1),
+              "do_sample": False, "synced_gpus": synced, "pad_token_id": pad_id}
+    tok = es.ctx.tokenizer
+    if encoding == "seq2seq":
+        batch = _move(collate({k: chunk[k] for k in ("input_ids", "attention_mask")}, pad_id), device)
+        out = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        texts = tok.batch_decode(out, skip_special_tokens=True)
+    else:  # causal: the prompt alone, padded on the left so generation continues from its end
+        prompts = [ids[:n] for ids, n in zip(chunk["input_ids"], chunk["prompt_length"])]
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = model.lm.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
+        texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
+    return [(i, 0.0, t.strip()) for i, t in zip(chunk["example_id"], texts)]

@@ -1,0 +1,305 @@
+"""The worker: runs in every Ray Train worker, one DeepSpeed rank each.
+
+setup() builds everything from the resolved job (data, streams, planner, weighting, model,
+engine) and restores the latest version if there is one; fit() runs the optimizer steps.
+Each step runs its plan: so many micro-batches of each task, each one task only, each
+back-propagated with its task's weight; DeepSpeed steps the optimizer once, at the
+accumulation boundary that closes the plan.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.batching import TaskStream
+from trainer.ds_config import job_ds_config
+from trainer.evaluation import EvalSet, evaluate_task
+from trainer.model_io import load_tokenizer_and_encoding
+from trainer.models import HeadSpec, build_model, lr_factor, param_groups
+from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
+from trainer.sampling import StepPlanner, mixture_rates
+from trainer.task_data import TaskData, prepare_tasks, task_context
+from trainer.tasks import registry
+from trainer.weighting import UncertaintyWeighting, build_weighting
+
+TRAIN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
+
+
+@dataclass
+class Run:
+    spec: object
+    rank: int
+    world: int
+    device: torch.device
+    tokenizer: object
+    encoding: str
+    tasks: dict[str, TaskData]
+    streams: dict[str, TaskStream]
+    planner: StepPlanner
+    weighting: object
+    engine: object
+    fs: object
+    exp_path: str
+    step: int = 0
+    seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
+    best: dict = field(default_factory=dict)  # task -> {metric, value, step}
+    last_eval: dict = field(default_factory=dict)
+    board: Board | None = None
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    from launcher.spec import JobSpec
+
+    quiet_libraries()
+    spec = JobSpec.model_validate(config["job"])
+    context = ray.train.get_context()
+    run = setup(spec, context.get_world_rank(), context.get_world_size(), context.get_storage())
+    fit(run)
+
+
+def setup(spec, rank: int, world: int, storage) -> Run:
+    import deepspeed
+    import ray.train.torch
+
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
+    tasks = prepare_tasks(spec, tokenizer, encoding)
+    streams = build_streams(spec, tasks, tokenizer, rank, world)
+    planner = build_planner(spec, tasks)
+    static = {t: s.weight for t, s in spec.tasks.items()}
+    weighting = build_weighting(spec.loss_weighting.strategy, static, temperature=spec.loss_weighting.temperature,
+                                window=spec.loss_weighting.window)
+
+    torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
+    model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
+                        heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],
+                        loss_weighting=weighting if isinstance(weighting, UncertaintyWeighting) else None,
+                        lora=spec.model.lora.model_dump() if spec.model.lora else None)
+    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=spec.train.weight_decay,
+                                               weighting_lr=spec.loss_weighting.lr),
+                                  lr=spec.train.lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lr_factor(spec.train.lr_schedule, spec.train.warmup_steps, spec.train.steps))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=job_ds_config(spec, world))
+    # Dropout differs per rank (as it would on separate machines) but is reproducible.
+    seed_everything(spec.train.seed * 1000 + rank + 1)
+    run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine,
+              storage.storage_filesystem, storage.experiment_fs_path,
+              seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
+    restore_latest(run)
+    if rank == 0:
+        run.board = Board(run.fs, f"{run.exp_path}/tensorboard")
+    return run
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def build_streams(spec, tasks: dict[str, TaskData], tokenizer, rank: int, world: int) -> dict[str, TaskStream]:
+    streams = {}
+    for name, data in tasks.items():
+        task = spec.tasks[name]
+        feats = data.encoded["train"].features
+        feats = feats.select_columns([c for c in (*TRAIN_COLUMNS, "length") if c in feats.column_names])
+        rows = None if task.max_tokens else (task.micro_batch_size or spec.train.micro_batch_size)
+        streams[name] = TaskStream(name, feats, rank=rank, world=world, seed=spec.train.seed,
+                                   pad_id=tokenizer.pad_token_id, micro_batch_size=rows, max_tokens=task.max_tokens,
+                                   pool=spec.train.pool_micro_batches, by_length=spec.train.length_grouping)
+    return streams
+
+
+def build_planner(spec, tasks: dict[str, TaskData]) -> StepPlanner:
+    fixed = {t: s.accumulation for t, s in spec.tasks.items() if s.accumulation}
+    free = {t: len(tasks[t].encoded["train"].features) for t in spec.tasks if t not in fixed}
+    rates = mixture_rates(spec.mixture.strategy, free, temperature=spec.mixture.temperature, cap=spec.mixture.cap,
+                          explicit=spec.explicit_rates()) if free else {}
+    return StepPlanner(list(spec.tasks), rates, fixed, spec.train.micro_batches_per_step, spec.train.seed)
+
+
+def restore_latest(run: Run) -> None:
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as folder:
+        folder = Path(folder)
+        ckpt.load_rank_part(run.engine, folder, run.rank, run.streams)
+        state = ckpt.read_trainer_state(folder)
+    run.step = state["step"]
+    run.planner.load_state_dict(state["planner"])
+    if not isinstance(run.weighting, UncertaintyWeighting):  # learned weights came back with the model
+        run.weighting.load_state_dict(state["weighting"])
+    run.seen, run.best, run.last_eval = state["seen"], state["best"], state.get("last_eval", {})
+    if run.rank == 0:
+        say(f"[mtl] resumed from {ckpt.version_name(run.step)} (step {run.step} of {run.spec.train.steps})")
+
+
+def fit(run: Run) -> None:
+    import ray.train
+
+    spec, engine = run.spec, run.engine
+    names = list(run.tasks)
+    while run.step < spec.train.steps:
+        started = time.perf_counter()
+        plan = run.planner.plan()
+        weights = run.weighting.weights()
+        stats = StepStats(names)
+        for task, count in plan.items():
+            for _ in range(count):
+                batch = {k: v.to(run.device) if torch.is_tensor(v) else v
+                         for k, v in run.streams[task].next_batch().items()}
+                loss, weighted = engine(task, batch, weight=weights[task])
+                engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps
+                engine.step()  # steps the optimizer only at the boundary that ends this plan
+                stats.add(task, loss.item(), batch)
+        run.step += 1
+        assert engine.global_steps == run.step, "plan size and DeepSpeed accumulation disagree"
+        per_task = stats.reduce()
+        run.weighting.end_step({t: v["loss"] for t, v in per_task.items() if v["micro_batches"]})
+        for task, v in per_task.items():
+            for key in run.seen[task]:
+                run.seen[task][key] += v[key]
+        metrics = step_metrics(run, per_task, weights, time.perf_counter() - started)
+        final = run.step == spec.train.steps
+        if final or (spec.train.eval_every and run.step % spec.train.eval_every == 0):
+            metrics.update(evaluate_all(run, "validation"))
+        if final or (spec.train.checkpoint_every and run.step % spec.train.checkpoint_every == 0):
+            save_version(run, metrics)
+        elif run.step % spec.train.log_every == 0:
+            ray.train.report(metrics)
+    if run.board is not None:
+        run.board.close()
+
+
+def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dict:
+    lr = run.engine.get_lr()[0]
+    tokens = sum(v["real_tokens"] for v in per_task.values())
+    rates = run.planner.expected_rates()
+    metrics = {"step": run.step, "lr": float(lr), "step_time": seconds, "tokens_per_s": tokens / seconds}
+    for task, v in per_task.items():
+        metrics.update({f"loss/{task}": v["loss"], f"weight/{task}": weights[task], f"rate/{task}": float(rates[task]),
+                        f"micro_batches/{task}": v["micro_batches"],
+                        f"tokens_real/{task}": v["real_tokens"], f"tokens_padded/{task}": v["padded_tokens"],
+                        f"examples_seen/{task}": run.seen[task]["examples"]})
+    if run.rank == 0:
+        if run.step % run.spec.train.log_every == 0 or run.step == run.spec.train.steps:
+            say(step_line(run.step, run.spec.train.steps, per_task, lr, seconds, metrics["tokens_per_s"]))
+        run.board.scalars({k: v for k, v in metrics.items() if k != "step"}, run.step)
+    return metrics
+
+
+def evaluate_all(run: Run, split: str) -> dict:
+    spec = run.spec
+    out, report = {}, {}
+    for name, data in run.tasks.items():
+        if split not in data.encoded:
+            continue
+        task = spec.tasks[name]
+        task_type = registry.get(task.type)
+        es = EvalSet(name, task_type, task_context(spec, name, run.tokenizer, run.encoding, data.labels),
+                     data.encoded[split].features, {r["__row__"]: r for r in data.checked.splits[split]},
+                     list(task.metrics or task_type.default_metrics))
+        result = evaluate_task(run.engine.module, es, rank=run.rank, world=run.world,
+                               batch_size=spec.train.eval_batch_size or spec.train.micro_batch_size,
+                               pad_id=run.tokenizer.pad_token_id, encoding=run.encoding,
+                               synced=run.engine.zero_optimization_stage() == 3, device=run.device)
+        report[name] = {"metrics": result.metrics, "samples": result.samples}
+        out.update({f"{split}/{name}/{k}": v for k, v in result.metrics.items()})
+        update_best(run, name, es.metric_names, result.metrics)
+    run.last_eval = {"step": run.step, "split": split, "tasks": {t: r["metrics"] for t, r in report.items()}}
+    if run.rank == 0:
+        run.board.scalars(out, run.step)
+        for name, r in report.items():
+            run.board.text(f"samples/{name}", "\n\n".join(f"**{s['id']}** pred: {s['prediction']} | ref: {s['reference']}"
+                                                        for s in r["samples"]), run.step)
+            say(f"[mtl] eval {split} step {run.step} {name}: "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
+        write_json(run.fs, f"{run.exp_path}/evals/{ckpt.version_name(run.step)}/{split}.json", report)
+    return out
+
+
+def primary_metric(names: list[str]) -> str:
+    return "rougeL" if names[0] == "rouge" else names[0]
+
+
+def update_best(run: Run, task: str, names: list[str], values: dict) -> None:
+    key = primary_metric(names)
+    if key in values and (task not in run.best or values[key] > run.best[task]["value"]):
+        run.best[task] = {"metric": key, "value": values[key], "step": run.step}
+
+
+def save_version(run: Run, metrics: dict) -> None:
+    """Every rank writes its part, Ray uploads and merges them, then rank 0 commits the version."""
+    import ray.train
+    import torch.distributed as dist
+    from ray.train import Checkpoint
+
+    name = ckpt.version_name(run.step)
+    with tempfile.TemporaryDirectory(prefix="mtl-version-") as local:
+        folder = Path(local)
+        ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
+        if run.rank == 0:
+            ckpt.write_global_part(folder, trainer_state=trainer_state(run), job_yaml=job_yaml(run.spec),
+                                   tokenizer=run.tokenizer, heads=heads_manifest(run))
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local), checkpoint_dir_name=name)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's upload has finished before the marker says so
+    if run.rank == 0:
+        ckpt.mark_committed(run.fs, f"{run.exp_path}/{name}")
+        write_json(run.fs, f"{run.exp_path}/registry.json", registry_entry(run))
+        run.board.sync()
+        say(f"[mtl] saved version {name}")
+
+
+def trainer_state(run: Run) -> dict:
+    weighting = {} if isinstance(run.weighting, UncertaintyWeighting) else run.weighting.state_dict()
+    return {"step": run.step, "planner": run.planner.state_dict(), "weighting": weighting,
+            "weights": run.weighting.weights(), "rates": run.planner.expected_rates(),
+            "seen": run.seen, "best": run.best, "last_eval": run.last_eval, "world_size": run.world}
+
+
+def heads_manifest(run: Run) -> dict:
+    spec = run.spec
+    return {"kind": spec.model.kind, "encoding": run.encoding, "base_model": spec.model.name_or_path,
+            "tasks": {t: {"type": spec.tasks[t].type, "labels": list(d.labels),
+                          "prompt": task_context(spec, t).prompt,
+                          "max_length": spec.tasks[t].max_length or spec.model.max_length,
+                          "options": spec.tasks[t].options,
+                          "metrics": list(spec.tasks[t].metrics or registry.get(spec.tasks[t].type).default_metrics)}
+                      for t, d in run.tasks.items()}}
+
+
+def registry_entry(run: Run) -> dict:
+    """Best version per task (primary validation metric) and the latest committed version."""
+    return {"latest": ckpt.version_name(run.step),
+            "best": {t: {**b, "version": ckpt.version_name(b["step"])} for t, b in run.best.items()}}
+
+
+def job_yaml(spec) -> str:
+    import yaml
+
+    return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+
+
+def write_json(fs, path: str, data: dict) -> None:
+    fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as out:
+        out.write(json.dumps(data, indent=1, default=str).encode())

@@ -1,0 +1,117 @@
+"""Building the trained model: a shared backbone with per-task heads, or one LM for all tasks.
+
+Both kinds are wrapped in `MultiTaskModel`, whose forward(task, batch, weight) returns the
+task's loss and the weighted loss to back-propagate. The weighting happens inside forward so
+that learned weights (uncertainty) are parameters DeepSpeed optimises, partitions and saves.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.tasks import registry
+
+ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    task: str
+    type: str
+    num_labels: int
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, *, backbone: nn.Module | None = None, heads: dict[str, nn.Module] | None = None,
+                 lm: nn.Module | None = None, loss_weighting: nn.Module | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads or {})
+        self.lm = lm
+        self.loss_weighting = loss_weighting
+        accepted = inspect.signature(backbone.forward).parameters if backbone is not None else {}
+        self._encoder_inputs = [k for k in ENCODER_INPUTS if k in accepted]
+
+    def head_outputs(self, task: str, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
+        hidden = self.backbone(**{k: batch[k] for k in self._encoder_inputs if k in batch}).last_hidden_state
+        return self.heads[task](hidden, batch)
+
+    def forward(self, task: str, batch: dict, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.lm is not None:
+            loss = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).loss
+        else:
+            loss, _ = self.head_outputs(task, batch)
+        weighted = self.loss_weighting(task, loss) if self.loss_weighting is not None else loss * weight
+        return loss, weighted
+
+
+def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[HeadSpec],
+                loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if kind == "heads":
+        backbone = AutoModel.from_pretrained(name_or_path)
+        hidden = backbone.config.hidden_size
+        modules = {}
+        for h in heads:
+            make = registry.get(h.type).make_head
+            if make is None:
+                raise UserError(f"tasks.{h.task}: {h.type} tasks have no head for model.kind heads")
+            modules[h.task] = make(hidden, h.num_labels)
+        if lora:
+            backbone = _with_lora(backbone, lora)
+        return MultiTaskModel(backbone=backbone, heads=modules, loss_weighting=loss_weighting)
+    auto = AutoModelForSeq2SeqLM if encoding == "seq2seq" else AutoModelForCausalLM
+    lm = auto.from_pretrained(name_or_path)
+    if lora:
+        lm = _with_lora(lm, lora)
+    return MultiTaskModel(lm=lm, loss_weighting=loss_weighting)
+
+
+def _with_lora(model: nn.Module, lora: dict) -> nn.Module:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise UserError("model.lora needs peft: pip install 'multitask-launcher[lora]'") from None
+    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
+                        target_modules=lora.get("target_modules"))
+    return get_peft_model(model, config)
+
+
+def param_groups(model: MultiTaskModel, *, weight_decay: float, weighting_lr: float) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed biases/norms, and the loss weights at their own lr."""
+    decay, no_decay, weights = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.startswith("loss_weighting."):
+            weights.append(p)
+        elif p.ndim < 2:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if weights:
+        groups.append({"params": weights, "weight_decay": 0.0, "lr": weighting_lr})
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(schedule: str, warmup_steps: int, total_steps: int):
+    """LambdaLR factor: linear warm-up to 1, then linear/cosine decay to 0 at total_steps, or constant."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress
+    return factor

@@ -1,0 +1,107 @@
+"""What a step reports: per-task losses and tokens summed over ranks, a console line, TensorBoard.
+
+Only rank 0 writes TensorBoard and prints; Ray forwards its stdout to the driver's console.
+Event files are written to a local folder and copied to `<experiment>/tensorboard/` on
+storage whenever the run reports, so a path or an S3 bucket work alike.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+
+def say(message: str) -> None:
+    """One console line on the worker's stdout, which Ray forwards to the driver's console."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def quiet_libraries() -> None:
+    """Ray Train workers log at INFO; these libraries then flood the console (dill dumps bytecode)."""
+    import warnings
+
+    names = ["dill", "datasets", "transformers", "DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "absl"]
+    try:  # Ray Train logs every report at INFO under a logger named after its file
+        from ray.train.v2._internal.execution import context as ray_context
+
+        names.append(ray_context.__file__)
+    except ImportError:
+        pass
+    for name in names:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.models.encoder_decoder")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+
+
+class StepStats:
+    """Per-task sums for one optimizer step on one rank; `reduce` makes them global."""
+
+    FIELDS = ("loss_sum", "micro_batches", "examples", "real_tokens", "padded_tokens")
+
+    def __init__(self, tasks: list[str]):
+        self.tasks = tasks
+        self.values = torch.zeros(len(tasks), len(self.FIELDS), dtype=torch.float64)
+
+    def add(self, task: str, loss: float, batch: dict) -> None:
+        mask = batch["attention_mask"]
+        row = self.values[self.tasks.index(task)]
+        row += torch.tensor([loss, 1, mask.shape[0], float(mask.sum()), mask.numel()], dtype=torch.float64)
+
+    def reduce(self) -> dict[str, dict[str, float]]:
+        """{task: {loss, micro_batches, examples, real_tokens, padded_tokens}} over all ranks."""
+        values = self.values.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(values)  # the same sums on every rank, so weighting state stays identical
+        out = {}
+        for i, task in enumerate(self.tasks):
+            loss_sum, mbs, examples, real, padded = values[i].tolist()
+            out[task] = {"loss": loss_sum / mbs if mbs else math.nan, "micro_batches": mbs, "examples": examples,
+                         "real_tokens": real, "padded_tokens": padded}
+        return out
+
+
+def step_line(step: int, total: int, per_task: dict, lr: float, seconds: float, tokens_per_s: float) -> str:
+    losses = " ".join(f"{t} {v['loss']:.3f}" for t, v in per_task.items() if v["micro_batches"])
+    return f"[mtl] step {step}/{total} | loss {losses} | lr {lr:.2e} | {seconds:.2f}s | {tokens_per_s:.0f} tok/s"
+
+
+class Board:
+    """TensorBoard scalars and text on rank 0, mirrored to storage on `sync`."""
+
+    def __init__(self, fs, remote_dir: str):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.local = tempfile.mkdtemp(prefix="mtl-tb-")
+        self.writer = SummaryWriter(self.local)
+        self.fs, self.remote_dir = fs, remote_dir
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            if value is not None and not (isinstance(value, float) and math.isnan(value)):
+                self.writer.add_scalar(tag, value, step)
+
+    def text(self, tag: str, text: str, step: int) -> None:
+        self.writer.add_text(tag, text, step)
+
+    def sync(self) -> None:
+        import pyarrow.fs as pafs
+
+        self.writer.flush()
+        self.fs.create_dir(self.remote_dir, recursive=True)
+        pafs.copy_files(self.local, self.remote_dir, destination_filesystem=self.fs)
+
+    def close(self) -> None:
+        self.writer.close()
+        self.sync()

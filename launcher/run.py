@@ -32,15 +32,7 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
     storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
     started_here = not ray.is_initialized()
     if started_here:
-        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
-        env.setdefault("TOKENIZERS_PARALLELISM", "false")
-        # Ray Train turns print() into log records; dill (under datasets) prints while it captures
-        # stdout, and those records would flood the console with bytecode dumps.
-        env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
-        if not spec.scaling.use_gpu:
-            env.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
-        # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
-        ray.init(address=address, runtime_env={"env_vars": env}, dashboard_host="127.0.0.1")
+        init_ray(address, use_gpu=spec.scaling.use_gpu)
     try:
         trainer = TorchTrainer(
             train_loop_per_worker,
@@ -59,6 +51,26 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
         if started_here:
             ray.shutdown()
     return summarize(spec, storage, result)
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Ray Train turns print() into log records; dill (under datasets) prints while it captures
+    # stdout, and those records would flood the console with bytecode dumps.
+    env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
+    if not use_gpu:
+        env.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
+    return env
+
+
+def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> None:
+    """Join a cluster (address) or start an embedded local Ray, with the workers' environment."""
+    import ray
+
+    # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
+    ray.init(address=address, runtime_env={"env_vars": worker_env(use_gpu)},
+             dashboard_host="127.0.0.1", **kwargs)
 
 
 def summarize(spec: JobSpec, storage: Storage, result) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from trainer.tasks import registry, text2text
 
@@ -125,7 +125,7 @@ class TaskSpec(_Strict):
             )
         if self.max_tokens is not None and self.micro_batch_size is not None:
             raise ValueError("give micro_batch_size or max_tokens, not both")
-        task_type.options_model.model_validate(self.options)
+        _check_options(self.type, task_type.options_model, self.options)
         if self.metrics is not None:
             for name in self.metrics:
                 if name not in task_type.allowed_metrics:
@@ -147,6 +147,20 @@ class TaskSpec(_Strict):
     def column(self, field: str) -> str:
         """The file column that holds `field`."""
         return self.columns.get(field, field)
+
+
+def _check_options(type_name: str, model: type[BaseModel], options: dict[str, Any]) -> None:
+    """The task type's options, reported under `options.<key>` with the valid keys."""
+    valid = list(model.model_fields)
+    for key in options:
+        if key not in valid:
+            raise ValueError(f"options.{key}: unknown option of {type_name} tasks{registry.suggest(key, valid)}"
+                             f" (options: {', '.join(valid) or 'none'})")
+    try:
+        model.model_validate(options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ValueError(f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
 class MixtureSpec(_Strict):
@@ -256,11 +270,12 @@ class JobSpec(_Strict):
                     f"tasks.{name}: {task.type} tasks need model.kind "
                     f"{' or '.join(task_type.model_kinds)}, but model.kind is '{self.model.kind}'"
                 )
+        for name, task in self.tasks.items():
             stride = task.options.get("doc_stride")
             length = task.max_length or self.model.max_length
-            if task.type == "extractive_qa" and self.model.kind == "heads" and (stride or 128) * 2 > length:
-                raise ValueError(f"tasks.{name}.options.doc_stride ({stride or 128}{'' if stride else ', the default'}) "
-                                 f"must be at most half of the task's max_length ({length}); windows overlap by it")
+            if task.type == "extractive_qa" and stride and stride * 2 > length:
+                raise ValueError(f"tasks.{name}.options.doc_stride ({stride}) must be at most half of the task's "
+                                 f"max_length ({length}): consecutive windows overlap by it")
         if self.mixture.strategy == "explicit":
             rates = self.explicit_rates()
             missing = [t for t in self.tasks if t not in rates and self.tasks[t].accumulation is None]

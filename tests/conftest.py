@@ -139,3 +139,46 @@ def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     BertModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def _tiny_bert_config(tok, **extra):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128, **extra)
+
+
+@pytest.fixture(scope="session")
+def seq2seq_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random BERT-to-BERT encoder-decoder (the shape of the demo's model)."""
+    import torch
+    from transformers import AutoTokenizer, EncoderDecoderConfig, EncoderDecoderModel
+
+    folder = tmp_path_factory.mktemp("tiny-seq2seq")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = EncoderDecoderConfig.from_encoder_decoder_configs(
+        _tiny_bert_config(tok), _tiny_bert_config(tok, is_decoder=True, add_cross_attention=True))
+    model = EncoderDecoderModel(config)
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def causal_dir(tmp_path_factory, tokenizer_dir) -> Path:
+    """A tiny random GPT-2 sharing the test tokenizer ([SEP] doubles as end of text)."""
+    import torch
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path_factory.mktemp("tiny-causal")
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -70,6 +70,9 @@ SPEC_MISTAKES = [
     ("train.micro_batch_size", 0, ["train.micro_batch_size", "greater than or equal to 1"]),
     ("train.precision", "fp8", ["train.precision", "'fp8' is not one of fp32, bf16, fp16"]),
     ("name", "bad name!", ["name", "should match pattern"]),
+    ("tasks.qa.options", {"doc_stride": 40}, ["tasks.qa.options.doc_stride (40)", "half of the task's max_length (64)"]),
+    ("tasks.qa.options", {"doc_stride": 0}, ["tasks.qa", "options.doc_stride: Input should be greater than or equal to 1"]),
+    ("tasks.qa.options", {"stride": 4}, ["tasks.qa", "options.stride: unknown option of extractive_qa tasks", "did you mean 'doc_stride'"]),
 ]
 
 

@@ -95,6 +95,7 @@ def setup(spec, rank: int, world: int, storage) -> Run:
         optimizer, lr_factor(spec.train.lr_schedule, spec.train.warmup_steps, spec.train.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=job_ds_config(spec, world))
+    engine.train()  # from_pretrained leaves the backbone in eval mode: dropout would be off
     # Dropout differs per rank (as it would on separate machines) but is reproducible.
     seed_everything(spec.train.seed * 1000 + rank + 1)
     run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine,
@@ -161,15 +162,7 @@ def fit(run: Run) -> None:
         started = time.perf_counter()
         plan = run.planner.plan()
         weights = run.weighting.weights()
-        stats = StepStats(names)
-        for task, count in plan.items():
-            for _ in range(count):
-                batch = {k: v.to(run.device) if torch.is_tensor(v) else v
-                         for k, v in run.streams[task].next_batch().items()}
-                loss, weighted = engine(task, batch, weight=weights[task])
-                engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps
-                engine.step()  # steps the optimizer only at the boundary that ends this plan
-                stats.add(task, loss.item(), batch)
+        stats = run_plan(engine, plan, run.streams, weights, names, run.device)
         run.step += 1
         assert engine.global_steps == run.step, "plan size and DeepSpeed accumulation disagree"
         per_task = stats.reduce()
@@ -187,6 +180,20 @@ def fit(run: Run) -> None:
             ray.train.report(metrics)
     if run.board is not None:
         run.board.close()
+
+
+def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weights: dict[str, float],
+             tasks: list[str], device) -> StepStats:
+    """One optimizer step: the plan's micro-batches, each of one task, each with its task's weight."""
+    stats = StepStats(tasks)
+    for task, count in plan.items():
+        for _ in range(count):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in streams[task].next_batch().items()}
+            loss, weighted = engine(task, batch, weight=weights[task])
+            engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps
+            engine.step()  # steps the optimizer only at the boundary that ends this plan
+            stats.add(task, loss.item(), batch)
+    return stats
 
 
 def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dict:

@@ -46,10 +46,31 @@ class MultiTaskModel(nn.Module):
         if self.lm is not None:
             loss = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                            labels=batch["labels"]).loss
+            weighted = self._weighted(task, loss, weight)
         else:
-            loss, _ = self.head_outputs(task, batch)
-        weighted = self.loss_weighting(task, loss) if self.loss_weighting is not None else loss * weight
+            hidden = self.backbone(**{k: batch[k] for k in self._encoder_inputs if k in batch}).last_hidden_state
+            loss, _ = self.heads[task](hidden, batch)
+            weighted = self._weighted(task, loss, weight) + self._touch_other_heads(task, hidden, batch)
         return loss, weighted
+
+    def _weighted(self, task: str, loss: torch.Tensor, weight: float) -> torch.Tensor:
+        return self.loss_weighting(task, loss) if self.loss_weighting is not None else loss * weight
+
+    def _touch_other_heads(self, task: str, hidden: torch.Tensor, batch: dict) -> torch.Tensor:
+        """A zero that depends on every other head, so their gradients are zeros, never stale.
+
+        Under ZeRO-3 a parameter that takes no part in a backward keeps the gradient of the
+        last micro-batch that used it, and each optimizer step applies that gradient again
+        (measured: an unused head kept moving, and resumed runs diverged from uninterrupted
+        ones). Heads see one token of one row here, so the cost is negligible.
+        """
+        probe = hidden[:1, :1].detach()
+        mask = batch["attention_mask"][:1, :1]
+        zero = hidden.new_zeros(())
+        for name, head in self.heads.items():
+            if name != task:
+                zero = zero + 0.0 * head(probe, {"attention_mask": mask})[1].sum()
+        return zero
 
 
 def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[HeadSpec],

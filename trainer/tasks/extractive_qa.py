@@ -17,7 +17,8 @@ from trainer.tasks.registry import TaskContext, TaskType, register
 
 class QAOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    doc_stride: int = Field(128, ge=1, description="Tokens shared by consecutive windows of a long context.")
+    doc_stride: int | None = Field(None, ge=1, description="Tokens shared by consecutive windows of a long context "
+                                                          "(default: a quarter of max_length).")
     max_answer_length: int = Field(30, ge=1, description="Longest answer span (tokens) considered at prediction.")
 
 
@@ -74,7 +75,8 @@ def encode(rows: list[dict], ctx: TaskContext) -> tuple[dict[str, list], int]:
                                                max_target_length=64)
     tok = ctx.tokenizer
     enc = tok([r["question"].lstrip() for r in rows], [r["context"] for r in rows],
-              truncation="only_second", max_length=ctx.max_length, stride=ctx.options.doc_stride,
+              truncation="only_second", max_length=ctx.max_length,
+              stride=ctx.options.doc_stride or ctx.max_length // 4,
               return_overflowing_tokens=True, return_offsets_mapping=True)
     sample_map = enc["overflow_to_sample_mapping"]
     features: dict[str, list] = {k: list(enc[k]) for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}

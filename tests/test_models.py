@@ -1,0 +1,63 @@
+"""The multitask model: per-task heads on one backbone, weighted losses, no stale head gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.models import HeadSpec, MultiTaskModel, build_model, lr_factor, param_groups
+from trainer.weighting import UncertaintyWeighting
+
+
+def batch(tokenizer, texts, labels=None):
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    out = {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    if labels is not None:
+        out["labels"] = torch.tensor(labels)
+    return out
+
+
+@pytest.fixture
+def heads_model(model_dir):
+    torch.manual_seed(0)
+    return build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
+                       heads=[HeadSpec("a", "classification", 2), HeadSpec("b", "classification", 3),
+                              HeadSpec("q", "extractive_qa", 0)])
+
+
+def test_heads_forward_weights_the_loss_and_zeroes_other_heads_gradients(heads_model, tokenizer):
+    b = batch(tokenizer, ["great film", "dull plot"], [1, 0])
+    loss, weighted = heads_model("a", b, weight=2.5)
+    assert weighted.item() == pytest.approx(2.5 * loss.item())
+    weighted.backward()
+    assert heads_model.heads["a"].out.weight.grad.abs().sum() > 0
+    for other in ("b", "q"):  # present and exactly zero: ZeRO-3 would otherwise re-apply a stale gradient
+        grad = heads_model.heads[other].out.weight.grad
+        assert grad is not None and torch.count_nonzero(grad) == 0
+
+
+def test_uncertainty_weighting_is_part_of_the_model(model_dir, tokenizer):
+    weighting = UncertaintyWeighting({"a": 1.0})
+    model = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
+                        heads=[HeadSpec("a", "classification", 2)], loss_weighting=weighting)
+    assert any(n.startswith("loss_weighting.") for n, _ in model.named_parameters())
+    groups = param_groups(model, weight_decay=0.1, weighting_lr=0.5)
+    assert groups[-1]["lr"] == 0.5 and groups[-1]["params"] == [weighting.log_vars]
+    loss, weighted = model("a", batch(tokenizer, ["great"], [1]))
+    assert weighted.item() == pytest.approx(loss.item())  # exp(-0) * L + 0
+
+
+def test_text2text_forward_uses_the_lm_loss(seq2seq_dir, tokenizer):
+    model = build_model(kind="text2text", encoding="seq2seq", name_or_path=str(seq2seq_dir), heads=[])
+    assert isinstance(model, MultiTaskModel) and model.lm is not None
+    b = batch(tokenizer, ["great film"])
+    b["labels"] = torch.tensor([[5, 6, 3]])
+    loss, weighted = model("anything", b, weight=0.5)
+    assert weighted.item() == pytest.approx(0.5 * loss.item()) and loss.item() > 0
+
+
+def test_lr_schedules():
+    linear, cosine, constant = (lr_factor(s, 2, 10) for s in ("linear", "cosine", "constant"))
+    assert [linear(s) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
+    assert cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
+    assert constant(9) == 1.0

@@ -33,8 +33,10 @@ test-fast: setup
 demo-data: setup
 	$(PY) -m launcher.demo_data --out data/demo
 
+# Train the demo job (2 workers, embedded Ray, CPU), then score its last version on the test split.
 demo: demo-data
-	$(VENV)/bin/mtl validate jobs/demo.yaml
+	$(VENV)/bin/mtl train jobs/demo.yaml $(ARGS)
+	$(VENV)/bin/mtl eval jobs/demo.yaml --split test
 
 clean:
 	rm -rf $(VENV) .cache data/demo

@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   mtl train jobs/demo.yaml train.steps=300     # the same name resumes from its latest version
   mtl validate jobs/demo.yaml
   mtl validate jobs/demo.yaml train.steps=20 tasks.sentiment.weight=2 --print
+  mtl eval jobs/demo.yaml --version best --split test
   mtl data jobs/demo.yaml
   mtl tasks
 """
@@ -40,6 +41,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     spec = load_job(args.job, args.overrides)
     train(spec, address=args.address)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from launcher.evaluate import evaluate_version, format_table
+    from launcher.jobfile import load_job
+
+    spec = load_job(args.job, args.overrides)
+    report = evaluate_version(spec, version=args.version, split=args.split, baselines=not args.no_baselines)
+    print(format_table(report))
     return 0
 
 
@@ -114,6 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a committed version per task on a held-out split, beside baselines")
+    p.add_argument("job", help="job YAML file (names the experiment and its storage)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. storage.path=s3://b/p")
+    p.add_argument("--version", default="latest", help="latest (default), best, or a version name like step-000200")
+    p.add_argument("--split", default="test", choices=["validation", "test"], help="held-out split (default: test)")
+    p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("data", help="per-task data report: bad rows, truncation, micro-batches, padding")
     p.add_argument("job", help="job YAML file")

@@ -112,22 +112,23 @@ def _fields_at(loc: list[str]) -> list[str]:
     """The field names valid at a location in the tree (dict keys like task names are skipped)."""
     node: Any = JobSpec
     for part in loc:
-        node = _model_of(node)
+        node = model_in(node)
         if node is None:
             return []
         if part in node.model_fields:
             node = node.model_fields[part].annotation
         else:  # a dict key, e.g. a task name: step into the dict's value type
             node = _dict_value(node)
-    model = _model_of(node)
+    model = model_in(node)
     return list(model.model_fields) if model else []
 
 
-def _model_of(tp: Any):
+def model_in(tp: Any):
+    """The pydantic model class inside an annotation (X, X | None, dict[str, X]), or None."""
     if isinstance(tp, type) and issubclass(tp, BaseModel):
         return tp
     for arg in typing.get_args(tp):
-        found = _model_of(arg)
+        found = model_in(arg)
         if found is not None:
             return found
     return None

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from launcher.jobfile import model_in
 from launcher.spec import JobSpec
 from trainer.tasks import registry
 
@@ -50,20 +51,10 @@ def _rows(model: type[BaseModel], prefix: str) -> list[str]:
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
         rows.append(f"| `{path}` | {_type_name(field.annotation)} | {_default(field)} | {field.description or ''} |")
-        nested = _nested_model(field.annotation)
+        nested = model_in(field.annotation)
         if nested is not None:
             rows.extend(_rows(nested, f"{path}.<name>." if typing.get_origin(field.annotation) is dict else f"{path}."))
     return rows
-
-
-def _nested_model(tp):
-    if isinstance(tp, type) and issubclass(tp, BaseModel):
-        return tp
-    for arg in typing.get_args(tp):
-        found = _nested_model(arg)
-        if found is not None:
-            return found
-    return None
 
 
 def markdown() -> str:

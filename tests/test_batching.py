@@ -40,6 +40,13 @@ def test_collate_pads_to_longest_in_micro_batch_not_max_length():
     assert batch["offset_mapping"][0] == [None, [0, 1]]  # metadata passes through untouched
 
 
+def test_collate_pads_seq2seq_targets_to_their_own_length():
+    batch = collate({"input_ids": [[1, 2], [3]], "attention_mask": [[1, 1], [1]],
+                     "labels": [[5, 6, 7, 8], [9]]}, pad_id=0)
+    assert batch["input_ids"].shape == (2, 2)
+    assert batch["labels"].tolist() == [[5, 6, 7, 8], [9, -100, -100, -100]]
+
+
 def test_length_grouping_raises_real_token_share():
     lengths = np.random.default_rng(0).integers(5, 200, size=2000)
     common = dict(rank=0, world=2, seed=0, task="t", rows=8, max_tokens=None, pool=50)

@@ -9,7 +9,9 @@ import pytest
 import yaml
 
 from conftest import REPO, job_dict
+from launcher.evaluate import evaluate_version
 from launcher.jobfile import parse_job, resolve
+from trainer.errors import UserError
 
 pytestmark = pytest.mark.e2e
 
@@ -88,6 +90,18 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
                                                            "f1" if task == "qa" else "rougeL"))) == [2, 4]
     assert sorted(scalars(tb, "lr")) == [1, 2, 3, 4]
 
+    # ... any committed version evaluates on its own on a held-out split, beside baselines,
+    spec = resolve(parse_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "straight")))
+    report = evaluate_version(spec, version="step-000002", split="test")
+    assert report["version"] == "step-000002" and set(report["results"]) == {"sentiment", "qa", "summary"}
+    assert report["baselines"]["sentiment"]["baseline"] == "majority class"
+    assert 0.0 <= report["baselines"]["summary"]["metrics"]["rougeL"] <= 1.0
+    stored = json.loads((straight / "evals" / "step-000002" / "test.json").read_text())
+    assert stored["sentiment"]["metrics"] == report["results"]["sentiment"]["metrics"]
+    assert evaluate_version(spec, version="best", split="validation")["version"] in ("step-000002", "step-000004")
+    with pytest.raises(UserError, match="step-000009.*not found"):
+        evaluate_version(spec, version="step-000009")
+
     # ... and a run stopped at step 2, then run again under the same name with more steps,
     run_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "resumed", steps=2))
     assert not (tmp_path / "runs" / "resumed" / "step-000004").exists()
@@ -116,6 +130,10 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
     assert set(evals["qa"]["metrics"]) == {"exact_match", "f1"}
     loss = scalars(tmp_path / "runs" / job["name"] / "tensorboard", "loss/sentiment")
     assert loss and all(0 < v < 10 for v in loss.values())
+    if ds_config in ("zero0", "zero3"):  # whole weights vs. partitions gathered by DeepSpeed's reader
+        report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
+        assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]  # same weights, fp32
+        assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
 
 
 def test_zero3_resume_is_exact_with_dropout(ray_cluster, data_dir, model_dir, tmp_path):

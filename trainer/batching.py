@@ -69,14 +69,17 @@ def _cut(chunk: np.ndarray, lengths: np.ndarray, rows: int | None, max_tokens: i
 
 
 def collate(columns: dict[str, list], pad_id: int, pad_to_multiple_of: int | None = None) -> dict:
-    """Pad per-token fields to the longest in this micro-batch (never to max_length)."""
+    """Pad each per-token field to its longest in this micro-batch (never to max_length).
+
+    Fields are padded separately: a seq2seq target (`labels`) has its own length.
+    """
     out: dict = {}
-    longest = max(len(x) for x in columns["input_ids"])
-    if pad_to_multiple_of:
-        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
     for key, values in columns.items():
         if key in PAD_VALUES and isinstance(values[0], list):
             fill = pad_id if PAD_VALUES[key] is None else PAD_VALUES[key]
+            longest = max(len(v) for v in values)
+            if pad_to_multiple_of:
+                longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
             out[key] = torch.tensor([v + [fill] * (longest - len(v)) for v in values], dtype=torch.long)
         elif key in TENSOR_FIELDS:
             out[key] = torch.tensor(values, dtype=torch.long)

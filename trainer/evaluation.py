@@ -38,6 +38,27 @@ class EvalResult:
     predictions: dict[int, str]
 
 
+def build_eval_set(spec, name: str, data, tokenizer, encoding: str, split: str) -> EvalSet:
+    """The evaluation of one task on one split, read from the job (`data` is a TaskData)."""
+    from trainer.task_data import task_context
+    from trainer.tasks import registry
+
+    task = spec.tasks[name]
+    task_type = registry.get(task.type)
+    return EvalSet(name, task_type, task_context(spec, name, tokenizer, encoding, data.labels),
+                   data.encoded[split].features, {r["__row__"]: r for r in data.checked.splits[split]},
+                   list(task.metrics or task_type.default_metrics))
+
+
+def baseline_metrics(es: EvalSet, train_rows: list[dict]) -> dict[str, float]:
+    """The task type's trivial predictor on the same rows, scored with the same metrics."""
+    predict = es.task_type.baseline(train_rows)
+    ids = sorted(es.rows_by_id)
+    preds = [predict(es.rows_by_id[i]) for i in ids]
+    refs = [es.task_type.reference(es.rows_by_id[i]) for i in ids]
+    return metrics.compute(es.metric_names, preds, refs)
+
+
 def _my_indices(n: int, rank: int, world: int) -> list[int]:
     mine = list(range(rank, n, world))
     share = -(-n // world)

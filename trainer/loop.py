@@ -23,9 +23,9 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
 from trainer.ds_config import job_ds_config
-from trainer.evaluation import EvalSet, evaluate_task
+from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.model_io import load_tokenizer_and_encoding
-from trainer.models import HeadSpec, build_model, lr_factor, param_groups
+from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
 from trainer.task_data import TaskData, prepare_tasks, task_context
@@ -219,11 +219,7 @@ def evaluate_all(run: Run, split: str) -> dict:
     for name, data in run.tasks.items():
         if split not in data.encoded:
             continue
-        task = spec.tasks[name]
-        task_type = registry.get(task.type)
-        es = EvalSet(name, task_type, task_context(spec, name, run.tokenizer, run.encoding, data.labels),
-                     data.encoded[split].features, {r["__row__"]: r for r in data.checked.splits[split]},
-                     list(task.metrics or task_type.default_metrics))
+        es = build_eval_set(spec, name, data, run.tokenizer, run.encoding, split)
         result = evaluate_task(run.engine.module, es, rank=run.rank, world=run.world,
                                batch_size=spec.train.eval_batch_size or spec.train.micro_batch_size,
                                pad_id=run.tokenizer.pad_token_id, encoding=run.encoding,
@@ -265,7 +261,8 @@ def save_version(run: Run, metrics: dict) -> None:
         ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
         if run.rank == 0:
             ckpt.write_global_part(folder, trainer_state=trainer_state(run), job_yaml=job_yaml(run.spec),
-                                   tokenizer=run.tokenizer, heads=heads_manifest(run))
+                                   tokenizer=run.tokenizer, heads=heads_manifest(run),
+                                   model_config=model_config(run.engine.module))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local), checkpoint_dir_name=name)
     if dist.is_initialized():
         dist.barrier()  # every rank's upload has finished before the marker says so

@@ -75,25 +75,44 @@ class MultiTaskModel(nn.Module):
 
 def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[HeadSpec],
                 loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
+    """The model to train: pretrained weights from `name_or_path`, new heads."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if kind == "heads":
-        backbone = AutoModel.from_pretrained(name_or_path)
-        hidden = backbone.config.hidden_size
-        modules = {}
-        for h in heads:
-            make = registry.get(h.type).make_head
-            if make is None:
-                raise UserError(f"tasks.{h.task}: {h.type} tasks have no head for model.kind heads")
-            modules[h.task] = make(hidden, h.num_labels)
-        if lora:
-            backbone = _with_lora(backbone, lora)
-        return MultiTaskModel(backbone=backbone, heads=modules, loss_weighting=loss_weighting)
+        return _assemble(kind, AutoModel.from_pretrained(name_or_path), heads, loss_weighting, lora)
     auto = AutoModelForSeq2SeqLM if encoding == "seq2seq" else AutoModelForCausalLM
-    lm = auto.from_pretrained(name_or_path)
-    if lora:
-        lm = _with_lora(lm, lora)
-    return MultiTaskModel(lm=lm, loss_weighting=loss_weighting)
+    return _assemble(kind, auto.from_pretrained(name_or_path), heads, loss_weighting, lora)
+
+
+def build_model_from_config(*, kind: str, encoding: str, config, heads: list[HeadSpec],
+                            loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
+    """The same skeleton from a saved config, for loading a version's weights into."""
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    if kind == "heads":
+        return _assemble(kind, AutoModel.from_config(config), heads, loss_weighting, lora)
+    auto = AutoModelForSeq2SeqLM if encoding == "seq2seq" else AutoModelForCausalLM
+    return _assemble(kind, auto.from_config(config), heads, loss_weighting, lora)
+
+
+def _assemble(kind: str, base: nn.Module, heads: list[HeadSpec], loss_weighting, lora) -> MultiTaskModel:
+    if kind != "heads":
+        return MultiTaskModel(lm=_with_lora(base, lora) if lora else base, loss_weighting=loss_weighting)
+    modules = {}
+    for h in heads:
+        make = registry.get(h.type).make_head
+        if make is None:
+            raise UserError(f"tasks.{h.task}: {h.type} tasks have no head for model.kind heads")
+        modules[h.task] = make(base.config.hidden_size, h.num_labels)
+    backbone = _with_lora(base, lora) if lora else base
+    return MultiTaskModel(backbone=backbone, heads=modules, loss_weighting=loss_weighting)
+
+
+def model_config(model: MultiTaskModel):
+    """The transformers config of the backbone or LM (saved with every version)."""
+    base = model.lm if model.lm is not None else model.backbone
+    base = getattr(base, "get_base_model", lambda: base)()  # through a peft wrapper
+    return base.config
 
 
 def _with_lora(model: nn.Module, lora: dict) -> nn.Module:

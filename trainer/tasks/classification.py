@@ -43,6 +43,13 @@ def decode(logits, batch: dict, rows_by_id: dict, ctx: TaskContext) -> list[tupl
             for i, s, k in zip(batch["example_id"].tolist(), score.tolist(), index.tolist())]
 
 
+def majority_baseline(train_rows: list[dict]):
+    from collections import Counter
+
+    label = Counter(r["label"] for r in train_rows).most_common(1)[0][0]
+    return lambda row: label
+
+
 def _prompt_row(row: dict) -> dict:
     return {"text": row["text"], "text_pair": row.get("text_pair") or ""}
 
@@ -61,6 +68,8 @@ CLASSIFICATION = register(TaskType(
     make_head=ClassificationHead,
     decode=decode,
     text2text_eval="rank",
+    baseline=majority_baseline,
+    baseline_name="majority class",
     has_labels=True,
     description="One text (or a text pair) -> one label. heads: a linear head on the first token; "
                 "text2text: the label word is the target, scored by rank classification.",

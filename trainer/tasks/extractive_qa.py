@@ -20,6 +20,7 @@ class QAOptions(BaseModel):
     doc_stride: int | None = Field(None, ge=1, description="Tokens shared by consecutive windows of a long context "
                                                           "(default: a quarter of max_length).")
     max_answer_length: int = Field(30, ge=1, description="Longest answer span (tokens) considered at prediction.")
+    max_new_tokens: int = Field(32, ge=1, description="Tokens generated at evaluation (text2text models).")
 
 
 def _locate(text: str, context: str, start: int | None) -> tuple[str, int] | None:
@@ -125,6 +126,15 @@ def decode(logits, batch: dict, rows_by_id: dict, ctx: TaskContext) -> list[tupl
     return out
 
 
+def first_name_baseline(train_rows: list[dict]):
+    """The first capitalised word of the context that the question does not mention."""
+    def predict(row: dict) -> str:
+        asked = set(row["question"].lower().split())
+        words = [w.strip(".,;:!?\"'()") for w in row["context"].split()]
+        return next((w for w in words[1:] if w[:1].isupper() and w.lower() not in asked), words[0] if words else "")
+    return predict
+
+
 EXTRACTIVE_QA = register(TaskType(
     name="extractive_qa",
     fields=("question", "context", "answers"),
@@ -138,6 +148,8 @@ EXTRACTIVE_QA = register(TaskType(
     reference=lambda row: row["answers"]["text"],
     make_head=SpanHead,
     decode=decode,
+    baseline=first_name_baseline,
+    baseline_name="first capitalised word not in the question",
     options_model=QAOptions,
     description="SQuAD-style span extraction. heads: start/end logits over context windows; "
                 "text2text: the answer text is the target.",

@@ -25,6 +25,13 @@ def encode(rows: list[dict], ctx: TaskContext) -> tuple[dict[str, list], int]:
                                           max_target_length=ctx.options.max_target_length)
 
 
+def lead_baseline(train_rows: list[dict]):
+    """The source's first sentence (lead-1), the classic summarization baseline."""
+    import re
+
+    return lambda row: re.split(r"(?<=[.!?])\s+", row["source"].strip(), maxsplit=1)[0]
+
+
 GENERATION = register(TaskType(
     name="generation",
     fields=("source", "target"),
@@ -36,6 +43,8 @@ GENERATION = register(TaskType(
     check_row=check_row,
     encode=encode,
     reference=lambda row: row["target"],
+    baseline=lead_baseline,
+    baseline_name="first sentence of the source",
     options_model=GenerationOptions,
     description="Source text -> target text (summarization, abstractive QA); text2text models only.",
 ))

@@ -61,6 +61,9 @@ class TaskType:
     make_head: Callable[[int, int], Any] | None = None  # None: no heads-model support
     decode: Callable[..., list] | None = None
     text2text_eval: str = "generate"  # generate | rank (score each label as the target)
+    # baseline(train_rows) -> predict(row): a trivial predictor that results are compared with
+    baseline: Callable[[list[dict]], Callable[[dict], Any]] | None = None
+    baseline_name: str = ""
     options_model: type[BaseModel] = NoOptions
     has_labels: bool = False  # a label set is inferred from train and stored with the model
     description: str = field(default="", compare=False)

@@ -1,0 +1,89 @@
+"""`mtl eval`: evaluate a committed version on a held-out split, beside trivial baselines.
+
+Evaluation reads versions, never a live run. Results are written per version and split
+(`<experiment>/evals/<version>/<split>.json`), baselines once per split
+(`<experiment>/evals/baselines/<split>.json`), so any version can be (re)evaluated later
+without overwriting another's results.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from launcher.jobfile import parse_job
+from launcher.storage import Storage, open_storage
+from trainer.errors import UserError
+
+COMMITTED = "COMMITTED"
+
+
+def committed_versions(storage: Storage, name: str) -> list[str]:
+    return [v for v in storage.list_dirs(name) if v.startswith("step-") and storage.exists(f"{name}/{v}/{COMMITTED}")]
+
+
+def pick_version(storage: Storage, name: str, version: str) -> str:
+    versions = committed_versions(storage, name)
+    if not versions:
+        raise UserError(f"no committed version of '{name}' in {storage.describe(name)}")
+    if version == "latest":
+        return versions[-1]
+    if version == "best":
+        best = (storage.read_json(f"{name}/registry.json") or {}).get("best", {})
+        steps = {b["version"] for b in best.values()} & set(versions)
+        if not steps:
+            raise UserError(f"'{name}' has no evaluated version to call best; use --version latest")
+        return max(steps, key=lambda v: sum(b["value"] for b in best.values() if b["version"] == v))
+    if version not in versions:
+        raise UserError(f"version '{version}' of '{name}' not found; committed: {', '.join(versions)}")
+    return version
+
+
+def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:
+    from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task
+    from trainer.task_data import prepare_tasks
+    from trainer.version_io import load_version
+
+    storage = open_storage(spec.storage)
+    chosen = pick_version(storage, spec.name, version)
+    with tempfile.TemporaryDirectory(prefix="mtl-eval-") as tmp:
+        local = Path(tmp) / chosen
+        storage.download(f"{spec.name}/{chosen}", str(local))
+        loaded = load_version(local)
+    trained = parse_job(loaded.job, source=f"{chosen}/job.yaml")
+    encoding = loaded.manifest["encoding"]
+    tasks = prepare_tasks(trained, loaded.tokenizer, encoding, splits=(split,))
+    results, base = {}, {}
+    for name, data in tasks.items():
+        if split not in data.encoded:
+            continue
+        es = build_eval_set(trained, name, data, loaded.tokenizer, encoding, split)
+        result = evaluate_task(loaded.model, es, rank=0, world=1, pad_id=loaded.tokenizer.pad_token_id,
+                               batch_size=trained.train.eval_batch_size or trained.train.micro_batch_size,
+                               encoding=encoding, synced=False)
+        results[name] = {"metrics": result.metrics, "samples": result.samples}
+        if baselines and es.task_type.baseline is not None:
+            base[name] = {"baseline": es.task_type.baseline_name,
+                          "metrics": baseline_metrics(es, data.checked.splits["train"])}
+    storage.write_text(f"{spec.name}/evals/{chosen}/{split}.json", _json(results))
+    if base:
+        storage.write_text(f"{spec.name}/evals/baselines/{split}.json", _json(base))
+    return {"version": chosen, "split": split, "results": results, "baselines": base}
+
+
+def _json(data) -> str:
+    import json
+
+    return json.dumps(data, indent=1, default=str)
+
+
+def format_table(report: dict) -> str:
+    lines = [f"{report['split']} split, version {report['version']}",
+             f"{'task':<12}{'metric':<13}{'model':>8}{'baseline':>10}  baseline is"]
+    for task, r in report["results"].items():
+        base = report["baselines"].get(task, {})
+        for metric, value in r["metrics"].items():
+            b = base.get("metrics", {}).get(metric)
+            lines.append(f"{task:<12}{metric:<13}{value:>8.3f}{'' if b is None else f'{b:>10.3f}':>10}"
+                         f"  {base.get('baseline', '')}")
+    return "\n".join(lines)

@@ -12,32 +12,8 @@ import tempfile
 from pathlib import Path
 
 from launcher.jobfile import parse_job
-from launcher.storage import Storage, open_storage
-from trainer.errors import UserError
-
-COMMITTED = "COMMITTED"
-
-
-def committed_versions(storage: Storage, name: str) -> list[str]:
-    return [v for v in storage.list_dirs(name) if v.startswith("step-") and storage.exists(f"{name}/{v}/{COMMITTED}")]
-
-
-def pick_version(storage: Storage, name: str, version: str) -> str:
-    versions = committed_versions(storage, name)
-    if not versions:
-        raise UserError(f"no committed version of '{name}' in {storage.describe(name)}")
-    if version == "latest":
-        return versions[-1]
-    if version == "best":
-        best = (storage.read_json(f"{name}/registry.json") or {}).get("best", {})
-        steps = {b["version"] for b in best.values()} & set(versions)
-        if not steps:
-            raise UserError(f"'{name}' has no evaluated version to call best; use --version latest")
-        return max(steps, key=lambda v: sum(b["value"] for b in best.values() if b["version"] == v))
-    if version not in versions:
-        raise UserError(f"version '{version}' of '{name}' not found; committed: {', '.join(versions)}")
-    return version
-
+from launcher.storage import open_storage
+from launcher.versions import pick_version
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:
     from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task

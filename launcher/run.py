@@ -14,6 +14,7 @@ from launcher.jobfile import dump_job
 from launcher.spec import JobSpec
 from launcher.storage import Storage, open_storage
 from launcher.validate import require_valid
+from launcher.versions import check_resumable
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
@@ -29,6 +30,9 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
 
     require_valid(spec)
     storage = open_storage(spec.storage)
+    resume_from = check_resumable(storage, spec.name, spec.scaling.num_workers)
+    if resume_from:
+        print(f"[mtl] '{spec.name}' resumes from {resume_from} in {storage.describe(spec.name)}", file=sys.stderr)
     storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
     started_here = not ray.is_initialized()
     if started_here:

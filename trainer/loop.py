@@ -23,6 +23,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
 from trainer.ds_config import job_ds_config
+from trainer.errors import UserError
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.model_io import load_tokenizer_and_encoding
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
@@ -142,8 +143,12 @@ def restore_latest(run: Run) -> None:
         return
     with checkpoint.as_directory() as folder:
         folder = Path(folder)
-        ckpt.load_rank_part(run.engine, folder, run.rank, run.streams)
         state = ckpt.read_trainer_state(folder)
+        if state["world_size"] != run.world:  # ZeRO partitions and data shards belong to a world size
+            raise UserError(f"{ckpt.version_name(state['step'])} of '{run.spec.name}' was written by "
+                            f"{state['world_size']} workers but scaling.num_workers is {run.world}; resume with "
+                            f"{state['world_size']} workers, or start a new name")
+        ckpt.load_rank_part(run.engine, folder, run.rank, run.streams)
     run.step = state["step"]
     run.planner.load_state_dict(state["planner"])
     if not isinstance(run.weighting, UncertaintyWeighting):  # learned weights came back with the model
@@ -151,6 +156,9 @@ def restore_latest(run: Run) -> None:
     run.seen, run.best, run.last_eval = state["seen"], state["best"], state.get("last_eval", {})
     if run.rank == 0:
         say(f"[mtl] resumed from {ckpt.version_name(run.step)} (step {run.step} of {run.spec.train.steps})")
+        if run.step >= run.spec.train.steps:
+            say(f"[mtl] '{run.spec.name}' already reached train.steps={run.spec.train.steps}; "
+                f"raise train.steps to train further")
 
 
 def fit(run: Run) -> None:

@@ -1,0 +1,44 @@
+"""Finding versions on storage: committed only, latest/best/by name, resumable by world size."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from launcher.spec import StorageSpec
+from launcher.storage import open_storage
+from launcher.versions import check_resumable, committed_versions, pick_version
+from trainer.errors import UserError
+
+
+@pytest.fixture
+def storage(tmp_path):
+    exp = tmp_path / "exp"
+    for step, committed in ((2, True), (4, True), (6, False)):  # step 6: killed while writing
+        version = exp / f"step-{step:06d}"
+        version.mkdir(parents=True)
+        (version / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 2}))
+        if committed:
+            (version / "COMMITTED").write_text("ok\n")
+    (exp / "registry.json").write_text(json.dumps({"latest": "step-000004", "best": {
+        "a": {"metric": "accuracy", "value": 0.9, "step": 2, "version": "step-000002"},
+        "b": {"metric": "f1", "value": 0.5, "step": 4, "version": "step-000004"}}}))
+    return open_storage(StorageSpec(path=str(tmp_path)))
+
+
+def test_only_committed_versions_count(storage):
+    assert committed_versions(storage, "exp") == ["step-000002", "step-000004"]
+    assert pick_version(storage, "exp", "latest") == "step-000004"
+    assert pick_version(storage, "exp", "best") == "step-000002"
+    with pytest.raises(UserError, match="'step-000006' of 'exp' not found; committed: step-000002, step-000004"):
+        pick_version(storage, "exp", "step-000006")
+    with pytest.raises(UserError, match="no committed version of 'nothing'"):
+        pick_version(storage, "nothing", "latest")
+
+
+def test_resume_checks_world_size(storage):
+    assert check_resumable(storage, "exp", 2) == "step-000004"
+    assert check_resumable(storage, "fresh", 4) is None
+    with pytest.raises(UserError, match="written by 2 workers, but scaling.num_workers is 4"):
+        check_resumable(storage, "exp", 4)

@@ -46,7 +46,8 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
                                          resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
                                                                **({"GPU": 1} if spec.scaling.use_gpu else {})}),
             run_config=RunConfig(name=spec.name, storage_path=storage.ray_path, storage_filesystem=storage.fs,
-                                 checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_last),
+                                 # Versions are pruned by the loop (keep_last + keep_best), not by Ray.
+                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
                                  failure_config=FailureConfig(max_failures=spec.train.max_failures),
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )

@@ -213,6 +213,7 @@ class TrainSpec(_Strict):
     eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at the end).")
     checkpoint_every: int = Field(50, ge=0, description="Write a version every N steps (0: only at the end).")
     keep_last: int | None = Field(None, ge=1, description="Keep only the N newest versions (null keeps all).")
+    keep_best: bool = Field(True, description="With keep_last: also keep each task's best version (by validation).")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest version after a failure (-1: no limit).")
     seed: int = Field(0, description="Seed of sampling, data order, initialisation and dropout.")
     log_every: int = Field(1, ge=1, description="Print and report metrics every N steps.")

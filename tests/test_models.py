@@ -61,3 +61,17 @@ def test_lr_schedules():
     assert [linear(s) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])
     assert cosine(6) == pytest.approx(0.5) and cosine(10) == pytest.approx(0.0)
     assert constant(9) == 1.0
+
+
+def test_lora_trains_adapters_and_heads_only(model_dir, tokenizer):
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]}
+    model = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
+                        heads=[HeadSpec("a", "classification", 2)], lora=lora)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("heads.") for n in trainable)
+    assert any("lora_A" in n for n in trainable) and "heads.a.out.weight" in trainable
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert any("attention.self.query.base_layer.weight" in n for n in frozen)
+    loss, weighted = model("a", batch(tokenizer, ["great"], [1]))
+    weighted.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)

@@ -162,14 +162,16 @@ def test_zero3_resume_is_exact_with_dropout(ray_cluster, data_dir, model_dir, tm
 def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path):
     job = job_dict(data_dir, str(causal_dir), "text2text")
     job.update(name="causal", storage={"path": str(tmp_path / "runs")})
-    job["train"].update({"steps": 2, "checkpoint_every": 0, "eval_every": 0})
+    job["train"].update({"steps": 3, "checkpoint_every": 1, "eval_every": 0, "keep_last": 1, "keep_best": False})
     job["loss_weighting"] = {"strategy": "uncertainty"}
     run_job(job)
-    evals = json.loads((tmp_path / "runs" / "causal" / "evals" / "step-000002" / "validation.json").read_text())
+    assert [p.name for p in (tmp_path / "runs" / "causal").glob("step-*")] == ["step-000003"]  # keep_last: 1
+    evals = json.loads((tmp_path / "runs" / "causal" / "evals" / "step-000003" / "validation.json").read_text())
     assert set(evals) == {"sentiment", "qa", "summary"}
     assert all(len(r["samples"]) > 0 for r in evals.values())
     weights = scalars(tmp_path / "runs" / "causal" / "tensorboard", "weight/qa")
-    assert sorted(weights) == [1, 2] and weights[1] == pytest.approx(1.0)  # learned weights start at static
+    assert sorted(weights) == [1, 2, 3] and weights[1] == pytest.approx(1.0)  # learned weights start at static
+    assert weights[3] != weights[1]  # and they are learned
 
 
 def test_shipped_ds_configs_are_all_exercised():

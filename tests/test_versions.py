@@ -42,3 +42,18 @@ def test_resume_checks_world_size(storage):
     assert check_resumable(storage, "fresh", 4) is None
     with pytest.raises(UserError, match="written by 2 workers, but scaling.num_workers is 4"):
         check_resumable(storage, "exp", 4)
+
+
+def test_retention_keeps_newest_and_best():
+    from trainer.checkpoint import versions_to_delete
+
+    names = [f"step-{s:06d}" for s in (10, 20, 30, 40, 50)]
+    assert versions_to_delete(names, None, set()) == []
+    assert versions_to_delete(names, 2, set()) == names[:3]
+    assert versions_to_delete(names, 2, {"step-000020"}) == ["step-000010", "step-000030"]
+
+
+def test_committed_on_storage_filesystem(storage):
+    from trainer.checkpoint import committed_on
+
+    assert committed_on(storage.fs, storage.path("exp")) == ["step-000002", "step-000004"]

@@ -85,5 +85,21 @@ def mark_committed(fs, version_path: str) -> None:
         out.write(b"ok\n")
 
 
+def versions_to_delete(committed: list[str], keep_last: int | None, protected: set[str]) -> list[str]:
+    """Versions beyond the newest `keep_last`, except protected ones (the best per task)."""
+    if keep_last is None:
+        return []
+    keep = set(sorted(committed)[-keep_last:]) | protected
+    return [v for v in sorted(committed) if v not in keep]
+
+
+def committed_on(fs, exp_path: str) -> list[str]:
+    import pyarrow.fs as pafs
+
+    infos = fs.get_file_info(pafs.FileSelector(exp_path, allow_not_found=True))
+    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step-")]
+    return sorted(n for n in names if fs.get_file_info(f"{exp_path}/{n}/{COMMITTED}").type == pafs.FileType.File)
+
+
 def is_committed(folder: str | os.PathLike) -> bool:
     return (Path(folder) / COMMITTED).exists()

@@ -277,8 +277,17 @@ def save_version(run: Run, metrics: dict) -> None:
     if run.rank == 0:
         ckpt.mark_committed(run.fs, f"{run.exp_path}/{name}")
         write_json(run.fs, f"{run.exp_path}/registry.json", registry_entry(run))
+        prune_versions(run)
         run.board.sync()
         say(f"[mtl] saved version {name}")
+
+
+def prune_versions(run: Run) -> None:
+    """train.keep_last newest versions stay, and with train.keep_best the best version of each task."""
+    protected = {ckpt.version_name(b["step"]) for b in run.best.values()} if run.spec.train.keep_best else set()
+    for name in ckpt.versions_to_delete(ckpt.committed_on(run.fs, run.exp_path), run.spec.train.keep_last, protected):
+        run.fs.delete_dir(f"{run.exp_path}/{name}")
+        say(f"[mtl] removed version {name} (train.keep_last={run.spec.train.keep_last})")
 
 
 def trainer_state(run: Run) -> dict:

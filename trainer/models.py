@@ -35,7 +35,8 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads or {})
         self.lm = lm
         self.loss_weighting = loss_weighting
-        accepted = inspect.signature(backbone.forward).parameters if backbone is not None else {}
+        base = getattr(backbone, "get_base_model", lambda: backbone)()  # through a peft wrapper
+        accepted = inspect.signature(base.forward).parameters if backbone is not None else {}
         self._encoder_inputs = [k for k in ENCODER_INPUTS if k in accepted]
 
     def head_outputs(self, task: str, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -116,10 +117,8 @@ def model_config(model: MultiTaskModel):
 
 
 def _with_lora(model: nn.Module, lora: dict) -> nn.Module:
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise UserError("model.lora needs peft: pip install 'multitask-launcher[lora]'") from None
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                         target_modules=lora.get("target_modules"))
     return get_peft_model(model, config)

@@ -28,7 +28,8 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
 
     from trainer.loop import train_loop_per_worker
 
-    require_valid(spec)
+    for line in require_valid(spec).notes:  # data sizes and skipped bad rows: never dropped silently
+        print(f"[mtl] {line}", file=sys.stderr)
     storage = open_storage(spec.storage)
     resume_from = check_resumable(storage, spec.name, spec.scaling.num_workers)
     if resume_from:

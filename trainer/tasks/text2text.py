@@ -47,6 +47,9 @@ def encode_prompt_target(prompts: list[str], targets: list[str], ctx: TaskContex
     if ctx.encoding != "causal":
         raise ValueError(f"encode_prompt_target: unknown encoding {ctx.encoding!r}")
     prompt_ids = tok(prompts, add_special_tokens=True)["input_ids"]
+    # The target continues the prompt's text: byte-level BPE vocabularies (GPT-2, Llama) spell a
+    # word after a space differently from a word glued to the previous one.
+    targets = [t if p.endswith((" ", "\n")) else " " + t for p, t in zip(prompts, targets)]
     target_ids = tok(targets, add_special_tokens=False)["input_ids"]
     eos = tok.eos_token_id
     features: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": [], "prompt_length": []}

@@ -118,3 +118,15 @@ def test_qa_text2text_target_is_answer(tokenizer):
            "answers": {"text": ["rome"], "answer_start": [13]}, "__row__": 1}
     feats, _ = registry.get("extractive_qa").encode([row], c)
     assert tokenizer.decode(feats["labels"][0], skip_special_tokens=True) == "rome"
+
+
+def test_rank_score_counts_label_tokens_but_not_the_end_token():
+    import torch
+
+    from trainer.evaluation import _sequence_nll
+
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 1, 2] = 10.0  # position 1 is sure of token 2 (the label)
+    labels = torch.tensor([[-100, 2, 3, -100]])  # label token 2, then end token 3, then padding
+    nll = _sequence_nll(logits, labels, causal=False)
+    assert nll.item() == pytest.approx(-torch.log_softmax(logits[0, 1], -1)[2].item())  # the end token is not ranked

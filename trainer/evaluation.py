@@ -111,10 +111,18 @@ def _predict(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced
 
 
 def _sequence_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Negative log-likelihood of each row's target tokens, without the closing end token.
+
+    The end token is trained (generation must stop) but not ranked: as in common LM evaluation,
+    a label is scored by the likelihood of its own words.
+    """
     if causal:  # position t predicts token t+1
         logits, labels = logits[:, :-1], labels[:, 1:]
     logp = torch.log_softmax(logits.float(), dim=-1)
     mask = labels != IGNORE_INDEX
+    last = mask.shape[1] - 1 - mask.flip(1).int().argmax(1)  # the closing token of each row
+    mask = mask.clone()
+    mask[torch.arange(mask.shape[0]), last] = False
     picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     return -(picked * mask).sum(-1)
 

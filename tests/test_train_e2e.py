@@ -178,3 +178,16 @@ def test_shipped_ds_configs_are_all_exercised():
     exercised = {"zero0", "zero1", "zero2", "zero3", "zero2_offload"}
     shipped = {p.stem for p in (REPO / "ds_configs").glob("*.json")}
     assert shipped - exercised == {"zero3_offload"}  # aborts at exit on CPU once in four runs (see README)
+
+
+def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, model_dir, tmp_path):
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
+    job.update(name="lora", storage={"path": str(tmp_path / "runs")})
+    job["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    job["tasks"]["qa"]["options"] = {"doc_stride": 16}
+    job["train"].update({"steps": 2, "checkpoint_every": 0, "eval_every": 0, "lr": 1e-3})
+    run_job(job)
+    evals = json.loads((tmp_path / "runs" / "lora" / "evals" / "step-000002" / "validation.json").read_text())
+    report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
+    assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]
+    assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]

@@ -65,9 +65,14 @@ def read_file(path: str, fmt: str | None, field: str):
         with _quiet_datasets():
             ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as exc:  # the datasets builders raise many types; the user needs the file and the reason
-        reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"{field}: cannot read '{path}' as {builder}: {reason}") from exc
+        raise DataError(f"{field}: cannot read '{path}' as {builder}: {_last_line(exc)}") from exc
     return ds.add_column(ROW, list(range(1, len(ds) + 1)))
+
+
+def _last_line(exc: Exception) -> str:
+    """The line of a library's exception that says what went wrong (they put it last)."""
+    text = str(exc).strip()
+    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -103,7 +108,7 @@ def read_hub(name: str, subset: str | None, roles: dict[str, str] | None, field:
         loaded = datasets.load_dataset(name, subset)
     except Exception as exc:
         raise DataError(f"{field}: cannot load hub dataset '{name}'{f'/{subset}' if subset else ''}: "
-                        f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}") from exc
+                        f"{_last_line(exc)}") from exc
     roles = roles or {s: s for s in SPLITS if s in loaded}
     out = {}
     for role, hub_split in roles.items():

@@ -40,14 +40,12 @@ class EvalResult:
 
 def build_eval_set(spec, name: str, data, tokenizer, encoding: str, split: str) -> EvalSet:
     """The evaluation of one task on one split, read from the job (`data` is a TaskData)."""
-    from trainer.task_data import task_context
+    from trainer.task_data import task_context, task_metrics
     from trainer.tasks import registry
 
-    task = spec.tasks[name]
-    task_type = registry.get(task.type)
-    return EvalSet(name, task_type, task_context(spec, name, tokenizer, encoding, data.labels),
+    return EvalSet(name, registry.get(spec.tasks[name].type), task_context(spec, name, tokenizer, encoding, data.labels),
                    data.encoded[split].features, {r["__row__"]: r for r in data.checked.splits[split]},
-                   list(task.metrics or task_type.default_metrics))
+                   task_metrics(spec, name))
 
 
 def baseline_metrics(es: EvalSet, train_rows: list[dict]) -> dict[str, float]:

@@ -29,8 +29,7 @@ from trainer.model_io import load_tokenizer_and_encoding
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
-from trainer.task_data import TaskData, prepare_tasks, task_context
-from trainer.tasks import registry
+from trainer.task_data import TaskData, prepare_tasks, task_context, task_metrics
 from trainer.weighting import UncertaintyWeighting, build_weighting
 
 TRAIN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
@@ -304,7 +303,7 @@ def heads_manifest(run: Run) -> dict:
                           "prompt": task_context(spec, t).prompt,
                           "max_length": spec.tasks[t].max_length or spec.model.max_length,
                           "options": spec.tasks[t].options,
-                          "metrics": list(spec.tasks[t].metrics or registry.get(spec.tasks[t].type).default_metrics)}
+                          "metrics": task_metrics(spec, t)}
                       for t, d in run.tasks.items()}}
 
 

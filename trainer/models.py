@@ -39,9 +39,11 @@ class MultiTaskModel(nn.Module):
         accepted = inspect.signature(base.forward).parameters if backbone is not None else {}
         self._encoder_inputs = [k for k in ENCODER_INPUTS if k in accepted]
 
+    def _encode(self, batch: dict) -> torch.Tensor:
+        return self.backbone(**{k: batch[k] for k in self._encoder_inputs if k in batch}).last_hidden_state
+
     def head_outputs(self, task: str, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
-        hidden = self.backbone(**{k: batch[k] for k in self._encoder_inputs if k in batch}).last_hidden_state
-        return self.heads[task](hidden, batch)
+        return self.heads[task](self._encode(batch), batch)
 
     def forward(self, task: str, batch: dict, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lm is not None:
@@ -49,7 +51,7 @@ class MultiTaskModel(nn.Module):
                            labels=batch["labels"]).loss
             weighted = self._weighted(task, loss, weight)
         else:
-            hidden = self.backbone(**{k: batch[k] for k in self._encoder_inputs if k in batch}).last_hidden_state
+            hidden = self._encode(batch)
             loss, _ = self.heads[task](hidden, batch)
             weighted = self._weighted(task, loss, weight) + self._touch_other_heads(task, hidden, batch)
         return loss, weighted
@@ -74,26 +76,25 @@ class MultiTaskModel(nn.Module):
         return zero
 
 
-def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[HeadSpec],
-                loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
-    """The model to train: pretrained weights from `name_or_path`, new heads."""
+def _auto_class(kind: str, encoding: str):
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     if kind == "heads":
-        return _assemble(kind, AutoModel.from_pretrained(name_or_path), heads, loss_weighting, lora)
-    auto = AutoModelForSeq2SeqLM if encoding == "seq2seq" else AutoModelForCausalLM
-    return _assemble(kind, auto.from_pretrained(name_or_path), heads, loss_weighting, lora)
+        return AutoModel
+    return AutoModelForSeq2SeqLM if encoding == "seq2seq" else AutoModelForCausalLM
+
+
+def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[HeadSpec],
+                loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
+    """The model to train: pretrained weights from `name_or_path`, new heads."""
+    base = _auto_class(kind, encoding).from_pretrained(name_or_path)
+    return _assemble(kind, base, heads, loss_weighting, lora)
 
 
 def build_model_from_config(*, kind: str, encoding: str, config, heads: list[HeadSpec],
                             loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
     """The same skeleton from a saved config, for loading a version's weights into."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    if kind == "heads":
-        return _assemble(kind, AutoModel.from_config(config), heads, loss_weighting, lora)
-    auto = AutoModelForSeq2SeqLM if encoding == "seq2seq" else AutoModelForCausalLM
-    return _assemble(kind, auto.from_config(config), heads, loss_weighting, lora)
+    return _assemble(kind, _auto_class(kind, encoding).from_config(config), heads, loss_weighting, lora)
 
 
 def _assemble(kind: str, base: nn.Module, heads: list[HeadSpec], loss_weighting, lora) -> MultiTaskModel:

@@ -43,6 +43,12 @@ def task_context(spec, name: str, tokenizer=None, encoding: str | None = None,
         options=task_type.options_model.model_validate(task.options))
 
 
+def task_metrics(spec, name: str) -> list[str]:
+    """The metrics a task is scored with: the job's list, else its type's defaults."""
+    task = spec.tasks[name]
+    return list(task.metrics or registry.get(task.type).default_metrics)
+
+
 def check_task_data(spec, name: str) -> CheckedTask:
     task = spec.tasks[name]
     raw = read_splits(name, task.data)

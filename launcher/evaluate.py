@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from launcher.jobfile import parse_job
-from launcher.storage import open_storage
+from trainer.storage import open_storage
 from launcher.versions import pick_version
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:

@@ -12,7 +12,7 @@ import sys
 
 from launcher.jobfile import dump_job
 from launcher.spec import JobSpec
-from launcher.storage import Storage, open_storage
+from trainer.storage import Storage, open_storage
 from launcher.validate import require_valid
 from launcher.versions import check_resumable
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from launcher.storage import Storage
+from trainer.storage import Storage
 from trainer.checkpoint import COMMITTED
 from trainer.errors import UserError
 

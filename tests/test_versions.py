@@ -7,7 +7,7 @@ import json
 import pytest
 
 from launcher.spec import StorageSpec
-from launcher.storage import open_storage
+from trainer.storage import open_storage
 from launcher.versions import check_resumable, committed_versions, pick_version
 from trainer.errors import UserError
 

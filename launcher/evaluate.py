@@ -41,16 +41,10 @@ def evaluate_version(spec, *, version: str = "latest", split: str = "test", base
         if baselines and es.task_type.baseline is not None:
             base[name] = {"baseline": es.task_type.baseline_name,
                           "metrics": baseline_metrics(es, data.checked.splits["train"])}
-    storage.write_text(f"{spec.name}/evals/{chosen}/{split}.json", _json(results))
+    storage.write_json(f"{spec.name}/evals/{chosen}/{split}.json", results)
     if base:
-        storage.write_text(f"{spec.name}/evals/baselines/{split}.json", _json(base))
+        storage.write_json(f"{spec.name}/evals/baselines/{split}.json", base)
     return {"version": chosen, "split": split, "results": results, "baselines": base}
-
-
-def _json(data) -> str:
-    import json
-
-    return json.dumps(data, indent=1, default=str)
 
 
 def format_table(report: dict) -> str:

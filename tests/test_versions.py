@@ -53,7 +53,9 @@ def test_retention_keeps_newest_and_best():
     assert versions_to_delete(names, 2, {"step-000020"}) == ["step-000010", "step-000030"]
 
 
-def test_committed_on_storage_filesystem(storage):
-    from trainer.checkpoint import committed_on
+def test_committed_versions_from_a_storage_rooted_at_the_experiment(storage):
+    from trainer.checkpoint import committed_versions
+    from trainer.storage import Storage
 
-    assert committed_on(storage.fs, storage.path("exp")) == ["step-000002", "step-000004"]
+    rooted = Storage(storage.fs, storage.path("exp"), storage.path("exp"))  # as a worker sees it
+    assert committed_versions(rooted) == ["step-000002", "step-000004"]

@@ -79,10 +79,9 @@ def load_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
     restore_rng(part["rng"])
 
 
-def mark_committed(fs, version_path: str) -> None:
-    """Write the commit marker on storage (pyarrow filesystem), after every rank's upload."""
-    with fs.open_output_stream(f"{version_path}/{COMMITTED}") as out:
-        out.write(b"ok\n")
+def mark_committed(storage, version: str) -> None:
+    """Write the commit marker on storage (a trainer.storage.Storage), after every rank's upload."""
+    storage.write_text(f"{version}/{COMMITTED}", "ok\n")
 
 
 def versions_to_delete(committed: list[str], keep_last: int | None, protected: set[str]) -> list[str]:
@@ -93,12 +92,10 @@ def versions_to_delete(committed: list[str], keep_last: int | None, protected: s
     return [v for v in sorted(committed) if v not in keep]
 
 
-def committed_on(fs, exp_path: str) -> list[str]:
-    import pyarrow.fs as pafs
-
-    infos = fs.get_file_info(pafs.FileSelector(exp_path, allow_not_found=True))
-    names = [i.base_name for i in infos if i.type == pafs.FileType.Directory and i.base_name.startswith("step-")]
-    return sorted(n for n in names if fs.get_file_info(f"{exp_path}/{n}/{COMMITTED}").type == pafs.FileType.File)
+def committed_versions(storage, experiment: str = "") -> list[str]:
+    """The versions under `experiment` whose marker is on storage, oldest first."""
+    return [v for v in storage.list_dirs(experiment)
+            if v.startswith("step-") and storage.exists(f"{experiment}/{v}/{COMMITTED}".lstrip("/"))]
 
 
 def is_committed(folder: str | os.PathLike) -> bool:

@@ -9,8 +9,6 @@ accumulation boundary that closes the plan.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 import tempfile
 import time
@@ -29,6 +27,7 @@ from trainer.model_io import load_tokenizer_and_encoding
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
+from trainer.storage import Storage
 from trainer.task_data import TaskData, prepare_tasks, task_context, task_metrics
 from trainer.weighting import UncertaintyWeighting, build_weighting
 
@@ -48,8 +47,7 @@ class Run:
     planner: StepPlanner
     weighting: object
     engine: object
-    fs: object
-    exp_path: str
+    storage: Storage  # rooted at this experiment's folder
     step: int = 0
     seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
     best: dict = field(default_factory=dict)  # task -> {metric, value, step}
@@ -99,11 +97,11 @@ def setup(spec, rank: int, world: int, storage) -> Run:
     # Dropout differs per rank (as it would on separate machines) but is reproducible.
     seed_everything(spec.train.seed * 1000 + rank + 1)
     run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine,
-              storage.storage_filesystem, storage.experiment_fs_path,
+              Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path),
               seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
     restore_latest(run)
     if rank == 0:
-        run.board = Board(run.fs, f"{run.exp_path}/tensorboard")
+        run.board = Board(run.storage.fs, run.storage.path("tensorboard"))
     return run
 
 
@@ -242,7 +240,7 @@ def evaluate_all(run: Run, split: str) -> dict:
                                                         for s in r["samples"]), run.step)
             say(f"[mtl] eval {split} step {run.step} {name}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
-        write_json(run.fs, f"{run.exp_path}/evals/{ckpt.version_name(run.step)}/{split}.json", report)
+        run.storage.write_json(f"evals/{ckpt.version_name(run.step)}/{split}.json", report)
     return out
 
 
@@ -274,8 +272,8 @@ def save_version(run: Run, metrics: dict) -> None:
     if dist.is_initialized():
         dist.barrier()  # every rank's upload has finished before the marker says so
     if run.rank == 0:
-        ckpt.mark_committed(run.fs, f"{run.exp_path}/{name}")
-        write_json(run.fs, f"{run.exp_path}/registry.json", registry_entry(run))
+        ckpt.mark_committed(run.storage, name)
+        run.storage.write_json("registry.json", registry_entry(run))
         prune_versions(run)
         run.board.sync()
         say(f"[mtl] saved version {name}")
@@ -284,8 +282,8 @@ def save_version(run: Run, metrics: dict) -> None:
 def prune_versions(run: Run) -> None:
     """train.keep_last newest versions stay, and with train.keep_best the best version of each task."""
     protected = {ckpt.version_name(b["step"]) for b in run.best.values()} if run.spec.train.keep_best else set()
-    for name in ckpt.versions_to_delete(ckpt.committed_on(run.fs, run.exp_path), run.spec.train.keep_last, protected):
-        run.fs.delete_dir(f"{run.exp_path}/{name}")
+    for name in ckpt.versions_to_delete(ckpt.committed_versions(run.storage), run.spec.train.keep_last, protected):
+        run.storage.delete_dir(name)
         say(f"[mtl] removed version {name} (train.keep_last={run.spec.train.keep_last})")
 
 
@@ -317,9 +315,3 @@ def job_yaml(spec) -> str:
     import yaml
 
     return yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
-
-
-def write_json(fs, path: str, data: dict) -> None:
-    fs.create_dir(os.path.dirname(path), recursive=True)
-    with fs.open_output_stream(path) as out:
-        out.write(json.dumps(data, indent=1, default=str).encode())

@@ -17,14 +17,18 @@ class Storage:
     ray_path: str  # the storage path as Ray Train wants it with `fs` (no scheme)
     uri: str
 
-    def path(self, relative: str) -> str:
-        return f"{self.ray_path.rstrip('/')}/{relative}"
+    def path(self, relative: str = "") -> str:
+        root = self.ray_path.rstrip("/")
+        return f"{root}/{relative}" if relative else root
 
     def write_text(self, relative: str, text: str) -> None:
         path = self.path(relative)
         self.fs.create_dir(os.path.dirname(path), recursive=True)
         with self.fs.open_output_stream(path) as out:
             out.write(text.encode())
+
+    def write_json(self, relative: str, data) -> None:
+        self.write_text(relative, json.dumps(data, indent=1, default=str))
 
     def read_text(self, relative: str) -> str | None:
         import pyarrow.fs as pafs
@@ -44,7 +48,7 @@ class Storage:
 
         return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
 
-    def list_dirs(self, relative: str) -> list[str]:
+    def list_dirs(self, relative: str = "") -> list[str]:
         import pyarrow.fs as pafs
 
         selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
@@ -57,8 +61,11 @@ class Storage:
         pafs.copy_files(self.path(relative), local, source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())
 
-    def describe(self, relative: str) -> str:
-        return f"{self.uri.rstrip('/')}/{relative}"
+    def delete_dir(self, relative: str) -> None:
+        self.fs.delete_dir(self.path(relative))
+
+    def describe(self, relative: str = "") -> str:
+        return f"{self.uri.rstrip('/')}/{relative}" if relative else self.uri
 
 
 def open_storage(spec) -> Storage:

@@ -97,14 +97,12 @@ def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int,
 
 
 def _predict(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:
-    ids = chunk["example_id"]
     if encoding == "heads":
         batch = _move(collate(chunk, pad_id), device)
         _, logits = model.head_outputs(es.task, batch)
-        return es.task_type.decode(logits.float().cpu(), {**batch, "example_id": torch.tensor(ids)},
-                                   es.rows_by_id, es.ctx)
+        return es.task_type.decode(logits.float().cpu(), batch, es.rows_by_id, es.ctx)  # collate made ids a tensor
     if es.task_type.text2text_eval == "rank":
-        return _rank_labels(model, es, ids, pad_id, encoding, device)
+        return _rank_labels(model, es, chunk["example_id"], pad_id, encoding, device)
     return _generate(model, es, chunk, pad_id, encoding, synced, device)
 
 

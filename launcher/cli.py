@@ -15,6 +15,9 @@ EXAMPLES = """examples:
   mtl validate jobs/demo.yaml
   mtl validate jobs/demo.yaml train.steps=20 tasks.sentiment.weight=2 --print
   mtl eval jobs/demo.yaml --version best --split test
+  mtl multinode jobs/demo.yaml --nodes 2          # a local 2-node Ray cluster, torn down afterwards
+  mtl submit jobs/demo.yaml --address http://HEAD:8265 --wait
+  mtl jobs logs JOB_ID --follow --address http://HEAD:8265
   mtl data jobs/demo.yaml
   mtl tasks
 """
@@ -38,10 +41,45 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from launcher.jobfile import load_job
     from launcher.run import train
+    from trainer.job_env import load_job_env
 
+    load_job_env()  # inside a submitted job: the secrets `mtl submit` forwarded (storage needs them here too)
     spec = load_job(args.job, args.overrides)
     train(spec, address=args.address)
     return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.jobfile import load_job
+    from launcher.submit import submit
+
+    spec = load_job(args.job, args.overrides)
+    _, status = submit(spec, args.address, wait=args.wait)
+    return status
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from launcher import submit
+
+    if args.action == "list":
+        submit.list_jobs(args.address)
+        return 0
+    if not args.job_id:
+        raise UserError(f"mtl jobs {args.action} needs a JOB_ID (see `mtl jobs list`)")
+    if args.action == "status":
+        status = submit.job_status(args.address, args.job_id)
+        return 0 if status in ("SUCCEEDED", "RUNNING", "PENDING") else 1
+    if args.action == "logs":
+        return submit.job_logs(args.address, args.job_id, follow_logs=args.follow)
+    submit.stop_job(args.address, args.job_id)
+    return 0
+
+
+def cmd_multinode(args: argparse.Namespace) -> int:
+    from launcher.multinode import run_multinode
+
+    return run_multinode(args.job, args.overrides, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
+                         address=args.address)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -125,6 +163,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.set_defaults(func=cmd_train)
+
+    dashboard = "Ray dashboard address of the cluster, e.g. http://HOST:8265 (default: $RAY_ADDRESS)"
+    p = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API (validated here first)")
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=dashboard)
+    p.add_argument("--wait", action="store_true", help="stream the job's logs until it ends; exit with its status")
+    p.set_defaults(func=cmd_submit)
+
+    p = sub.add_parser("jobs", help="jobs on a Ray cluster: list, status, logs [--follow], stop")
+    p.add_argument("action", choices=["list", "status", "logs", "stop"])
+    p.add_argument("job_id", nargs="?", help="job id (as `mtl submit` printed it)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=dashboard)
+    p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
+    p.set_defaults(func=cmd_jobs)
+
+    p = sub.add_parser("multinode", help="train on several Ray nodes: a local multi-node cluster on this "
+                                         "machine, or the cluster at --address / $RAY_ADDRESS")
+    p.add_argument("job", help="job YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
+    p.add_argument("--nodes", type=int, default=2, help="nodes of the local cluster (default 2)")
+    p.add_argument("--cpus-per-node", type=float, default=None,
+                   help="CPUs each local node offers (default: this machine's CPUs / nodes)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="submit to this cluster instead of starting one (default: $RAY_ADDRESS)")
+    p.set_defaults(func=cmd_multinode)
 
     p = sub.add_parser("eval", help="evaluate a committed version per task on a held-out split, beside baselines")
     p.add_argument("job", help="job YAML file (names the experiment and its storage)")

@@ -11,10 +11,12 @@ import os
 import sys
 
 from launcher.jobfile import dump_job
+from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_bundle
 from launcher.spec import JobSpec
-from trainer.storage import Storage, open_storage
 from launcher.validate import require_valid
 from launcher.versions import check_resumable
+from trainer.ds_config import read_ds_config
+from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
@@ -23,7 +25,7 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE",
 
 def train(spec: JobSpec, *, address: str | None = None) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.loop import train_loop_per_worker
@@ -39,13 +41,15 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
     if started_here:
         init_ray(address, use_gpu=spec.scaling.use_gpu)
     try:
+        # An embedded Ray has all the nodes it will ever have; a cluster may still be adding some.
+        embedded = started_here and address is None
+        require_resources(spec.scaling, wait_s=0.0 if embedded else spec.scaling.wait_for_nodes_s)
         trainer = TorchTrainer(
             train_loop_per_worker,
-            train_loop_config={"job": spec.model_dump(mode="json")},
+            # The DeepSpeed file is read here: workers on other nodes need its content, not its path.
+            train_loop_config={"job": spec.model_dump(mode="json"), "ds_config": read_ds_config(spec.deepspeed)},
             torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=spec.scaling.num_workers, use_gpu=spec.scaling.use_gpu,
-                                         resources_per_worker={"CPU": spec.scaling.cpus_per_worker,
-                                                               **({"GPU": 1} if spec.scaling.use_gpu else {})}),
+            scaling_config=scaling_config(spec.scaling),
             run_config=RunConfig(name=spec.name, storage_path=storage.ray_path, storage_filesystem=storage.fs,
                                  # Versions are pruned by the loop (keep_last + keep_best), not by Ray.
                                  checkpoint_config=CheckpointConfig(num_to_keep=None),
@@ -57,6 +61,16 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
         if started_here:
             ray.shutdown()
     return summarize(spec, storage, result)
+
+
+def scaling_config(scaling):
+    """Ray Train's ScalingConfig for the job's `scaling` block."""
+    from ray.train import ScalingConfig
+
+    resources = {k: v for k, v in worker_bundle(scaling).items() if not k.startswith("accelerator_type:")}
+    return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
+                         placement_strategy=PLACEMENT_STRATEGIES[scaling.placement],
+                         accelerator_type=scaling.accelerator_type)
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
@@ -74,9 +88,24 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
     """Join a cluster (address) or start an embedded local Ray, with the workers' environment."""
     import ray
 
-    # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
-    ray.init(address=address, runtime_env={"env_vars": worker_env(use_gpu)},
-             dashboard_host="127.0.0.1", **kwargs)
+    env = worker_env(use_gpu)
+    for key in submitted_job_env():  # Ray refuses a driver env var that the submitted job already sets
+        env.pop(key, None)
+    if address is None:
+        # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
+        kwargs.setdefault("dashboard_host", "127.0.0.1")
+    ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+
+
+def submitted_job_env() -> set[str]:
+    """The env var names of the Jobs API submission this driver runs in (none when run by hand)."""
+    import json
+
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    runtime_env = json.loads(raw).get("runtime_env") or {}
+    return set((runtime_env.get("env_vars") or {}).keys())
 
 
 def summarize(spec: JobSpec, storage: Storage, result) -> dict:

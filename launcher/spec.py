@@ -230,8 +230,25 @@ class TrainSpec(_Strict):
 
 class ScalingSpec(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
-    use_gpu: bool = Field(False, description="One GPU per worker.")
-    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker.")
+    use_gpu: bool = Field(False, description="Train on GPUs (NCCL): each worker reserves `gpus_per_worker` GPUs.")
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs reserved per worker with use_gpu (a fraction shares a GPU).")
+    cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker; CPU workers run that many torch threads.")
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        "pack", description="Ray placement of the workers: pack onto few nodes, spread over nodes when possible, "
+                            "or strict_spread (every worker on its own node).")
+    accelerator_type: str | None = Field(None, description="Ray accelerator type the workers need (e.g. A100, H100).")
+    wait_for_nodes_s: float = Field(
+        60.0, ge=0.0, description="How long to wait for nodes that can hold the workers to join a cluster before "
+                                  "giving up with what was asked and what the cluster has (0: do not wait).")
+
+    @model_validator(mode="after")
+    def _gpu_fields(self) -> ScalingSpec:
+        if not self.use_gpu:  # by value: a resolved job written out and read back has every field set
+            if self.gpus_per_worker != 1.0:
+                raise ValueError("scaling.gpus_per_worker needs scaling.use_gpu: true")
+            if self.accelerator_type:
+                raise ValueError("scaling.accelerator_type needs scaling.use_gpu: true")
+        return self
 
 
 class StorageSpec(_Strict):

@@ -64,9 +64,14 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
     return config
 
 
-def job_ds_config(spec, world_size: int | None = None) -> dict:
-    """The DeepSpeed config of a job (the one place that reads the job for it)."""
-    return build_ds_config(read_ds_config(spec.deepspeed), micro_batch_size=spec.train.micro_batch_size,
+def job_ds_config(spec, world_size: int | None = None, base: dict | None = None) -> dict:
+    """The DeepSpeed config of a job (the one place that reads the job for it).
+
+    `base` is the file's content when the driver read it already: workers on other nodes
+    get the config itself, never a path that only exists where the job was submitted.
+    """
+    base = base if base is not None else read_ds_config(spec.deepspeed)
+    return build_ds_config(base, micro_batch_size=spec.train.micro_batch_size,
                            micro_batches_per_step=spec.train.micro_batches_per_step,
                            world_size=world_size or spec.scaling.num_workers,
                            max_grad_norm=spec.train.max_grad_norm, precision=spec.train.precision)

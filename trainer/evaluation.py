@@ -12,10 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from trainer import metrics
 from trainer.batching import IGNORE_INDEX, collate
+from trainer.collectives import all_gather_objects, to_device
 from trainer.tasks.registry import TaskContext, TaskType
 
 SAMPLES = 3  # predictions kept per task for logs and TensorBoard
@@ -63,10 +63,6 @@ def _my_indices(n: int, rank: int, world: int) -> list[int]:
     return mine + [mine[-1] if mine else 0] * (share - len(mine))
 
 
-def _move(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
 def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int, pad_id: int,
                   encoding: str, synced: bool, device="cpu") -> EvalResult:
@@ -81,9 +77,7 @@ def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int,
     finally:
         model.train(was_training)
     if world > 1:
-        gathered: list = [None] * world
-        dist.all_gather_object(gathered, candidates)
-        candidates = [c for part in gathered for c in part]
+        candidates = [c for part in all_gather_objects(candidates) for c in part]
     best: dict[int, tuple[float, str]] = {}
     for example_id, score, prediction in candidates:
         if example_id not in best or score > best[example_id][0]:
@@ -98,7 +92,7 @@ def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int,
 
 def _predict(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:
     if encoding == "heads":
-        batch = _move(collate(chunk, pad_id), device)
+        batch = to_device(collate(chunk, pad_id), device)
         _, logits = model.head_outputs(es.task, batch)
         return es.task_type.decode(logits.float().cpu(), batch, es.rows_by_id, es.ctx)  # collate made ids a tensor
     if es.task_type.text2text_eval == "rank":
@@ -129,7 +123,7 @@ def _rank_labels(model, es: EvalSet, ids: list[int], pad_id: int, encoding: str,
     scores = []
     for label in es.ctx.labels:
         feats, _ = es.task_type.encode([{**r, "label": label} for r in rows], es.ctx)
-        batch = _move(collate({k: feats[k] for k in ("input_ids", "attention_mask", "labels")}, pad_id), device)
+        batch = to_device(collate({k: feats[k] for k in ("input_ids", "attention_mask", "labels")}, pad_id), device)
         logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           labels=batch["labels"]).logits
         scores.append(-_sequence_nll(logits, batch["labels"], causal=encoding == "causal").cpu())
@@ -144,7 +138,7 @@ def _generate(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synce
               "do_sample": False, "synced_gpus": synced, "pad_token_id": pad_id}
     tok = es.ctx.tokenizer
     if encoding == "seq2seq":
-        batch = _move(collate({k: chunk[k] for k in ("input_ids", "attention_mask")}, pad_id), device)
+        batch = to_device(collate({k: chunk[k] for k in ("input_ids", "attention_mask")}, pad_id), device)
         out = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
         texts = tok.batch_decode(out, skip_special_tokens=True)
     else:  # causal: the prompt alone, padded on the left so generation continues from its end

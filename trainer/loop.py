@@ -20,9 +20,11 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
+from trainer.collectives import barrier, to_device
 from trainer.ds_config import job_ds_config
 from trainer.errors import UserError
 from trainer.evaluation import build_eval_set, evaluate_task
+from trainer.job_env import load_job_env
 from trainer.model_io import load_tokenizer_and_encoding
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
@@ -59,20 +61,24 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from launcher.spec import JobSpec
 
+    load_job_env()  # secrets a submitted job forwarded (S3, hub token), before storage or the hub is touched
     quiet_libraries()
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
-    run = setup(spec, context.get_world_rank(), context.get_world_size(), context.get_storage())
+    run = setup(spec, context.get_world_rank(), context.get_world_size(), context.get_storage(),
+                ds_base=config.get("ds_config"))
     fit(run)
 
 
-def setup(spec, rank: int, world: int, storage) -> Run:
+def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> Run:
     import deepspeed
     import ray.train.torch
 
     device = ray.train.torch.get_device()
     if device.type == "cpu":
+        # Ray reserves cpus_per_worker for this process; more threads would fight the other ranks.
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+    say_placement(rank, world, device)
     tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
     tasks = prepare_tasks(spec, tokenizer, encoding)
     streams = build_streams(spec, tasks, tokenizer, rank, world)
@@ -92,7 +98,7 @@ def setup(spec, rank: int, world: int, storage) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(spec.train.lr_schedule, spec.train.warmup_steps, spec.train.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=job_ds_config(spec, world))
+                                           config=job_ds_config(spec, world, base=ds_base))
     engine.train()  # from_pretrained leaves the backbone in eval mode: dropout would be off
     # Dropout differs per rank (as it would on separate machines) but is reproducible.
     seed_everything(spec.train.seed * 1000 + rank + 1)
@@ -103,6 +109,17 @@ def setup(spec, rank: int, world: int, storage) -> Run:
     if rank == 0:
         run.board = Board(run.storage.fs, run.storage.path("tensorboard"))
     return run
+
+
+def say_placement(rank: int, world: int, device: torch.device) -> None:
+    """Where this rank runs: node id, address and device (the multi-node check reads these lines)."""
+    import socket
+
+    import ray
+
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    say(f"[mtl] rank {rank} of {world} on node {ray.get_runtime_context().get_node_id()} at "
+        f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, {device}{threads})")
 
 
 def seed_everything(seed: int) -> None:
@@ -170,7 +187,7 @@ def fit(run: Run) -> None:
         stats = run_plan(engine, plan, run.streams, weights, names, run.device)
         run.step += 1
         assert engine.global_steps == run.step, "plan size and DeepSpeed accumulation disagree"
-        per_task = stats.reduce()
+        per_task = stats.reduce(run.device)
         run.weighting.end_step({t: v["loss"] for t, v in per_task.items() if v["micro_batches"]})
         for task, v in per_task.items():
             for key in run.seen[task]:
@@ -193,7 +210,7 @@ def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weigh
     stats = StepStats(tasks)
     for task, count in plan.items():
         for _ in range(count):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in streams[task].next_batch().items()}
+            batch = to_device(streams[task].next_batch(), device)
             loss, weighted = engine(task, batch, weight=weights[task])
             engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps
             engine.step()  # steps the optimizer only at the boundary that ends this plan
@@ -257,7 +274,6 @@ def update_best(run: Run, task: str, names: list[str], values: dict) -> None:
 def save_version(run: Run, metrics: dict) -> None:
     """Every rank writes its part, Ray uploads and merges them, then rank 0 commits the version."""
     import ray.train
-    import torch.distributed as dist
     from ray.train import Checkpoint
 
     name = ckpt.version_name(run.step)
@@ -269,8 +285,7 @@ def save_version(run: Run, metrics: dict) -> None:
                                    tokenizer=run.tokenizer, heads=heads_manifest(run),
                                    model_config=model_config(run.engine.module))
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local), checkpoint_dir_name=name)
-    if dist.is_initialized():
-        dist.barrier()  # every rank's upload has finished before the marker says so
+    barrier()  # every rank's upload has finished before the marker says so
     if run.rank == 0:
         ckpt.mark_committed(run.storage, name)
         run.storage.write_json("registry.json", registry_entry(run))

@@ -86,8 +86,14 @@ def _auto_class(kind: str, encoding: str):
 
 def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[HeadSpec],
                 loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
-    """The model to train: pretrained weights from `name_or_path`, new heads."""
-    base = _auto_class(kind, encoding).from_pretrained(name_or_path)
+    """The model to train: pretrained weights from `name_or_path`, new heads.
+
+    Weights load in fp32 whatever dtype the checkpoint was stored in (transformers 5 defaults
+    to dtype="auto", so a bf16 hub checkpoint would come back bf16): `train.precision: fp32`
+    must train in fp32, and for bf16/fp16 DeepSpeed casts the model itself while its
+    optimizer keeps fp32 master weights. New heads are built in the same fp32.
+    """
+    base = _auto_class(kind, encoding).from_pretrained(name_or_path, dtype=torch.float32)
     return _assemble(kind, base, heads, loss_weighting, lora)
 
 

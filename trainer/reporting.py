@@ -13,7 +13,8 @@ import sys
 import tempfile
 
 import torch
-import torch.distributed as dist
+
+from trainer.collectives import all_reduce_sum
 
 
 def say(message: str) -> None:
@@ -59,11 +60,12 @@ class StepStats:
         row = self.values[self.tasks.index(task)]
         row += torch.tensor([loss, 1, mask.shape[0], float(mask.sum()), mask.numel()], dtype=torch.float64)
 
-    def reduce(self) -> dict[str, dict[str, float]]:
-        """{task: {loss, micro_batches, examples, real_tokens, padded_tokens}} over all ranks."""
-        values = self.values.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(values)  # the same sums on every rank, so weighting state stays identical
+    def reduce(self, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
+        """{task: {loss, micro_batches, examples, real_tokens, padded_tokens}} over all ranks.
+
+        The same sums on every rank, so the weighting state stays identical everywhere.
+        """
+        values = all_reduce_sum(self.values, device)
         out = {}
         for i, task in enumerate(self.tasks):
             loss_sum, mbs, examples, real, padded = values[i].tolist()

@@ -1,0 +1,85 @@
+"""`mtl multinode` (what `make train-multinode` runs): a job on several Ray nodes.
+
+With a cluster address (--address or RAY_ADDRESS) the job is submitted there and followed.
+Otherwise a real cluster of NODES nodes is started on this machine (launcher.local_cluster),
+the job is submitted to it through the Jobs API with its workers spread over the nodes, its
+logs are streamed, the node each rank ran on is printed, and the cluster is torn down by PID,
+also when the job fails or on Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+
+from launcher.jobfile import load_job
+from launcher.local_cluster import LocalCluster, _env
+from launcher.ray_auth import jobs_client
+from launcher.submit import rank_placement, submit
+from launcher.validate import require_valid
+
+
+def run_multinode(job: str, overrides: list[str], *, nodes: int, cpus_per_node: float | None,
+                  address: str | None) -> int:
+    spec = load_job(job, overrides)
+    if "placement" not in spec.scaling.model_fields_set:
+        spec = load_job(job, ["scaling.placement=spread", *overrides])  # one worker per node where possible
+    if address:
+        _, status = submit(spec, address, wait=True)
+        return status
+    require_valid(spec)  # before any node starts: a wrong job costs nothing
+    cpus = cpus_per_node or max(1, (os.cpu_count() or 1) // nodes)
+    started = time.monotonic()
+    cluster = LocalCluster(nodes=nodes, cpus_per_node=cpus)
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM tears down like Ctrl-C
+    job_id = None
+    try:
+        say(f"starting a local Ray cluster: {nodes} nodes × {cpus:g} CPU on 127.0.0.1 (token auth on), "
+            f"logs in {cluster.root}")
+        cluster.start()
+        say(f"cluster up in {time.monotonic() - started:.0f}s: head {cluster.gcs_address}, "
+            f"dashboard {cluster.dashboard_url}")
+        with _env(cluster.auth_env):
+            try:
+                job_id, status = submit(spec, cluster.dashboard_url, wait=True)
+            except KeyboardInterrupt:
+                if job_id:
+                    jobs_client(cluster.dashboard_url).stop_job(job_id)
+                raise
+            logs = jobs_client(cluster.dashboard_url).get_job_logs(job_id)
+        print_placement(rank_placement(logs))
+        say(f"job {job_id} {'succeeded' if status == 0 else f'failed (exit status {status})'} "
+            f"in {time.monotonic() - started:.0f}s on {nodes} nodes")
+        return status
+    except KeyboardInterrupt:
+        say("interrupted: stopping the local cluster")
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        stop_started = time.monotonic()
+        cluster.stop()
+        left = cluster.pids()
+        say(f"local cluster stopped in {time.monotonic() - stop_started:.0f}s"
+            + (f"; processes still alive: {sorted(left)}" if left else "; no Ray process of it is left"))
+        if not left:
+            cluster.cleanup()
+
+
+def print_placement(placement: dict[int, tuple[str, str]]) -> None:
+    if not placement:
+        say("no rank placement lines in the job's logs")
+        return
+    for rank, (node, address) in sorted(placement.items()):
+        say(f"rank {rank}: node {node} at {address}")
+    distinct = len({node for node, _ in placement.values()})
+    say(f"{len(placement)} ranks on {distinct} distinct node{'s' if distinct != 1 else ''}")
+
+
+def say(message: str) -> None:
+    print(f"[mtl] {message}", file=sys.stderr, flush=True)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt

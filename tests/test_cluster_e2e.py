@@ -1,0 +1,111 @@
+"""A real multi-node Ray cluster on loopback (head + worker node, token auth on, dashboard on),
+driven the way a user drives one: `mtl submit`, `mtl jobs ...` as separate processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import REPO, job_dict
+
+pytestmark = pytest.mark.e2e
+
+SECRET = "hf_not-a-real-token-4c1d"
+AWS_SECRET = "aws-secret-not-real-77aa"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from launcher.local_cluster import LocalCluster
+
+    cluster = LocalCluster(nodes=2, cpus_per_node=1).start()
+    started = cluster.pids()
+    yield cluster
+    cluster.stop()
+    import psutil
+
+    assert not [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE], \
+        "a process of the cluster outlived its teardown"
+    cluster.cleanup()
+
+
+def mtl(*args: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=full, text=True,
+                          capture_output=True, timeout=timeout)
+
+
+def tiny_heads_job(data_dir, model_dir, tmp_path, name: str, **scaling) -> str:
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
+    job["name"] = name
+    job["storage"] = {"path": str(tmp_path / "runs")}
+    job["tasks"]["qa"]["options"] = {"doc_stride": 16}
+    job["train"].update({"steps": 2, "checkpoint_every": 0, "eval_every": 0, "lr": 1e-3,
+                         "micro_batches_per_step": 2})
+    job["scaling"] = {"num_workers": 2, "cpus_per_worker": 1, "placement": "strict_spread", **scaling}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return str(path)
+
+
+def test_submit_runs_on_two_nodes_and_jobs_commands_follow_it(cluster, data_dir, model_dir, tmp_path):
+    job = tiny_heads_job(data_dir, model_dir, tmp_path, "submitted")
+    env = {**cluster.auth_env, "HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
+    submitted = mtl("submit", job, "--address", cluster.dashboard_url, "--wait", env=env)
+    assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
+    job_id = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
+    assert f"mtl jobs logs {job_id} --follow" in submitted.stdout
+
+    # The step lines reach `mtl jobs logs`, and the two ranks ran on two different nodes.
+    logs = mtl("jobs", "logs", job_id, "--address", cluster.dashboard_url, env=env)
+    assert logs.returncode == 0, logs.stderr
+    assert "[mtl] step 2/2" in logs.stdout
+    from launcher.submit import rank_placement
+
+    placement = rank_placement(logs.stdout)
+    assert set(placement) == {0, 1}
+    node_ids = {n["node_id"] for n in cluster.alive_nodes()}
+    assert {node for node, _ in placement.values()} == node_ids and len(node_ids) == 2
+
+    status = mtl("jobs", "status", job_id, "--address", cluster.dashboard_url, env=env)
+    assert status.returncode == 0 and "SUCCEEDED" in status.stdout and "submitted" in status.stdout
+    listed = mtl("jobs", "list", "--address", cluster.dashboard_url, env=env)
+    assert job_id in listed.stdout
+
+    # The version landed on storage; secrets are nowhere a person or Ray shows them.
+    assert (tmp_path / "runs" / "submitted" / "step-000002" / "COMMITTED").exists()
+    from ray.job_submission import JobSubmissionClient
+
+    client = JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": f"Bearer {cluster.token_path.read_text()}"})
+    info = client.get_job_info(job_id)
+    shown = [submitted.stdout, submitted.stderr, logs.stdout, status.stdout, listed.stdout,
+             json.dumps(info.runtime_env), json.dumps(info.metadata), info.entrypoint,
+             (tmp_path / "runs" / "submitted" / "job.yaml").read_text()]
+    for text in shown:
+        assert SECRET not in text and AWS_SECRET not in text
+
+
+def test_a_request_the_cluster_can_never_hold_fails_within_the_bound(cluster, data_dir, model_dir, tmp_path):
+    job = tiny_heads_job(data_dir, model_dir, tmp_path, "too-big", num_workers=3, wait_for_nodes_s=5)
+    started = time.monotonic()
+    result = mtl("submit", job, "--address", cluster.dashboard_url, "--wait", env=cluster.auth_env, timeout=240)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "asks for 3 workers" in result.stdout and "can hold at most 2" in result.stdout
+    assert elapsed < 120
+
+
+def test_the_jobs_api_refuses_a_client_without_the_token(cluster):
+    result = mtl("jobs", "list", "--address", cluster.dashboard_url,
+                 env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "wrong-token", "RAY_AUTH_TOKEN_PATH": ""},
+                 timeout=60)
+    assert result.returncode == 2
+    assert f"cannot reach the Ray Jobs API at {cluster.dashboard_url}" in result.stderr or \
+        "token" in result.stderr.lower()

@@ -11,7 +11,7 @@ export HF_EVALUATE_OFFLINE := 1
 # DeepSpeed JIT-compiles its CPU ops once; keep them inside the project so they are reused.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup test test-fast demo demo-data clean
+.PHONY: setup test test-fast test-cluster demo demo-data train-multinode clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not e2e"
 
+# Only the tests that start real Ray clusters (also part of `make test`).
+test-cluster: setup
+	$(PY) -m pytest tests/test_cluster_e2e.py tests/test_cluster_units.py tests/test_cluster_configs.py
+
 # gguf only reads the demo's LM from its package; the project itself does not need it.
 demo-data: setup
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt "gguf==0.19.0"
@@ -39,6 +43,13 @@ demo-data: setup
 demo: demo-data
 	$(VENV)/bin/mtl train jobs/demo.yaml $(ARGS)
 	$(VENV)/bin/mtl eval jobs/demo.yaml --split test
+
+# A job on several Ray nodes. With RAY_ADDRESS (a cluster's dashboard, http://HEAD:8265) it is
+# submitted there; otherwise NODES local nodes are started on this machine and torn down after.
+JOB   ?= jobs/demo.yaml
+NODES ?= 2
+train-multinode: $(if $(filter jobs/demo.yaml,$(JOB)),demo-data,setup)
+	$(VENV)/bin/mtl multinode $(JOB) --nodes $(NODES) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .cache data/demo

@@ -79,7 +79,7 @@ def cmd_multinode(args: argparse.Namespace) -> int:
     from launcher.multinode import run_multinode
 
     return run_multinode(args.job, args.overrides, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                         address=args.address)
+                         address=args.address, layout_file=args.layout)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -183,9 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                                          "machine, or the cluster at --address / $RAY_ADDRESS")
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
-    p.add_argument("--nodes", type=int, default=2, help="nodes of the local cluster (default 2)")
+    p.add_argument("--nodes", type=int, default=None, help="nodes of the local cluster (default: the layout's, 2)")
     p.add_argument("--cpus-per-node", type=float, default=None,
-                   help="CPUs each local node offers (default: this machine's CPUs / nodes)")
+                   help="CPUs each local node offers (default: the layout's, else this machine's CPUs / nodes)")
+    p.add_argument("--layout", default=None, help="local cluster layout (default: cluster_configs/local.yaml)")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="submit to this cluster instead of starting one (default: $RAY_ADDRESS)")
     p.set_defaults(func=cmd_multinode)

@@ -54,6 +54,7 @@ class LocalCluster:
     cpus_per_node: float = 1
     gpus_per_node: int = 0
     root: Path | None = None
+    stop_grace_s: float = STOP_GRACE_S
     started: list[Node] = field(default_factory=list)
 
     def __post_init__(self):
@@ -160,10 +161,11 @@ class LocalCluster:
                 continue
         return pids
 
-    def stop(self, grace: float = STOP_GRACE_S) -> None:
+    def stop(self, grace: float | None = None) -> None:
         """SIGTERM what was started (workers first, head last), SIGKILL whatever outlives the grace period."""
         import psutil
 
+        grace = self.stop_grace_s if grace is None else grace
         procs = {}
         for pid in self.pids():
             try:

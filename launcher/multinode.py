@@ -13,26 +13,50 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
 
-from launcher.jobfile import load_job
+from launcher.jobfile import load_job, read_yaml
 from launcher.local_cluster import LocalCluster, _env
 from launcher.ray_auth import jobs_client
 from launcher.submit import rank_placement, submit
 from launcher.validate import require_valid
+from trainer.errors import UserError
 
 
-def run_multinode(job: str, overrides: list[str], *, nodes: int, cpus_per_node: float | None,
-                  address: str | None) -> int:
+LOCAL_LAYOUT = Path(__file__).resolve().parent.parent / "cluster_configs" / "local.yaml"
+LAYOUT_KEYS = {"nodes", "cpus_per_node", "gpus_per_node", "placement", "stop_grace_s"}
+
+
+def read_layout(path: Path | str | None) -> dict:
+    """The local cluster's layout (cluster_configs/local.yaml unless another file is given)."""
+    path = Path(path) if path else LOCAL_LAYOUT
+    if not path.exists():
+        if path == LOCAL_LAYOUT:
+            return {"nodes": 2, "cpus_per_node": None, "gpus_per_node": 0, "placement": "spread", "stop_grace_s": 20}
+        raise UserError(f"cluster layout not found: '{path}'")
+    layout = read_yaml(str(path)) or {}
+    unknown = set(layout) - LAYOUT_KEYS
+    if unknown:
+        raise UserError(f"{path}: unknown key(s) {', '.join(sorted(unknown))}; valid keys: "
+                        f"{', '.join(sorted(LAYOUT_KEYS))}")
+    return layout
+
+
+def run_multinode(job: str, overrides: list[str], *, nodes: int | None, cpus_per_node: float | None,
+                  address: str | None, layout_file: str | None = None) -> int:
+    layout = read_layout(layout_file)
     spec = load_job(job, overrides)
-    if "placement" not in spec.scaling.model_fields_set:
-        spec = load_job(job, ["scaling.placement=spread", *overrides])  # one worker per node where possible
+    if "placement" not in spec.scaling.model_fields_set:  # one worker per node where possible
+        spec = load_job(job, [f"scaling.placement={layout.get('placement', 'spread')}", *overrides])
     if address:
         _, status = submit(spec, address, wait=True)
         return status
     require_valid(spec)  # before any node starts: a wrong job costs nothing
-    cpus = cpus_per_node or max(1, (os.cpu_count() or 1) // nodes)
+    nodes = nodes or int(layout.get("nodes") or 2)
+    cpus = cpus_per_node or layout.get("cpus_per_node") or max(1, (os.cpu_count() or 1) // nodes)
     started = time.monotonic()
-    cluster = LocalCluster(nodes=nodes, cpus_per_node=cpus)
+    cluster = LocalCluster(nodes=nodes, cpus_per_node=cpus, gpus_per_node=int(layout.get("gpus_per_node") or 0),
+                           stop_grace_s=float(layout.get("stop_grace_s") or 20))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM tears down like Ctrl-C
     job_id = None
     try:

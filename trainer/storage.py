@@ -81,6 +81,23 @@ def open_storage(spec) -> Storage:
         if spec.region:
             kwargs["region"] = spec.region
         return Storage(pafs.S3FileSystem(**kwargs), bucket_prefix, spec.path)
+    if "://" in spec.path:  # gs://, hdfs://, ...: whatever pyarrow can open, never a local folder named 'gs:'
+        return _from_uri(spec.path)
     path = os.path.abspath(spec.path)
     os.makedirs(path, exist_ok=True)
     return Storage(pafs.LocalFileSystem(), path, path)
+
+
+def _from_uri(uri: str) -> Storage:
+    import pyarrow.fs as pafs
+
+    from trainer.errors import SpecError
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except Exception as exc:  # ArrowInvalid (unknown scheme), OSError (e.g. no JVM for hdfs://)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpecError("storage.path", f"cannot open '{uri}': {reason}. Use a folder (local or NFS), "
+                                        f"s3://bucket/prefix, gs://bucket/prefix, or another URI pyarrow "
+                                        f"supports") from None
+    return Storage(fs, path, uri)

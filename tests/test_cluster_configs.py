@@ -1,0 +1,93 @@
+"""Every shipped cluster config parses and holds what the project relies on."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+CONFIGS = REPO / "cluster_configs"
+
+
+def load_all(path):
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def test_every_cluster_config_is_covered_by_a_test():
+    shipped = {p.relative_to(CONFIGS).as_posix() for p in CONFIGS.rglob("*") if p.is_file()}
+    assert shipped == {"local.yaml", "aws.yaml", "gcp.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml",
+                       "kuberay/Dockerfile"}
+
+
+def test_local_layout_is_what_multinode_reads():
+    from launcher.multinode import LAYOUT_KEYS, read_layout
+
+    layout = read_layout(CONFIGS / "local.yaml")
+    assert set(layout) == LAYOUT_KEYS
+    assert layout["nodes"] >= 2 and layout["placement"] in ("spread", "strict_spread")
+
+
+def test_a_wrong_layout_key_is_named(tmp_path):
+    from launcher.multinode import read_layout
+    from trainer.errors import UserError
+
+    bad = tmp_path / "layout.yaml"
+    bad.write_text("nodes: 2\nnode_count: 3\n")
+    with pytest.raises(UserError, match="unknown key.*node_count"):
+        read_layout(bad)
+
+
+@pytest.mark.parametrize("name, provider", [("aws.yaml", "aws"), ("gcp.yaml", "gcp")])
+def test_cloud_launcher_configs(name, provider):
+    (config,) = load_all(CONFIGS / name)
+    assert config["provider"]["type"] == provider
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    workers = [t for n, t in types.items() if n != config["head_node_type"]]
+    assert workers and all(w["max_workers"] >= 1 for w in workers)
+    node_text = yaml.safe_dump(head["node_config"])
+    assert "GPU" not in head.get("resources", {}) and "guestAccelerators" not in node_text
+    assert not re.search(r"InstanceType: (g|p)\d", node_text) and "a2-" not in node_text  # no GPU head
+    worker_text = yaml.safe_dump(workers[0]["node_config"])
+    assert re.search(r"InstanceType: (g|p)\d|a2-highgpu|guestAccelerators", worker_text)  # GPU workers
+    # Installed the way `make setup` installs it; the project synced without local junk; token auth on.
+    assert any("make setup" in c for c in config["setup_commands"])
+    assert {".venv", "data", "runs"} <= set(config["rsync_exclude"])
+    assert "/home/ubuntu/mtl" in config["file_mounts"]
+    assert any("auth_token" in k for k in config["file_mounts"])
+    starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+    assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+
+
+def test_kuberay_cluster_and_job():
+    (cluster,) = load_all(CONFIGS / "kuberay" / "raycluster.yaml")
+    assert cluster["kind"] == "RayCluster" and cluster["spec"]["authOptions"]["mode"] == "token"
+    assert cluster["spec"]["rayVersion"].startswith("2.6")
+    head = cluster["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"
+    gpu = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert gpu["nvidia.com/gpu"] == "1"
+
+    config_map, job = load_all(CONFIGS / "kuberay" / "rayjob.yaml")
+    assert config_map["kind"] == "ConfigMap" and job["kind"] == "RayJob"
+    assert job["spec"]["entrypoint"].startswith("mtl train /home/ray/jobs/job.yaml")
+    assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
+    mounts = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert {"name": "job", "mountPath": "/home/ray/jobs"} in mounts
+    # The job it runs is a valid job: storage every pod reaches, spread GPU workers.
+    from launcher.jobfile import parse_job
+
+    spec = parse_job(yaml.safe_load(config_map["data"]["job.yaml"]))
+    assert spec.storage.path.startswith("s3://") and spec.scaling.use_gpu and spec.scaling.placement == "spread"
+    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
+    assert spec.scaling.num_workers == workers  # one GPU worker per pod
+
+
+def test_the_image_installs_like_make_setup():
+    text = (CONFIGS / "kuberay" / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0" in text
+    assert text.index("pip install --no-cache-dir torch==2.13.0") < text.index("-c /tmp/constraints.txt")

@@ -1,0 +1,237 @@
+"""Cluster pieces without a cluster: resource fitting, placement, submission packages, secrets,
+auth headers, and the device rule of every collective."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, job_dict
+from launcher.jobfile import parse_job, resolve
+from launcher.resources import NodeResources, placement_problem, worker_bundle, workers_that_fit
+
+
+def scaling(**values):
+    return parse_job({**job_dict(Path("/d")), "scaling": values}).scaling
+
+
+def nodes(*cpus: float, gpus: float = 0) -> list[NodeResources]:
+    return [NodeResources(f"{i:040x}", f"10.0.0.{i}", {"CPU": c, "GPU": gpus, "memory": 1e9})
+            for i, c in enumerate(cpus)]
+
+
+# -- what fits where ---------------------------------------------------------------------------
+
+def test_bundles_fit_node_by_node_not_by_the_cluster_total():
+    bundle = {"CPU": 2.0}
+    assert workers_that_fit({"CPU": 3.0}, bundle) == 1
+    # 3 + 3 CPUs hold two 2-CPU workers, not three, although the cluster has 6 CPUs.
+    assert placement_problem(nodes(3, 3), workers=2, bundle=bundle, placement="pack") is None
+    problem = placement_problem(nodes(3, 3), workers=3, bundle=bundle, placement="pack")
+    assert "asks for 3 workers × {CPU 2}" in problem and "can hold at most 2" in problem
+
+
+def test_strict_spread_needs_a_node_per_worker():
+    assert placement_problem(nodes(4), workers=2, bundle={"CPU": 1.0}, placement="spread") is None
+    problem = placement_problem(nodes(4), workers=2, bundle={"CPU": 1.0}, placement="strict_spread")
+    assert "on separate nodes" in problem and "at most 1" in problem
+    assert placement_problem(nodes(1, 1), workers=2, bundle={"CPU": 1.0}, placement="strict_spread") is None
+
+
+def test_gpu_workers_need_gpus_and_the_accelerator_type():
+    spec = scaling(num_workers=2, use_gpu=True, gpus_per_worker=0.5, accelerator_type="H100")
+    bundle = worker_bundle(spec)
+    assert bundle == {"CPU": 1.0, "GPU": 0.5, "accelerator_type:H100": 0.001}
+    assert "GPU" in placement_problem(nodes(8, 8), workers=2, bundle=bundle, placement="pack")
+    h100 = [NodeResources("a" * 40, "10.0.0.9", {"CPU": 8, "GPU": 1, "accelerator_type:H100": 1})]
+    assert placement_problem(h100, workers=2, bundle=bundle, placement="pack") is None
+    assert "accelerator H100" in placement_problem(nodes(8, gpus=4), workers=2, bundle=bundle, placement="pack")
+
+
+def test_scaling_config_carries_placement_resources_and_accelerator():
+    from launcher.run import scaling_config
+
+    config = scaling_config(scaling(num_workers=3, cpus_per_worker=2, placement="strict_spread"))
+    assert config.num_workers == 3 and config.placement_strategy == "STRICT_SPREAD"
+    assert config.resources_per_worker == {"CPU": 2.0} and not config.use_gpu
+    config = scaling_config(scaling(use_gpu=True, gpus_per_worker=1, accelerator_type="A100"))
+    assert config.resources_per_worker == {"CPU": 1.0, "GPU": 1.0} and config.accelerator_type == "A100"
+
+
+def test_gpu_fields_without_use_gpu_are_refused_and_a_resolved_job_reloads():
+    from launcher.jobfile import JobErrors, dump_job
+
+    with pytest.raises(JobErrors, match="gpus_per_worker needs scaling.use_gpu: true"):
+        scaling(gpus_per_worker=2)
+    with pytest.raises(JobErrors, match="placement"):
+        scaling(placement="scatter")
+    import yaml
+
+    spec = parse_job(job_dict(Path("/d")))
+    assert parse_job(yaml.safe_load(dump_job(spec))).scaling == spec.scaling  # every field written, still valid
+
+
+# -- submission --------------------------------------------------------------------------------
+
+def test_the_package_ships_code_and_job_and_keeps_secrets_out_of_metadata(tmp_path, monkeypatch):
+    from launcher import submit
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws_secret")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/local")
+    spec = resolve(parse_job(job_dict(Path("/d"))))
+    folder = tmp_path / "pkg"
+    folder.mkdir()
+    submit.package(spec, folder)
+    assert (folder / "launcher" / "cli.py").exists() and (folder / "trainer" / "loop.py").exists()
+    assert not list(folder.rglob("__pycache__"))
+    job = (folder / ".mtl" / "job.yaml").read_text()
+    assert "deepspeed: .mtl/deepspeed.json" in job and "secret" not in job
+    assert json.loads((folder / ".mtl" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
+    env_file = folder / ".mtl" / "env.json"
+    assert json.loads(env_file.read_text()) == {"HF_TOKEN": "hf_secret", "AWS_SECRET_ACCESS_KEY": "aws_secret"}
+    assert env_file.stat().st_mode & 0o077 == 0
+    # What Ray shows as the job's runtime_env: no secret, and no local path for a remote cluster.
+    remote, local = submit.public_env(on_this_machine=False), submit.public_env(on_this_machine=True)
+    assert remote["HF_HUB_OFFLINE"] == "1" and "TORCH_EXTENSIONS_DIR" not in remote
+    assert local["TORCH_EXTENSIONS_DIR"] == "/somewhere/local"
+    assert not {"HF_TOKEN", "AWS_SECRET_ACCESS_KEY"} & set(local)
+
+
+def test_forwarded_secrets_fill_only_what_the_node_lacks(tmp_path, monkeypatch):
+    from trainer.job_env import JOB_ENV_FILE, load_job_env
+
+    (tmp_path / ".mtl").mkdir()
+    (tmp_path / JOB_ENV_FILE).write_text(json.dumps({"MTL_TEST_A": "from-job", "MTL_TEST_B": "from-job"}))
+    monkeypatch.setenv("MTL_TEST_B", "node-own")
+    monkeypatch.delenv("MTL_TEST_A", raising=False)
+    assert load_job_env(str(tmp_path)) == ["MTL_TEST_A"]
+    assert os.environ["MTL_TEST_A"] == "from-job" and os.environ["MTL_TEST_B"] == "node-own"
+    monkeypatch.delenv("MTL_TEST_A")
+    assert load_job_env(str(tmp_path / "elsewhere")) == []
+
+
+def test_remote_submissions_name_the_paths_only_this_machine_has():
+    from launcher.submit import local_only_paths
+
+    spec = resolve(parse_job(job_dict(Path("/data"))))
+    lines = "\n".join(local_only_paths(spec))
+    assert "tasks.sentiment.data.train /data/sentiment/train.jsonl" in lines and "storage.path" in lines
+    spec.storage.path = "s3://bucket/runs"
+    assert "storage.path" not in "\n".join(local_only_paths(spec))
+
+
+def test_dashboard_addresses_and_auth_headers(tmp_path, monkeypatch):
+    from launcher.ray_auth import auth_headers, dashboard_url
+    from trainer.errors import UserError
+
+    assert dashboard_url("http://head:8265/") == "http://head:8265"
+    assert dashboard_url("head") == "http://head:8265" and dashboard_url("10.0.0.1:9000") == "http://10.0.0.1:9000"
+    with pytest.raises(UserError, match="not a dashboard address"):
+        dashboard_url("ray://head:10001")
+    with pytest.raises(UserError, match="--address"):
+        dashboard_url(None)
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert auth_headers() == {}
+    token = tmp_path / "token"
+    token.write_text("abc\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert auth_headers() == {"Authorization": "Bearer abc"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "xyz")
+    assert auth_headers() == {"Authorization": "Bearer xyz"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    assert auth_headers() == {}
+
+
+def test_a_submitted_driver_does_not_repeat_the_jobs_env_vars(monkeypatch):
+    from launcher.run import submitted_job_env
+
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR", raising=False)
+    assert submitted_job_env() == set()
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"HF_HUB_OFFLINE": "1"}, "working_dir": "x"}}))
+    assert submitted_job_env() == {"HF_HUB_OFFLINE"}
+
+
+def test_rank_placement_is_read_from_worker_lines():
+    from launcher.submit import rank_placement
+
+    logs = ("(RayTrainWorker pid=1) [mtl] rank 1 of 2 on node ab12 at 10.0.0.2 (h, cpu, 1 threads)\n"
+            "(RayTrainWorker pid=2) [mtl] rank 0 of 2 on node cd34 at 10.0.0.1 (h, cpu, 1 threads)\n")
+    assert rank_placement(logs) == {0: ("cd34", "10.0.0.1"), 1: ("ab12", "10.0.0.2")}
+
+
+# -- collectives run on the worker's device ----------------------------------------------------
+
+class NcclLikeAllReduce:
+    """Stands in for NCCL: refuses a tensor that is not on the process group's device."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seen = device, []
+
+    def __call__(self, tensor, *args, **kwargs):
+        if tensor.device != self.device:
+            raise RuntimeError(f"No backend type associated with device type {tensor.device.type}")
+        self.seen.append(tensor.device)
+
+
+def test_step_statistics_are_reduced_on_the_workers_device(monkeypatch):
+    import torch.distributed as dist
+
+    from trainer.reporting import StepStats
+
+    device = torch.device("meta")  # any device but the CPU the counters live on
+    fake = NcclLikeAllReduce(device)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "all_reduce", fake)
+    stats = StepStats(["a", "b"])
+    stats.add("a", 0.5, {"attention_mask": torch.ones(2, 3)})
+    # The sums come back to the CPU after the reduction; a meta tensor has no values to copy back.
+    with pytest.raises(NotImplementedError):
+        stats.reduce(device)
+    assert fake.seen == [device]
+    with pytest.raises(RuntimeError, match="device type cpu"):  # what NCCL said before the fix
+        fake(stats.values)
+
+
+def test_no_collective_is_called_outside_the_collectives_module():
+    calls = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "reduce",
+             "gather", "scatter", "barrier", "reduce_scatter"}
+    offenders = []
+    for path in (REPO / "trainer").rglob("*.py"):
+        if path.name == "collectives.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in calls:
+                owner = node.func.value
+                if isinstance(owner, ast.Name) and owner.id in ("dist", "torch"):
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {owner.id}.{node.func.attr}")
+                if isinstance(owner, ast.Attribute) and owner.attr == "distributed":
+                    offenders.append(f"{path.relative_to(REPO)}:{node.lineno} torch.distributed.{node.func.attr}")
+    assert not offenders, offenders
+
+
+# -- storage a whole cluster reaches -----------------------------------------------------------
+
+def test_storage_uris_open_through_pyarrow_or_fail_clearly(tmp_path):
+    import pyarrow.fs as pafs
+
+    from launcher.spec import StorageSpec
+    from trainer.errors import SpecError
+    from trainer.storage import open_storage
+
+    gcs = open_storage(StorageSpec(path="gs://bucket/mtl-runs"))
+    assert isinstance(gcs.fs, pafs.GcsFileSystem) and gcs.path("x") == "bucket/mtl-runs/x"
+    with pytest.raises(SpecError, match="storage.path: cannot open 'foo://bucket/x': Unrecognized filesystem"):
+        open_storage(StorageSpec(path="foo://bucket/x"))
+    local = open_storage(StorageSpec(path=str(tmp_path / "runs")))
+    assert isinstance(local.fs, pafs.LocalFileSystem) and (tmp_path / "runs").is_dir()

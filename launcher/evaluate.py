@@ -26,6 +26,10 @@ def evaluate_version(spec, *, version: str = "latest", split: str = "test", base
         local = Path(tmp) / chosen
         storage.download(f"{spec.name}/{chosen}", str(local))
         loaded = load_version(local)
+    import torch
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where the command runs has one
+    loaded.model.to(device)
     trained = parse_job(loaded.job, source=f"{chosen}/job.yaml")
     encoding = loaded.manifest["encoding"]
     tasks = prepare_tasks(trained, loaded.tokenizer, encoding, splits=(split,))
@@ -36,7 +40,7 @@ def evaluate_version(spec, *, version: str = "latest", split: str = "test", base
         es = build_eval_set(trained, name, data, loaded.tokenizer, encoding, split)
         result = evaluate_task(loaded.model, es, rank=0, world=1, pad_id=loaded.tokenizer.pad_token_id,
                                batch_size=trained.train.eval_batch_size or trained.train.micro_batch_size,
-                               encoding=encoding, synced=False)
+                               encoding=encoding, synced=False, device=device)
         results[name] = {"metrics": result.metrics, "samples": result.samples}
         if baselines and es.task_type.baseline is not None:
             base[name] = {"baseline": es.task_type.baseline_name,

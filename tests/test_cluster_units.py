@@ -235,3 +235,16 @@ def test_storage_uris_open_through_pyarrow_or_fail_clearly(tmp_path):
         open_storage(StorageSpec(path="foo://bucket/x"))
     local = open_storage(StorageSpec(path=str(tmp_path / "runs")))
     assert isinstance(local.fs, pafs.LocalFileSystem) and (tmp_path / "runs").is_dir()
+
+
+def test_fp32_training_loads_a_bf16_checkpoint_in_fp32(tmp_path, model_dir):
+    """transformers 5 loads with dtype="auto": a bf16 hub checkpoint would otherwise train in bf16."""
+    from transformers import AutoModel
+
+    from trainer.models import HeadSpec, build_model
+
+    AutoModel.from_pretrained(model_dir).to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert AutoModel.from_pretrained(tmp_path / "bf16").dtype == torch.bfloat16  # what "auto" gives
+    model = build_model(kind="heads", encoding="heads", name_or_path=str(tmp_path / "bf16"),
+                        heads=[HeadSpec("s", "classification", 2)])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}

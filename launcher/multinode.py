@@ -18,7 +18,7 @@ from pathlib import Path
 from launcher.jobfile import load_job, read_yaml
 from launcher.local_cluster import LocalCluster, _env
 from launcher.ray_auth import jobs_client
-from launcher.submit import rank_placement, submit
+from launcher.submit import follow, rank_placement, submit, wait_until_done
 from launcher.validate import require_valid
 from trainer.errors import UserError
 
@@ -66,19 +66,23 @@ def run_multinode(job: str, overrides: list[str], *, nodes: int | None, cpus_per
         say(f"cluster up in {time.monotonic() - started:.0f}s: head {cluster.gcs_address}, "
             f"dashboard {cluster.dashboard_url}")
         with _env(cluster.auth_env):
+            client = jobs_client(cluster.dashboard_url)
+            job_id, _ = submit(spec, cluster.dashboard_url)
             try:
-                job_id, status = submit(spec, cluster.dashboard_url, wait=True)
+                status = follow(client, job_id, detached_hint=False)
             except KeyboardInterrupt:
-                if job_id:
-                    jobs_client(cluster.dashboard_url).stop_job(job_id)
+                say(f"interrupted: stopping job {job_id}")
+                client.stop_job(job_id)  # its driver and workers get to exit before the nodes go
+                wait_until_done(client, job_id, timeout=30)
                 raise
-            logs = jobs_client(cluster.dashboard_url).get_job_logs(job_id)
+            logs = client.get_job_logs(job_id)
         print_placement(rank_placement(logs))
         say(f"job {job_id} {'succeeded' if status == 0 else f'failed (exit status {status})'} "
             f"in {time.monotonic() - started:.0f}s on {nodes} nodes")
         return status
     except KeyboardInterrupt:
-        say("interrupted: stopping the local cluster")
+        say("interrupted: stopping the local cluster" + (f"; the run can resume from its latest version "
+                                                         f"(same command)" if job_id else ""))
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -117,7 +117,7 @@ def local_only_paths(spec: JobSpec) -> list[str]:
             "filesystem), or use hub ids and s3:// storage:", *(f"  {line}" for line in lines)]
 
 
-def follow(client, job_id: str, *, out=sys.stdout) -> int:
+def follow(client, job_id: str, *, out=sys.stdout, detached_hint: bool = True) -> int:
     """Stream a job's logs until it ends; its exit status (the driver's, or 1 if it was stopped)."""
     async def stream() -> None:
         async for chunk in client.tail_job_logs(job_id):
@@ -127,7 +127,9 @@ def follow(client, job_id: str, *, out=sys.stdout) -> int:
     try:
         asyncio.run(stream())
     except KeyboardInterrupt:
-        print(f"\n[mtl] stopped following; job {job_id} keeps running (mtl jobs stop {job_id})", file=sys.stderr)
+        if detached_hint:
+            print(f"\n[mtl] stopped following; job {job_id} keeps running (mtl jobs stop {job_id} "
+                  f"--address {client.get_address()})", file=sys.stderr)
         raise
     info = wait_until_done(client, job_id)
     print(f"[mtl] job {job_id} {info.status}" + (f": {first_line_of(info.message)}" if info.message
@@ -150,7 +152,9 @@ def wait_until_done(client, job_id: str, timeout: float = 60.0):
 
 
 def first_line_of(text: str) -> str:
-    return text.strip().splitlines()[0] if text and text.strip() else ""
+    """The first line of a job's message, without Ray's promise of logs that follow it."""
+    line = text.strip().splitlines()[0] if text and text.strip() else ""
+    return line.split(", last available logs")[0]
 
 
 # -- mtl jobs ----------------------------------------------------------------------------------

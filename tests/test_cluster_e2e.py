@@ -109,3 +109,11 @@ def test_the_jobs_api_refuses_a_client_without_the_token(cluster):
     assert result.returncode == 2
     assert f"cannot reach the Ray Jobs API at {cluster.dashboard_url}" in result.stderr or \
         "token" in result.stderr.lower()
+
+
+def test_multinode_checks_the_job_before_starting_any_node(tmp_path, data_dir, model_dir):
+    job = tiny_heads_job(data_dir, model_dir, tmp_path, "bad")
+    started = time.monotonic()
+    result = mtl("multinode", job, "tasks.sentiment.wieght=2", timeout=120)
+    assert result.returncode == 2 and "tasks.sentiment.wieght: unknown key (did you mean 'weight'?)" in result.stderr
+    assert "starting a local Ray cluster" not in result.stderr and time.monotonic() - started < 60

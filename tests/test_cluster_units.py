@@ -248,3 +248,23 @@ def test_fp32_training_loads_a_bf16_checkpoint_in_fp32(tmp_path, model_dir):
     model = build_model(kind="heads", encoding="heads", name_or_path=str(tmp_path / "bf16"),
                         heads=[HeadSpec("s", "classification", 2)])
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_s3_keys_from_the_environment_travel_with_the_pickled_filesystem(monkeypatch):
+    """Ray pickles the storage filesystem to its controller and workers, whose environment may lack the keys."""
+    import pickle
+
+    from launcher.spec import StorageSpec
+    from trainer.storage import open_storage
+
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    spec = StorageSpec(path="s3://bucket/runs", endpoint_url="http://127.0.0.1:1", region="us-east-1")
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY", raising=False)
+    assert open_storage(spec).fs.__reduce__()[1][0]["access_key"] is None  # each node uses its own credentials
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKTEST")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SKTEST")
+    fs = pickle.loads(pickle.dumps(open_storage(spec).fs))
+    options = fs.__reduce__()[1][0]
+    assert options["access_key"] == "AKTEST" and options["secret_key"] == "SKTEST"
+    assert options["endpoint_override"] == "127.0.0.1:1" and options["scheme"] == "http"

@@ -191,3 +191,13 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
     assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]
     assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
+
+
+def test_an_impossible_request_stops_before_ray_train_waits(ray_cluster, data_dir, model_dir, tmp_path):
+    from launcher.resources import InsufficientResources
+
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+    job.update(name="too-big", storage={"path": str(tmp_path / "runs")},
+               scaling={"num_workers": 4, "cpus_per_worker": 1, "wait_for_nodes_s": 1})
+    with pytest.raises(InsufficientResources, match=r"asks for 4 workers × \{CPU 1\}.*can hold at most 2"):
+        run_job(job)

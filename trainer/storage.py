@@ -80,12 +80,30 @@ def open_storage(spec) -> Storage:
             kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
         if spec.region:
             kwargs["region"] = spec.region
+        kwargs.update(_s3_credentials_from_env())
         return Storage(pafs.S3FileSystem(**kwargs), bucket_prefix, spec.path)
     if "://" in spec.path:  # gs://, hdfs://, ...: whatever pyarrow can open, never a local folder named 'gs:'
         return _from_uri(spec.path)
     path = os.path.abspath(spec.path)
     os.makedirs(path, exist_ok=True)
     return Storage(pafs.LocalFileSystem(), path, path)
+
+
+def _s3_credentials_from_env() -> dict[str, str]:
+    """Keys from this process's environment, given to the filesystem explicitly.
+
+    Ray hands the filesystem to its Train controller and to every worker by pickling it; a
+    pyarrow S3FileSystem pickles explicit keys but re-resolves default credentials wherever it
+    is unpickled, where the environment may have none. With no keys here (instance profiles,
+    workload identity) nothing is added and every node uses its own.
+    """
+    env = os.environ
+    if not (env.get("AWS_ACCESS_KEY_ID") and env.get("AWS_SECRET_ACCESS_KEY")):
+        return {}
+    keys = {"access_key": env["AWS_ACCESS_KEY_ID"], "secret_key": env["AWS_SECRET_ACCESS_KEY"]}
+    if env.get("AWS_SESSION_TOKEN"):
+        keys["session_token"] = env["AWS_SESSION_TOKEN"]
+    return keys
 
 
 def _from_uri(uri: str) -> Storage:

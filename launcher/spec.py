@@ -209,7 +209,9 @@ class TrainSpec(_Strict):
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="After warm-up: linear or cosine decay to 0 at `steps`, or constant.")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Training precision.")
+    precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
+        "fp32", description="Training precision; auto: bf16 where the hardware computes it natively (Ampere+ "
+                            "GPUs, CPUs with AMX/AVX512-BF16), else fp32.")
     eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at the end).")
     checkpoint_every: int = Field(50, ge=0, description="Write a version every N steps (0: only at the end).")
     keep_last: int | None = Field(None, ge=1, description="Keep only the N newest versions (null keeps all).")

@@ -268,3 +268,25 @@ def test_s3_keys_from_the_environment_travel_with_the_pickled_filesystem(monkeyp
     options = fs.__reduce__()[1][0]
     assert options["access_key"] == "AKTEST" and options["secret_key"] == "SKTEST"
     assert options["endpoint_override"] == "127.0.0.1:1" and options["scheme"] == "http"
+
+
+def test_auto_precision_takes_bf16_only_where_every_rank_computes_it_natively(monkeypatch):
+    from trainer import precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})
+    assert precision.agreed_precision("auto", cpu) == ("fp32", "train.precision auto: fp32, since bf16 is "
+                                                               "emulated on this CPU (no AMX / AVX512-BF16)")
+    chosen, warning = precision.agreed_precision("bf16", cpu)
+    assert chosen == "bf16" and "dozens of times slower" in warning
+    assert precision.agreed_precision("fp32", cpu) == ("fp32", None)
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    assert precision.agreed_precision("auto", cpu) == ("bf16", None)
+    # One rank without bf16 instructions makes every rank fall back (their DeepSpeed configs must agree).
+    import torch.distributed as dist
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    other_rank = iter([1.0, 0.0])  # what the other rank adds: itself to the count, "not fast" to the flags
+    monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t.add_(next(other_rank)))
+    assert precision.agreed_precision("auto", cpu)[0] == "fp32"

@@ -26,6 +26,7 @@ from trainer.errors import UserError
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.job_env import load_job_env
 from trainer.model_io import load_tokenizer_and_encoding
+from trainer.precision import agreed_precision
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
@@ -87,6 +88,10 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     weighting = build_weighting(spec.loss_weighting.strategy, static, temperature=spec.loss_weighting.temperature,
                                 window=spec.loss_weighting.window)
 
+    precision, warning = agreed_precision(spec.train.precision, device)
+    if warning and rank == 0:
+        say(f"[mtl] warning: {warning}")
+    spec.train.precision = precision  # what the run trains in, as its versions record it
     torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],

@@ -25,7 +25,7 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE",
 
 def train(spec: JobSpec, *, address: str | None = None) -> dict:
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from trainer.loop import train_loop_per_worker
@@ -51,8 +51,8 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
             torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
             scaling_config=scaling_config(spec.scaling),
             run_config=RunConfig(name=spec.name, storage_path=storage.ray_path, storage_filesystem=storage.fs,
-                                 # Versions are pruned by the loop (keep_last + keep_best), not by Ray.
-                                 checkpoint_config=CheckpointConfig(num_to_keep=None),
+                                 # No checkpoint_config: Ray is told metrics only; the versions, their
+                                 # record and their retention live on storage (trainer.checkpoint).
                                  failure_config=FailureConfig(max_failures=spec.train.max_failures),
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
@@ -88,6 +88,8 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
     """Join a cluster (address) or start an embedded local Ray, with the workers' environment."""
     import ray
 
+    if not sys.stdout.isatty():  # Ray colours the worker prefixes; colour codes in a log file are noise
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     env = worker_env(use_gpu)
     for key in submitted_job_env():  # Ray refuses a driver env var that the submitted job already sets
         env.pop(key, None)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from trainer.storage import Storage
-from trainer.checkpoint import COMMITTED
+from trainer.checkpoint import committed_versions
 from trainer.errors import UserError
-
-
-def committed_versions(storage: Storage, name: str) -> list[str]:
-    return [v for v in storage.list_dirs(name) if v.startswith("step-") and storage.exists(f"{name}/{v}/{COMMITTED}")]
+from trainer.storage import Storage
 
 
 def pick_version(storage: Storage, name: str, version: str) -> str:

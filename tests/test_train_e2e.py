@@ -201,3 +201,27 @@ def test_an_impossible_request_stops_before_ray_train_waits(ray_cluster, data_di
                scaling={"num_workers": 4, "cpus_per_worker": 1, "wait_for_nodes_s": 1})
     with pytest.raises(InsufficientResources, match=r"asks for 4 workers × \{CPU 1\}.*can hold at most 2"):
         run_job(job)
+
+
+def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_cluster, data_dir, model_dir, tmp_path):
+    """Pruned versions used to stay in Ray's checkpoint record, and the next run of the name refused to start."""
+    import shutil
+
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+    job.update(name="pruned", storage={"path": str(tmp_path / "runs")})
+    job["train"].update({"steps": 2, "checkpoint_every": 1, "eval_every": 0, "keep_last": 1, "keep_best": False})
+    run_job(job)
+    run = tmp_path / "runs" / "pruned"
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002"]
+
+    # A write cut short (files, no marker) after the latest version: never loaded, removed on resume.
+    shutil.copytree(run / "step-000002", run / "step-000009")
+    (run / "step-000009" / "COMMITTED").unlink()
+    job["train"]["steps"] = 3
+    run_job(job)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000003"]
+    state = json.loads((run / "step-000003" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+    registry = json.loads((run / "registry.json").read_text())
+    assert registry["latest"] == "step-000003"
+    assert all((run / b["version"] / "COMMITTED").exists() for b in registry["best"].values())

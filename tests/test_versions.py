@@ -8,7 +8,8 @@ import pytest
 
 from launcher.spec import StorageSpec
 from trainer.storage import open_storage
-from launcher.versions import check_resumable, committed_versions, pick_version
+from launcher.versions import check_resumable, pick_version
+from trainer.checkpoint import committed_versions
 from trainer.errors import UserError
 
 
@@ -59,3 +60,27 @@ def test_committed_versions_from_a_storage_rooted_at_the_experiment(storage):
 
     rooted = Storage(storage.fs, storage.path("exp"), storage.path("exp"))  # as a worker sees it
     assert committed_versions(rooted) == ["step-000002", "step-000004"]
+
+
+def test_a_rank_downloads_only_its_own_shards_and_rng():
+    from trainer.checkpoint import rank_needs
+
+    assert rank_needs("deepspeed/state/mp_rank_00_model_states.pt", 1)
+    assert rank_needs("deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt", 1)
+    assert not rank_needs("deepspeed/state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", 1)
+    assert rank_needs("deepspeed/state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", 0)
+    assert rank_needs("rng/rank-1.pt", 1) and not rank_needs("rng/rank-0.pt", 1)
+    assert rank_needs("trainer_state.json", 1) and rank_needs("tokenizer/tokenizer.json", 3)
+
+
+def test_pruning_removes_the_marker_before_the_files(storage, monkeypatch):
+    from trainer.checkpoint import committed_versions, delete_version
+
+    calls = []
+    real_delete_dir = storage.delete_dir
+    monkeypatch.setattr(storage, "delete_dir", lambda rel: (calls.append(("dir", rel)), real_delete_dir(rel)))
+    real_delete_file = storage.delete_file
+    monkeypatch.setattr(storage, "delete_file", lambda rel: (calls.append(("file", rel)), real_delete_file(rel)))
+    delete_version(storage, "exp/step-000002")
+    assert calls == [("file", "exp/step-000002/COMMITTED"), ("dir", "exp/step-000002")]
+    assert committed_versions(storage, "exp") == ["step-000004"]

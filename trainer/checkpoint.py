@@ -1,4 +1,4 @@
-"""Versions: one folder per checkpoint, with a fixed layout, committed last.
+"""Versions: one folder per checkpoint on storage, with a fixed layout, committed last.
 
     step-000060/
       deepspeed/state/     engine.save_checkpoint (model, optimizer, scheduler; every rank's shards)
@@ -10,16 +10,25 @@
       heads.json           task -> type, labels, prompt, encoding (what eval/predict need)
       COMMITTED            written last, once every rank's files are on storage
 
-Every rank writes its own part into a local folder; Ray Train uploads and merges them into
-one folder on storage. Exact resume needs the RNG and data positions, which DeepSpeed's own
-checkpoint does not hold.
+**One record of versions.** A version exists, complete, exactly when its COMMITTED marker is
+on storage; resume (the workers), `mtl train`'s pre-flight and `mtl eval` (the driver) and
+retention all read that, through `committed_versions`. Ray Train is told metrics only, never
+a checkpoint, so its own bookkeeping holds no versions that could disagree with the folders
+(with reported checkpoints, pruning a version made the next run of the name refuse to start).
+
+Every rank writes its part into a local scratch folder and uploads it straight into the
+version's folder (file names never collide: DeepSpeed names shards by rank); after a barrier
+rank 0 writes the marker. Pruning removes the marker first, so an interrupted delete never
+leaves a version that looks complete; a folder without a marker is a write that never
+finished: never loaded, removed when the run resumes. Exact resume needs the RNG and data
+positions, which DeepSpeed's own checkpoint does not hold.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
+import re
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +93,31 @@ def mark_committed(storage, version: str) -> None:
     storage.write_text(f"{version}/{COMMITTED}", "ok\n")
 
 
+def upload_part(storage, folder: Path, version: str) -> None:
+    """This rank's files into the version's folder on storage (merged with the other ranks')."""
+    storage.upload(str(folder), version)
+
+
+_RANK_SHARD = re.compile(r"zero_pp_rank_(\d+)_")
+
+
+def rank_needs(relative: str, rank: int) -> bool:
+    """Whether rank `rank` reads this file of a version to resume: not the other ranks' shards or RNG."""
+    name = relative.rsplit("/", 1)[-1]
+    shard = _RANK_SHARD.search(name)
+    if shard:
+        return int(shard.group(1)) == rank
+    if relative.startswith("rng/"):
+        return name == f"rank-{rank}.pt"
+    return True
+
+
+def download_part(storage, version: str, local: Path, rank: int) -> Path:
+    """What rank `rank` needs of a version, in `local` (the version's layout); returns `local`."""
+    storage.download_files(version, str(local), keep=lambda relative: rank_needs(relative, rank))
+    return local
+
+
 def versions_to_delete(committed: list[str], keep_last: int | None, protected: set[str]) -> list[str]:
     """Versions beyond the newest `keep_last`, except protected ones (the best per task)."""
     if keep_last is None:
@@ -92,11 +126,22 @@ def versions_to_delete(committed: list[str], keep_last: int | None, protected: s
     return [v for v in sorted(committed) if v not in keep]
 
 
+def delete_version(storage, version: str) -> None:
+    """Marker first: a delete cut short leaves an uncommitted folder, never a version that looks complete."""
+    if storage.exists(f"{version}/{COMMITTED}"):
+        storage.delete_file(f"{version}/{COMMITTED}")
+    storage.delete_dir(version)
+
+
 def committed_versions(storage, experiment: str = "") -> list[str]:
-    """The versions under `experiment` whose marker is on storage, oldest first."""
+    """The versions under `experiment` whose marker is on storage, oldest first (the one record)."""
+    prefix = f"{experiment}/" if experiment else ""
     return [v for v in storage.list_dirs(experiment)
-            if v.startswith("step-") and storage.exists(f"{experiment}/{v}/{COMMITTED}".lstrip("/"))]
+            if v.startswith("step-") and storage.exists(f"{prefix}{v}/{COMMITTED}")]
 
 
-def is_committed(folder: str | os.PathLike) -> bool:
-    return (Path(folder) / COMMITTED).exists()
+def unfinished_versions(storage, experiment: str = "") -> list[str]:
+    """Version folders without a marker: writes a crash or kill cut short."""
+    prefix = f"{experiment}/" if experiment else ""
+    return [v for v in storage.list_dirs(experiment)
+            if v.startswith("step-") and not storage.exists(f"{prefix}{v}/{COMMITTED}")]

@@ -155,18 +155,22 @@ def build_planner(spec, tasks: dict[str, TaskData]) -> StepPlanner:
 
 
 def restore_latest(run: Run) -> None:
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
+    """Continue from the latest committed version on storage, if there is one (see trainer.checkpoint)."""
+    if run.rank == 0:
+        for name in ckpt.unfinished_versions(run.storage):  # cut short by a crash or a kill: never loaded
+            run.storage.delete_dir(name)
+            say(f"[mtl] removed {name}: its write never finished (no commit marker)")
+    barrier()
+    versions = ckpt.committed_versions(run.storage)
+    if not versions:
         return
-    with checkpoint.as_directory() as folder:
-        folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="mtl-resume-") as local:
+        folder = ckpt.download_part(run.storage, versions[-1], Path(local), run.rank)
         state = ckpt.read_trainer_state(folder)
         if state["world_size"] != run.world:  # ZeRO partitions and data shards belong to a world size
-            raise UserError(f"{ckpt.version_name(state['step'])} of '{run.spec.name}' was written by "
-                            f"{state['world_size']} workers but scaling.num_workers is {run.world}; resume with "
-                            f"{state['world_size']} workers, or start a new name")
+            raise UserError(f"{versions[-1]} of '{run.spec.name}' was written by {state['world_size']} workers but "
+                            f"scaling.num_workers is {run.world}; resume with {state['world_size']} workers, or "
+                            f"start a new name")
         ckpt.load_rank_part(run.engine, folder, run.rank, run.streams)
     run.step = state["step"]
     run.planner.load_state_dict(state["planner"])
@@ -277,33 +281,33 @@ def update_best(run: Run, task: str, names: list[str], values: dict) -> None:
 
 
 def save_version(run: Run, metrics: dict) -> None:
-    """Every rank writes its part, Ray uploads and merges them, then rank 0 commits the version."""
+    """Every rank uploads its part into the version's folder; once all have, rank 0 commits it."""
     import ray.train
-    from ray.train import Checkpoint
 
     name = ckpt.version_name(run.step)
-    with tempfile.TemporaryDirectory(prefix="mtl-version-") as local:
+    with tempfile.TemporaryDirectory(prefix="mtl-version-") as local:  # scratch, removed even on errors
         folder = Path(local)
         ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
         if run.rank == 0:
             ckpt.write_global_part(folder, trainer_state=trainer_state(run), job_yaml=job_yaml(run.spec),
                                    tokenizer=run.tokenizer, heads=heads_manifest(run),
                                    model_config=model_config(run.engine.module))
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(local), checkpoint_dir_name=name)
-    barrier()  # every rank's upload has finished before the marker says so
+        ckpt.upload_part(run.storage, folder, name)
+    barrier()  # every rank's files are on storage before the marker says so
     if run.rank == 0:
         ckpt.mark_committed(run.storage, name)
-        run.storage.write_json("registry.json", registry_entry(run))
         prune_versions(run)
+        run.storage.write_json("registry.json", registry_entry(run, ckpt.committed_versions(run.storage)))
         run.board.sync()
         say(f"[mtl] saved version {name}")
+    ray.train.report(metrics)  # metrics only: the versions' record is the markers on storage
 
 
 def prune_versions(run: Run) -> None:
     """train.keep_last newest versions stay, and with train.keep_best the best version of each task."""
     protected = {ckpt.version_name(b["step"]) for b in run.best.values()} if run.spec.train.keep_best else set()
     for name in ckpt.versions_to_delete(ckpt.committed_versions(run.storage), run.spec.train.keep_last, protected):
-        run.storage.delete_dir(name)
+        ckpt.delete_version(run.storage, name)
         say(f"[mtl] removed version {name} (train.keep_last={run.spec.train.keep_last})")
 
 
@@ -325,10 +329,11 @@ def heads_manifest(run: Run) -> dict:
                       for t, d in run.tasks.items()}}
 
 
-def registry_entry(run: Run) -> dict:
-    """Best version per task (primary validation metric) and the latest committed version."""
+def registry_entry(run: Run, committed: list[str]) -> dict:
+    """Best version per task (primary validation metric) and the latest, among versions that exist."""
+    best = {t: {**b, "version": ckpt.version_name(b["step"])} for t, b in run.best.items()}
     return {"latest": ckpt.version_name(run.step),
-            "best": {t: {**b, "version": ckpt.version_name(b["step"])} for t, b in run.best.items()}}
+            "best": {t: b for t, b in best.items() if b["version"] in committed}}
 
 
 def job_yaml(spec) -> str:

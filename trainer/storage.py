@@ -61,6 +61,36 @@ class Storage:
         pafs.copy_files(self.path(relative), local, source_filesystem=self.fs,
                         destination_filesystem=pafs.LocalFileSystem())
 
+    def download_files(self, relative: str, local: str, keep) -> list[str]:
+        """The files under `relative` for which keep(path relative to it) holds, into `local`."""
+        import pyarrow.fs as pafs
+
+        root = self.path(relative).rstrip("/")
+        selector = pafs.FileSelector(root, recursive=True)
+        fetched = []
+        for info in self.fs.get_file_info(selector):
+            if info.type != pafs.FileType.File:
+                continue
+            inner = info.path[len(root):].lstrip("/")
+            if keep(inner):
+                target = os.path.join(local, inner)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                pafs.copy_files(info.path, target, source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                fetched.append(inner)
+        return fetched
+
+    def upload(self, local: str, relative: str) -> None:
+        """A local folder's files into `relative`, merged with what is there."""
+        import pyarrow.fs as pafs
+
+        self.fs.create_dir(self.path(relative), recursive=True)
+        pafs.copy_files(local, self.path(relative), source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def delete_file(self, relative: str) -> None:
+        self.fs.delete_file(self.path(relative))
+
     def delete_dir(self, relative: str) -> None:
         self.fs.delete_dir(self.path(relative))
 

@@ -45,8 +45,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     load_job_env()  # inside a submitted job: the secrets `mtl submit` forwarded (storage needs them here too)
     spec = load_job(args.job, args.overrides)
-    train(spec, address=args.address)
+    train(spec, address=args.address, on_change=change_policy(args))
     return 0
+
+
+def change_policy(args: argparse.Namespace) -> str:
+    if args.new and args.allow_changes:
+        raise UserError("--new and --allow-changes exclude each other")
+    return "new" if args.new else "allow" if args.allow_changes else "refuse"
+
+
+def add_change_flags(p: argparse.ArgumentParser) -> None:
+    group = "when the job differs from the version it would resume from in what shapes training"
+    p.add_argument("--new", action="store_true", help=f"{group}: start a fresh experiment '<name>-N'")
+    p.add_argument("--allow-changes", action="store_true",
+                   help=f"{group}: continue it with the changes (from the next step on)")
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -54,7 +67,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from launcher.submit import submit
 
     spec = load_job(args.job, args.overrides)
-    _, status = submit(spec, args.address, wait=args.wait)
+    _, status = submit(spec, args.address, wait=args.wait, on_change=change_policy(args))
     return status
 
 
@@ -162,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    add_change_flags(p)
     p.set_defaults(func=cmd_train)
 
     dashboard = "Ray dashboard address of the cluster, e.g. http://HOST:8265 (default: $RAY_ADDRESS)"
@@ -170,6 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=dashboard)
     p.add_argument("--wait", action="store_true", help="stream the job's logs until it ends; exit with its status")
+    add_change_flags(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="jobs on a Ray cluster: list, status, logs [--follow], stop")

@@ -16,6 +16,7 @@ from launcher.spec import JobSpec
 from launcher.validate import require_valid
 from launcher.versions import check_resumable
 from trainer.ds_config import read_ds_config
+from trainer.errors import UserError
 from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
@@ -23,7 +24,10 @@ FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE",
                  "HF_HOME", "TOKENIZERS_PARALLELISM")
 
 
-def train(spec: JobSpec, *, address: str | None = None) -> dict:
+def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse") -> dict:
+    """on_change: what to do when the job differs from the version it would resume from in anything
+    that shapes training — "refuse" (list the differences), "new" (a fresh experiment under the first
+    free `<name>-N`), or "allow" (continue with the changes). See launcher.drift."""
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -34,6 +38,8 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
         print(f"[mtl] {line}", file=sys.stderr)
     storage = open_storage(spec.storage)
     resume_from = check_resumable(storage, spec.name, spec.scaling.num_workers)
+    if resume_from:
+        spec, resume_from = check_drift(spec, storage, resume_from, on_change)
     if resume_from:
         print(f"[mtl] '{spec.name}' resumes from {resume_from} in {storage.describe(spec.name)}", file=sys.stderr)
     storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
@@ -61,6 +67,36 @@ def train(spec: JobSpec, *, address: str | None = None) -> dict:
         if started_here:
             ray.shutdown()
     return summarize(spec, storage, result)
+
+
+def check_drift(spec: JobSpec, storage: Storage, version: str, on_change: str) -> tuple[JobSpec, str | None]:
+    """(the spec to run, the version it resumes from) after comparing the job with the version's."""
+    import yaml
+
+    from launcher.drift import schedule_note, training_differences
+
+    old_job = yaml.safe_load(storage.read_text(f"{spec.name}/{version}/job.yaml") or "{}") or {}
+    new_job = spec.model_dump(mode="json")
+    changes = training_differences(old_job, new_job)
+    if changes and on_change == "refuse":
+        raise UserError(f"'{spec.name}' would resume from {version}, but the job differs from the one it was "
+                        f"trained with in what shapes training:\n" + "\n".join(f"  - {c}" for c in changes)
+                        + "\n  Run with --new for a fresh experiment under a new name, or --allow-changes to "
+                          "continue this one with the changes from the next step on.")
+    if changes and on_change == "new":
+        taken = set(storage.list_dirs())
+        fresh = next(f"{spec.name}-{i}" for i in range(2, 10_000) if f"{spec.name}-{i}" not in taken)
+        print(f"[mtl] the job differs from {spec.name}/{version}; starting a new experiment '{fresh}'",
+              file=sys.stderr)
+        spec = spec.model_copy(update={"name": fresh})
+        return spec, None
+    for change in changes:
+        print(f"[mtl] continuing with a change: {change}", file=sys.stderr)
+    state = storage.read_json(f"{spec.name}/{version}/trainer_state.json") or {}
+    note = schedule_note(old_job.get("train", {}), new_job["train"], int(state.get("step", 0)))
+    if note:
+        print(f"[mtl] {note}", file=sys.stderr)
+    return spec, version
 
 
 def scaling_config(scaling):

@@ -48,7 +48,8 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-def submit(spec: JobSpec, address: str, *, wait: bool = False, out=sys.stdout) -> tuple[str, int]:
+def submit(spec: JobSpec, address: str, *, wait: bool = False, on_change: str = "refuse",
+           out=sys.stdout) -> tuple[str, int]:
     """Submit `spec` to the cluster's Jobs API; (job id, exit status: 0 unless waiting on a failed job)."""
     require_valid(spec)  # everything `mtl validate` checks, before anything is shipped
     client = jobs_client(address)
@@ -59,7 +60,7 @@ def submit(spec: JobSpec, address: str, *, wait: bool = False, out=sys.stdout) -
     with tempfile.TemporaryDirectory(prefix="mtl-submit-") as staging:
         package(spec, Path(staging))
         job_id = client.submit_job(
-            entrypoint=ENTRYPOINT,
+            entrypoint=ENTRYPOINT + {"refuse": "", "new": " --new", "allow": " --allow-changes"}[on_change],
             submission_id=f"mtl-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
             runtime_env={"working_dir": staging, "env_vars": public_env(on_this_machine)},
             metadata={"mtl_name": spec.name, "mtl_storage": spec.storage.path},

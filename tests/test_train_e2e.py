@@ -225,3 +225,50 @@ def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_clu
     registry = json.loads((run / "registry.json").read_text())
     assert registry["latest"] == "step-000003"
     assert all((run / b["version"] / "COMMITTED").exists() for b in registry["best"].values())
+
+
+def test_a_killed_worker_is_replaced_and_the_run_continues_exactly(ray_cluster, data_dir, model_dir, tmp_path):
+    """SIGKILL one Ray Train worker mid-run: with train.max_failures Ray restarts the group from the
+    latest committed version, and every step's loss equals the uninterrupted run's."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    def job(name):
+        j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+        j.update(name=name, storage={"path": str(tmp_path / "runs")})
+        j["train"].update({"steps": 24, "checkpoint_every": 6, "eval_every": 0, "max_failures": 1,
+                           "micro_batches_per_step": 4, "lr": 1e-3, "lr_schedule": "constant"})
+        return j
+
+    run_job(job("straight"))
+    errors = []
+    thread = threading.Thread(target=lambda: _capture(errors, run_job, job("killed")))
+    thread.start()
+    marker = tmp_path / "runs" / "killed" / "step-000006" / "COMMITTED"
+    deadline = time.monotonic() + 240
+    while not marker.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
+               if "RayTrainWorker" in " ".join(p.cmdline())]
+    assert marker.exists() and len(workers) == 2, "the run ended before a worker could be killed"
+    os.kill(workers[-1].pid, signal.SIGKILL)
+    thread.join(timeout=300)
+    assert not errors, errors
+    run = tmp_path / "runs" / "killed"
+    assert (run / "step-000024" / "COMMITTED").exists()
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # a second worker group wrote
+    straight = scalars(tmp_path / "runs" / "straight" / "tensorboard", "loss/sentiment")
+    killed = scalars(run / "tensorboard", "loss/sentiment")
+    assert sorted(killed) == list(range(1, 25))
+    assert killed == straight  # no step skipped or repeated, each the uninterrupted run's loss
+
+
+def _capture(errors: list, fn, *args):
+    try:
+        fn(*args)
+    except BaseException as exc:  # re-raised by the test, on the main thread
+        errors.append(exc)

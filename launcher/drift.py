@@ -1,0 +1,83 @@
+"""No silent drift on resume: what a job changes against the version it would resume from.
+
+Running a name again resumes its optimizer, schedule, data streams and weighting state. If the
+job now differs in anything that shapes training (model, tasks, data, lr, schedule, weighting,
+mixture, batch shape, precision, the DeepSpeed config file), resuming would silently mix two
+experiments, so `mtl train` refuses and lists the differences. The user then chooses:
+
+  --new               a fresh experiment under the first free name `<name>-2`, `<name>-3`, ...
+  --allow-changes     continue this one with the changes: the model, optimizer state, data
+                      positions and step come from the version; everything else (lr, schedule,
+                      weights, mixture, ...) follows the new job from the next step on.
+
+What does not change training may differ freely: train.steps (raising it trains further; see
+`schedule_note` for what that does to the LR), evaluation and checkpoint cadence, retention,
+logging, failure handling, placement and storage details.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from trainer.models import lr_factor
+
+# Dotted prefixes that never change the trained model, so they may differ on resume.
+FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_last", "train.keep_best",
+        "train.max_failures", "train.log_every", "train.eval_batch_size", "scaling.use_gpu",
+        "scaling.gpus_per_worker", "scaling.cpus_per_worker", "scaling.placement", "scaling.accelerator_type",
+        "scaling.wait_for_nodes_s", "scaling.num_workers", "storage", "name")
+# scaling.num_workers has its own check (a version belongs to its world size: launcher.versions).
+
+
+def flatten(tree, prefix: str = "") -> dict[str, object]:
+    if isinstance(tree, dict):
+        out = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def is_free(path: str) -> bool:
+    return any(path == f or path.startswith(f + ".") for f in FREE)
+
+
+def training_differences(old_job: dict, new_job: dict) -> list[str]:
+    """'field: old -> new' for every training-relevant difference between two resolved jobs."""
+    old, new = flatten(old_job), flatten(new_job)
+    lines = []
+    for path in sorted(set(old) | set(new)):
+        if is_free(path) or _same(old.get(path), new.get(path)):
+            continue
+        if path == "train.precision" and new.get(path) == "auto":
+            continue  # a version records what `auto` resolved to
+        lines.append(f"{path}: {_show(old.get(path, '(absent)'))} -> {_show(new.get(path, '(absent)'))}")
+    return lines
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return math.isclose(float(a), float(b), rel_tol=1e-12)
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def _show(value) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def schedule_note(old_train: dict, new_train: dict, step: int) -> str | None:
+    """What raising (or lowering) train.steps does to the learning rate at the step a run resumes from."""
+    if old_train.get("steps") == new_train.get("steps"):
+        return None
+    lr = new_train["lr"]
+    before = lr * lr_factor(old_train["lr_schedule"], old_train["warmup_steps"], old_train["steps"])(step)
+    after = lr * lr_factor(new_train["lr_schedule"], new_train["warmup_steps"], new_train["steps"])(step)
+    if math.isclose(before, after, rel_tol=1e-9, abs_tol=1e-15):
+        return None
+    return (f"train.steps {old_train['steps']} -> {new_train['steps']}: the {new_train['lr_schedule']} schedule "
+            f"now ends at step {new_train['steps']}, so the learning rate at step {step} goes from "
+            f"{before:.2e} to {after:.2e} (the schedule is a function of step / train.steps)")

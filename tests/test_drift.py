@@ -1,0 +1,84 @@
+"""Resuming a name with a changed job: refused with the differences, or a new experiment, or continued."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import job_dict
+from launcher.drift import schedule_note, training_differences
+from launcher.jobfile import dump_job, parse_job, resolve
+from launcher.run import check_drift
+from launcher.spec import StorageSpec
+from trainer.errors import UserError
+from trainer.storage import open_storage
+
+
+def spec_with(**train):
+    job = job_dict(Path("/data"))
+    job["train"].update(train)
+    return resolve(parse_job(job))
+
+
+@pytest.fixture
+def storage(tmp_path):
+    """Experiment 'tiny' with a committed step-000004 trained with lr 1e-3 over 10 linear steps."""
+    storage = open_storage(StorageSpec(path=str(tmp_path)))
+    trained = spec_with(lr=1e-3, steps=10)
+    trained.train.precision = "fp32"  # what `auto` would have resolved to
+    storage.write_text("tiny/step-000004/job.yaml", dump_job(trained))
+    storage.write_json("tiny/step-000004/trainer_state.json", {"step": 4, "world_size": 2})
+    storage.write_text("tiny/step-000004/COMMITTED", "ok\n")
+    return storage
+
+
+def test_a_changed_learning_rate_is_refused_with_the_difference_named(storage):
+    with pytest.raises(UserError) as err:
+        check_drift(spec_with(lr=5e-4, steps=10), storage, "step-000004", "refuse")
+    message = str(err.value)
+    assert "'tiny' would resume from step-000004" in message
+    assert "train.lr: 0.001 -> 0.0005" in message and "--new" in message and "--allow-changes" in message
+
+
+def test_what_does_not_shape_training_may_change(storage, capsys):
+    spec = spec_with(lr=1e-3, steps=10, eval_every=7, checkpoint_every=3, keep_last=2, log_every=5)
+    spec.train.precision = "auto"
+    spec.scaling.placement = "spread"
+    assert check_drift(spec, storage, "step-000004", "refuse") == (spec, "step-000004")
+    assert capsys.readouterr().err == ""
+
+
+def test_new_starts_a_fresh_experiment_and_allow_continues_with_the_changes(storage, capsys):
+    changed = spec_with(lr=5e-4, steps=10)
+    fresh, version = check_drift(changed, storage, "step-000004", "new")
+    assert fresh.name == "tiny-2" and version is None
+    storage.write_text("tiny-2/job.yaml", "taken\n")
+    assert check_drift(changed, storage, "step-000004", "new")[0].name == "tiny-3"
+    kept, version = check_drift(changed, storage, "step-000004", "allow")
+    assert kept.name == "tiny" and version == "step-000004"
+    assert "continuing with a change: train.lr: 0.001 -> 0.0005" in capsys.readouterr().err
+
+
+def test_raising_steps_says_what_happens_to_the_learning_rate(storage, capsys):
+    spec = spec_with(lr=1e-3, steps=20)
+    check_drift(spec, storage, "step-000004", "refuse")
+    err = capsys.readouterr().err
+    # Linear decay over 10 steps put step 4 at 0.6 of the peak; over 20 steps it is 0.8.
+    assert "train.steps 10 -> 20" in err and "from 6.00e-04 to 8.00e-04" in err
+    constant = {"lr": 1e-3, "lr_schedule": "constant", "warmup_steps": 0}
+    assert schedule_note({**constant, "steps": 10}, {**constant, "steps": 20}, 4) is None
+
+
+def test_differences_cover_tasks_model_and_weighting():
+    old = json.loads(json.dumps(spec_with().model_dump(mode="json")))
+    new = json.loads(json.dumps(old))
+    new["tasks"]["sentiment"]["weight"] = 2.0
+    new["model"]["max_length"] = 32
+    new["loss_weighting"]["strategy"] = "dwa"
+    del new["tasks"]["summary"]
+    lines = training_differences(old, new)
+    assert "tasks.sentiment.weight: 1.0 -> 2.0" in lines and "model.max_length: 64 -> 32" in lines
+    assert "loss_weighting.strategy: static -> dwa" in lines
+    assert any(line.startswith("tasks.summary.type: generation -> (absent)") for line in lines)

@@ -117,3 +117,22 @@ def test_multinode_checks_the_job_before_starting_any_node(tmp_path, data_dir, m
     result = mtl("multinode", job, "tasks.sentiment.wieght=2", timeout=120)
     assert result.returncode == 2 and "tasks.sentiment.wieght: unknown key (did you mean 'weight'?)" in result.stderr
     assert "starting a local Ray cluster" not in result.stderr and time.monotonic() - started < 60
+
+
+def test_a_submitted_job_can_be_stopped(cluster, data_dir, model_dir, tmp_path):
+    job = tiny_heads_job(data_dir, model_dir, tmp_path, "long", num_workers=1)
+    submitted = mtl("submit", job, "train.steps=100000", "--address", cluster.dashboard_url, env=cluster.auth_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
+    stopped = mtl("jobs", "stop", job_id, "--address", cluster.dashboard_url, env=cluster.auth_env)
+    assert stopped.returncode == 0 and f"job {job_id}: stop requested" in stopped.stdout
+    deadline = time.monotonic() + 60
+    status = None
+    while time.monotonic() < deadline:
+        status = mtl("jobs", "status", job_id, "--address", cluster.dashboard_url, env=cluster.auth_env)
+        if "STOPPED" in status.stdout:
+            break
+        time.sleep(1)
+    assert "STOPPED" in status.stdout and status.returncode == 1
+    unknown = mtl("jobs", "status", "mtl-no-such-job", "--address", cluster.dashboard_url, env=cluster.auth_env)
+    assert unknown.returncode == 2 and "no job 'mtl-no-such-job'" in unknown.stderr

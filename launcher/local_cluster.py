@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.ray_auth import list_alive_nodes
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 START_TIMEOUT_S = 120.0
 STOP_GRACE_S = 20.0  # then SIGKILL, as `ray stop` does after its grace period
@@ -137,7 +137,7 @@ class LocalCluster:
                     return
                 last_error = f"{len(alive)} of {count} nodes up"
             except Exception as exc:  # the dashboard is not serving yet
-                last_error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                last_error = first_line(exc)
             time.sleep(1.0)
         raise UserError(f"the local Ray cluster did not come up within {timeout:.0f}s ({last_error}); "
                         f"logs in {self.root}")

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 
 DEFAULT_DASHBOARD_PORT = 8265
 
@@ -76,7 +75,3 @@ def list_alive_nodes(url: str) -> list[dict]:
     nodes = data.get("data", {}).get("result", {}).get("result", [])
     return [n for n in nodes if n.get("state") == "ALIVE"]
 
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

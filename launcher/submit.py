@@ -27,11 +27,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from launcher.jobfile import dump_job
-from launcher.ray_auth import first_line, jobs_client
+from launcher.ray_auth import jobs_client
 from launcher.spec import JobSpec
 from launcher.validate import require_valid
 from trainer.ds_config import read_ds_config
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 from trainer.job_env import JOB_ENV_FILE
 
 # Settings safe to show in a job's runtime_env.
@@ -133,7 +133,7 @@ def follow(client, job_id: str, *, out=sys.stdout, detached_hint: bool = True) -
                   f"--address {client.get_address()})", file=sys.stderr)
         raise
     info = wait_until_done(client, job_id)
-    print(f"[mtl] job {job_id} {info.status}" + (f": {first_line_of(info.message)}" if info.message
+    print(f"[mtl] job {job_id} {info.status}" + (f": {job_message(info.message)}" if info.message
                                                   and info.status != "SUCCEEDED" else ""), file=out)
     if info.status == "SUCCEEDED":
         return 0
@@ -152,10 +152,9 @@ def wait_until_done(client, job_id: str, timeout: float = 60.0):
     return info
 
 
-def first_line_of(text: str) -> str:
+def job_message(text: str | None) -> str:
     """The first line of a job's message, without Ray's promise of logs that follow it."""
-    line = text.strip().splitlines()[0] if text and text.strip() else ""
-    return line.split(", last available logs")[0]
+    return first_line(text or "").split(", last available logs")[0]
 
 
 # -- mtl jobs ----------------------------------------------------------------------------------
@@ -178,7 +177,7 @@ def job_status(address: str, job_id: str, out=sys.stdout) -> str:
     print(f"job {job_id}: {status}", file=out)
     for label, value in (("experiment", meta.get("mtl_name")), ("storage", meta.get("mtl_storage")),
                          ("started", _time(info.start_time)), ("ended", _time(info.end_time)),
-                         ("message", first_line_of(info.message or ""))):
+                         ("message", job_message(info.message))):
         if value and value != "-":
             print(f"  {label}: {value}", file=out)
     return status

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from trainer.errors import DataError
+from trainer.errors import DataError, last_line
 
 SPLITS = ("train", "validation", "test")
 ROW = "__row__"
@@ -65,14 +65,8 @@ def read_file(path: str, fmt: str | None, field: str):
         with _quiet_datasets():
             ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as exc:  # the datasets builders raise many types; the user needs the file and the reason
-        raise DataError(f"{field}: cannot read '{path}' as {builder}: {_last_line(exc)}") from exc
+        raise DataError(f"{field}: cannot read '{path}' as {builder}: {last_line(exc)}") from exc
     return ds.add_column(ROW, list(range(1, len(ds) + 1)))
-
-
-def _last_line(exc: Exception) -> str:
-    """The line of a library's exception that says what went wrong (they put it last)."""
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 @contextlib.contextmanager
@@ -108,7 +102,7 @@ def read_hub(name: str, subset: str | None, roles: dict[str, str] | None, field:
         loaded = datasets.load_dataset(name, subset)
     except Exception as exc:
         raise DataError(f"{field}: cannot load hub dataset '{name}'{f'/{subset}' if subset else ''}: "
-                        f"{_last_line(exc)}") from exc
+                        f"{last_line(exc)}") from exc
     roles = roles or {s: s for s in SPLITS if s in loaded}
     out = {}
     for role, hub_split in roles.items():

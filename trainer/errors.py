@@ -22,6 +22,20 @@ class DataError(UserError):
     """A data file is unusable; the message names the task, file, row and column."""
 
 
+def first_line(problem: BaseException | str) -> str:
+    """The line of an exception (or a message) that says what went wrong, when it comes first."""
+    text = str(problem).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(problem).__name__ if isinstance(problem, BaseException) else ""
+
+
+def last_line(problem: BaseException) -> str:
+    """The line of a library's exception that says what went wrong, when it comes last (datasets)."""
+    text = str(problem).strip()
+    return text.splitlines()[-1] if text else type(problem).__name__
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from trainer.errors import UserError
+from trainer.errors import UserError, first_line
 from trainer.task_data import model_encoding
 
 
@@ -14,7 +14,7 @@ def load_tokenizer_and_encoding(name_or_path: str, kind: str):
         config = AutoConfig.from_pretrained(name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
-        raise UserError(f"model.name_or_path: cannot load '{name_or_path}': {str(exc).splitlines()[0]}") from None
+        raise UserError(f"model.name_or_path: cannot load '{name_or_path}': {first_line(exc)}") from None
     if not getattr(tokenizer, "is_fast", False):
         raise UserError(f"model.name_or_path: '{name_or_path}' has no fast tokenizer (tokenizer.json); "
                         "extractive QA offsets need one")

@@ -139,13 +139,12 @@ def _s3_credentials_from_env() -> dict[str, str]:
 def _from_uri(uri: str) -> Storage:
     import pyarrow.fs as pafs
 
-    from trainer.errors import SpecError
+    from trainer.errors import SpecError, first_line
 
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
     except Exception as exc:  # ArrowInvalid (unknown scheme), OSError (e.g. no JVM for hdfs://)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SpecError("storage.path", f"cannot open '{uri}': {reason}. Use a folder (local or NFS), "
+        raise SpecError("storage.path", f"cannot open '{uri}': {first_line(exc)}. Use a folder (local or NFS), "
                                         f"s3://bucket/prefix, gs://bucket/prefix, or another URI pyarrow "
                                         f"supports") from None
     return Storage(fs, path, uri)

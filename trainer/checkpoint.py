@@ -133,15 +133,13 @@ def delete_version(storage, version: str) -> None:
     storage.delete_dir(version)
 
 
+def version_folders(storage, experiment: str = "") -> dict[str, bool]:
+    """Every version folder under `experiment`, oldest first -> whether its marker is on storage."""
+    prefix = f"{experiment}/" if experiment else ""
+    return {v: storage.exists(f"{prefix}{v}/{COMMITTED}") for v in storage.list_dirs(experiment)
+            if v.startswith("step-")}
+
+
 def committed_versions(storage, experiment: str = "") -> list[str]:
     """The versions under `experiment` whose marker is on storage, oldest first (the one record)."""
-    prefix = f"{experiment}/" if experiment else ""
-    return [v for v in storage.list_dirs(experiment)
-            if v.startswith("step-") and storage.exists(f"{prefix}{v}/{COMMITTED}")]
-
-
-def unfinished_versions(storage, experiment: str = "") -> list[str]:
-    """Version folders without a marker: writes a crash or kill cut short."""
-    prefix = f"{experiment}/" if experiment else ""
-    return [v for v in storage.list_dirs(experiment)
-            if v.startswith("step-") and not storage.exists(f"{prefix}{v}/{COMMITTED}")]
+    return [v for v, committed in version_folders(storage, experiment).items() if committed]

@@ -156,12 +156,13 @@ def build_planner(spec, tasks: dict[str, TaskData]) -> StepPlanner:
 
 def restore_latest(run: Run) -> None:
     """Continue from the latest committed version on storage, if there is one (see trainer.checkpoint)."""
+    folders = ckpt.version_folders(run.storage)
     if run.rank == 0:
-        for name in ckpt.unfinished_versions(run.storage):  # cut short by a crash or a kill: never loaded
+        for name in [v for v, committed in folders.items() if not committed]:  # cut short by a crash or kill
             run.storage.delete_dir(name)
             say(f"[mtl] removed {name}: its write never finished (no commit marker)")
-    barrier()
-    versions = ckpt.committed_versions(run.storage)
+    barrier()  # no rank reads storage while rank 0 deletes from it
+    versions = [v for v, committed in folders.items() if committed]
     if not versions:
         return
     with tempfile.TemporaryDirectory(prefix="mtl-resume-") as local:
@@ -296,19 +297,25 @@ def save_version(run: Run, metrics: dict) -> None:
     barrier()  # every rank's files are on storage before the marker says so
     if run.rank == 0:
         ckpt.mark_committed(run.storage, name)
-        prune_versions(run)
-        run.storage.write_json("registry.json", registry_entry(run, ckpt.committed_versions(run.storage)))
+        kept = prune_versions(run)
+        run.storage.write_json("registry.json", registry_entry(run, kept))
         run.board.sync()
         say(f"[mtl] saved version {name}")
     ray.train.report(metrics)  # metrics only: the versions' record is the markers on storage
 
 
-def prune_versions(run: Run) -> None:
-    """train.keep_last newest versions stay, and with train.keep_best the best version of each task."""
+def prune_versions(run: Run) -> list[str]:
+    """train.keep_last newest versions stay, and with train.keep_best the best version of each task.
+
+    Returns the committed versions that remain.
+    """
     protected = {ckpt.version_name(b["step"]) for b in run.best.values()} if run.spec.train.keep_best else set()
-    for name in ckpt.versions_to_delete(ckpt.committed_versions(run.storage), run.spec.train.keep_last, protected):
+    committed = ckpt.committed_versions(run.storage)
+    doomed = ckpt.versions_to_delete(committed, run.spec.train.keep_last, protected)
+    for name in doomed:
         ckpt.delete_version(run.storage, name)
         say(f"[mtl] removed version {name} (train.keep_last={run.spec.train.keep_last})")
+    return [v for v in committed if v not in doomed]
 
 
 def trainer_state(run: Run) -> dict:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from launcher.jobfile import load_job, read_yaml
-from launcher.local_cluster import LocalCluster, _env
+from launcher.local_cluster import STOP_GRACE_S, LocalCluster, _env
 from launcher.ray_auth import jobs_client
 from launcher.submit import follow, rank_placement, submit, wait_until_done
 from launcher.validate import require_valid
@@ -28,11 +28,14 @@ LAYOUT_KEYS = {"nodes", "cpus_per_node", "gpus_per_node", "placement", "stop_gra
 
 
 def read_layout(path: Path | str | None) -> dict:
-    """The local cluster's layout (cluster_configs/local.yaml unless another file is given)."""
+    """The local cluster's layout (cluster_configs/local.yaml unless another file is given).
+
+    An install without the repository's cluster_configs/ gets {}: the defaults where it is read.
+    """
     path = Path(path) if path else LOCAL_LAYOUT
     if not path.exists():
         if path == LOCAL_LAYOUT:
-            return {"nodes": 2, "cpus_per_node": None, "gpus_per_node": 0, "placement": "spread", "stop_grace_s": 20}
+            return {}
         raise UserError(f"cluster layout not found: '{path}'")
     layout = read_yaml(str(path)) or {}
     unknown = set(layout) - LAYOUT_KEYS
@@ -56,7 +59,7 @@ def run_multinode(job: str, overrides: list[str], *, nodes: int | None, cpus_per
     cpus = cpus_per_node or layout.get("cpus_per_node") or max(1, (os.cpu_count() or 1) // nodes)
     started = time.monotonic()
     cluster = LocalCluster(nodes=nodes, cpus_per_node=cpus, gpus_per_node=int(layout.get("gpus_per_node") or 0),
-                           stop_grace_s=float(layout.get("stop_grace_s") or 20))
+                           stop_grace_s=float(layout.get("stop_grace_s") or STOP_GRACE_S))
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)  # a SIGTERM tears down like Ctrl-C
     job_id = None
     try:

@@ -70,7 +70,7 @@ def run_multinode(job: str, overrides: list[str], *, nodes: int | None, cpus_per
             f"dashboard {cluster.dashboard_url}")
         with _env(cluster.auth_env):
             client = jobs_client(cluster.dashboard_url)
-            job_id, _ = submit(spec, cluster.dashboard_url)
+            job_id, _ = submit(spec, cluster.dashboard_url, validated=True)
             try:
                 status = follow(client, job_id, detached_hint=False)
             except KeyboardInterrupt:

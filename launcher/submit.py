@@ -49,9 +49,13 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def submit(spec: JobSpec, address: str, *, wait: bool = False, on_change: str = "refuse",
-           out=sys.stdout) -> tuple[str, int]:
-    """Submit `spec` to the cluster's Jobs API; (job id, exit status: 0 unless waiting on a failed job)."""
-    require_valid(spec)  # everything `mtl validate` checks, before anything is shipped
+           validated: bool = False, out=sys.stdout) -> tuple[str, int]:
+    """Submit `spec` to the cluster's Jobs API; (job id, exit status: 0 unless waiting on a failed job).
+
+    validated: the caller already ran require_valid on this spec (it reads every data row).
+    """
+    if not validated:
+        require_valid(spec)  # everything `mtl validate` checks, before anything is shipped
     client = jobs_client(address)
     on_this_machine = urlparse(client.get_address()).hostname in LOOPBACK
     if not on_this_machine:
@@ -145,10 +149,9 @@ def wait_until_done(client, job_id: str, timeout: float = 60.0):
     """The job's info once it is in a terminal state (the log stream may end a moment earlier)."""
     deadline = time.monotonic() + timeout
     info = client.get_job_info(job_id)
-    while str(info.status) not in TERMINAL and time.monotonic() < deadline:
+    while info.status not in TERMINAL and time.monotonic() < deadline:  # JobStatus is a str enum
         time.sleep(0.5)
         info = client.get_job_info(job_id)
-    info.status = str(info.status).split(".")[-1]
     return info
 
 
@@ -165,14 +168,14 @@ def list_jobs(address: str, out=sys.stdout) -> None:
     print(f"{'job id':<36} {'status':<10} {'experiment':<20} {'started':<20} {'ended':<20}", file=out)
     for job in jobs:
         meta = job.metadata or {}
-        print(f"{job.submission_id or job.job_id or '?':<36} {str(job.status).split('.')[-1]:<10} "
+        print(f"{job.submission_id or job.job_id or '?':<36} {job.status:<10} "
               f"{meta.get('mtl_name', '-'):<20} {_time(job.start_time):<20} {_time(job.end_time):<20}", file=out)
 
 
 def job_status(address: str, job_id: str, out=sys.stdout) -> str:
     client = jobs_client(address)
     info = _info(client, job_id)
-    status = str(info.status).split(".")[-1]
+    status = str(info.status)
     meta = info.metadata or {}
     print(f"job {job_id}: {status}", file=out)
     for label, value in (("experiment", meta.get("mtl_name")), ("storage", meta.get("mtl_storage")),

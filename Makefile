@@ -11,9 +11,19 @@ export HF_EVALUATE_OFFLINE := 1
 # DeepSpeed JIT-compiles its CPU ops once; keep them inside the project so they are reused.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup test test-fast test-cluster demo demo-data train-multinode clean
+.PHONY: setup s3-server test test-fast test-cluster demo demo-data train-multinode clean
 
 setup: $(STAMP)
+
+# A real S3-compatible server for the storage tests (moto's server, in its own environment so
+# its pins never touch the project's; the tests start it on loopback and stop it by PID).
+S3_VENV  := .venv-s3
+S3_STAMP := $(S3_VENV)/.installed
+s3-server: $(S3_STAMP)
+$(S3_STAMP):
+	$(PYTHON) -m venv $(S3_VENV)
+	$(S3_VENV)/bin/python -m pip install -q 'moto[server]==5.2.5'
+	touch $(S3_STAMP)
 
 # torch goes in first, then everything else under a constraint that keeps that exact build.
 $(STAMP): pyproject.toml
@@ -24,7 +34,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: setup
+test: setup s3-server
 	$(PY) -m pytest tests
 
 test-fast: setup
@@ -52,4 +62,4 @@ train-multinode: $(if $(filter jobs/demo.yaml,$(JOB)),demo-data,setup)
 	$(VENV)/bin/mtl multinode $(JOB) --nodes $(NODES) $(ARGS)
 
 clean:
-	rm -rf $(VENV) .cache data/demo
+	rm -rf $(VENV) $(S3_VENV) .cache data/demo

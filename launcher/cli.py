@@ -7,7 +7,7 @@ import argparse
 import os
 import sys
 
-from trainer.errors import UserError
+from trainer.errors import RunStopped, UserError
 
 EXAMPLES = """examples:
   mtl train jobs/demo.yaml
@@ -237,6 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         return args.func(args)
+    except RunStopped as exc:
+        print(f"mtl {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except UserError as exc:
         print(f"mtl {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,11 @@ Train objects from the job, fit, and summarise.
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
+import uuid
+from contextlib import contextmanager
 
 from launcher.jobfile import dump_job
 from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_bundle
@@ -16,7 +20,7 @@ from launcher.spec import JobSpec
 from launcher.validate import require_valid
 from launcher.versions import check_resumable
 from trainer.ds_config import read_ds_config
-from trainer.errors import UserError
+from trainer.errors import RunStopped, UserError
 from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
@@ -30,9 +34,10 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     free `<name>-N`), or "allow" (continue with the changes). See launcher.drift."""
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from trainer.loop import train_loop_per_worker
+    from trainer.stopping import clear_stop
 
     for line in require_valid(spec).notes:  # data sizes and skipped bad rows: never dropped silently
         print(f"[mtl] {line}", file=sys.stderr)
@@ -50,10 +55,12 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
         # An embedded Ray has all the nodes it will ever have; a cluster may still be adding some.
         embedded = started_here and address is None
         require_resources(spec.scaling, wait_s=0.0 if embedded else spec.scaling.wait_for_nodes_s)
-        trainer = TorchTrainer(
+        run_id = uuid.uuid4().hex  # names this run's stop request in Ray's key-value store
+        trainer = _stoppable_trainer()(
             train_loop_per_worker,
             # The DeepSpeed file is read here: workers on other nodes need its content, not its path.
-            train_loop_config={"job": spec.model_dump(mode="json"), "ds_config": read_ds_config(spec.deepspeed)},
+            train_loop_config={"job": spec.model_dump(mode="json"), "ds_config": read_ds_config(spec.deepspeed),
+                               "run_id": run_id},
             torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
             scaling_config=scaling_config(spec.scaling),
             run_config=RunConfig(name=spec.name, storage_path=storage.ray_path, storage_filesystem=storage.fs,
@@ -62,11 +69,64 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
                                  failure_config=FailureConfig(max_failures=spec.train.max_failures),
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
-        result = trainer.fit()
+        with stop_on_signals(run_id, spec.train.stop_grace_s) as asked:
+            result = trainer.fit()
+        clear_stop(run_id)
     finally:
         if started_here:
             ray.shutdown()
+    if asked:
+        latest = (storage.read_json(f"{spec.name}/registry.json") or {}).get("latest")
+        raise RunStopped(f"stopped by {asked[0].name}" + (f" at {latest}; run the same command to resume from it"
+                                                          if latest else "; no version was written"),
+                         128 + asked[0].value)
     return summarize(spec, storage, result)
+
+
+@contextmanager
+def stop_on_signals(run_id: str, grace_s: float):
+    """The first Ctrl-C or SIGTERM asks the workers to write a version at their next step and end
+    (trainer.stopping); a second one, or the grace running out, stops at once (KeyboardInterrupt).
+    Yields the list the first signal is appended to."""
+    asked: list[signal.Signals] = []
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        yield asked
+        return
+    # After the grace, a SIGINT to ourselves ends the wait as a second Ctrl-C would.
+    deadline = threading.Timer(grace_s, lambda: os.kill(os.getpid(), signal.SIGINT))
+    deadline.daemon = True
+
+    from trainer.stopping import request_stop
+
+    def handle(signum, frame):
+        if asked:
+            raise KeyboardInterrupt
+        asked.append(signal.Signals(signum))
+        print(f"[mtl] {asked[0].name}: writing a version at the next step, then stopping (up to {grace_s:g}s; "
+              f"Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+        request_stop(run_id)
+        deadline.start()
+
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        deadline.cancel()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _stoppable_trainer():
+    from ray.train.torch import TorchTrainer
+
+    class StoppableTrainer(TorchTrainer):
+        """Ray Train's fit() makes Ctrl-C abort the run at once (its own SIGINT handler, set inside
+        fit); stop_on_signals lets the workers write a version first, so Ray's is not installed."""
+
+        def _register_sigint_handler(self, controller) -> None:
+            return None
+
+    return StoppableTrainer
 
 
 def check_drift(spec: JobSpec, storage: Storage, version: str, on_change: str) -> tuple[JobSpec, str | None]:

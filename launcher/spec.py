@@ -217,8 +217,11 @@ class TrainSpec(_Strict):
     keep_last: int | None = Field(None, ge=1, description="Keep only the N newest versions (null keeps all).")
     keep_best: bool = Field(True, description="With keep_last: also keep each task's best version (by validation).")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest version after a failure (-1: no limit).")
+    stop_grace_s: float = Field(
+        120.0, gt=0.0, description="On Ctrl-C or SIGTERM (driver or worker), how long the run may take to write a "
+                                   "version at the current step before it is stopped at once.")
     seed: int = Field(0, description="Seed of sampling, data order, initialisation and dropout.")
-    log_every: int = Field(1, ge=1, description="Print and report metrics every N steps.")
+    log_every: int = Field(1, ge=1, description="Print a step line every N steps (TensorBoard gets every step).")
     eval_batch_size: int | None = Field(None, ge=1, description="Rows per evaluation batch (default: micro_batch_size).")
     length_grouping: bool = Field(True, description="Group examples of similar length into micro-batches.")
     pool_micro_batches: int = Field(50, ge=1, description="Micro-batches per length-sorting pool.")

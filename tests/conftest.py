@@ -182,3 +182,16 @@ def causal_dir(tmp_path_factory, tokenizer_dir) -> Path:
     GPT2LMHeadModel(config).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto) on a free loopback port, with a bucket `mtl-test`."""
+    from tests.support.s3_server import S3Server
+
+    server = S3Server(tmp_path_factory.mktemp("s3") / "moto.log")
+    try:
+        server.create_bucket("mtl-test")
+        yield server
+    finally:
+        server.stop()

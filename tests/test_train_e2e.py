@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -227,15 +228,12 @@ def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_clu
     assert all((run / b["version"] / "COMMITTED").exists() for b in registry["best"].values())
 
 
-def test_a_killed_worker_is_replaced_and_the_run_continues_exactly(ray_cluster, data_dir, model_dir, tmp_path):
+def test_a_killed_or_terminated_worker_is_replaced_and_the_run_continues_exactly(ray_cluster, data_dir, model_dir,
+                                                                                 tmp_path):
     """SIGKILL one Ray Train worker mid-run: with train.max_failures Ray restarts the group from the
-    latest committed version, and every step's loss equals the uninterrupted run's."""
-    import os
+    latest committed version. SIGTERM one: it first writes a version at the step it is at. Either
+    way every step's loss equals the uninterrupted run's."""
     import signal
-    import threading
-    import time
-
-    import psutil
 
     def job(name):
         j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
@@ -245,26 +243,89 @@ def test_a_killed_worker_is_replaced_and_the_run_continues_exactly(ray_cluster, 
         return j
 
     run_job(job("straight"))
+    straight = scalars(tmp_path / "runs" / "straight" / "tensorboard", "loss/sentiment")
+    for name, sig in (("killed", signal.SIGKILL), ("terminated", signal.SIGTERM)):
+        run = tmp_path / "runs" / name
+        _interrupt_a_worker(job(name), run / "step-000006" / "COMMITTED", sig)
+        assert (run / "step-000024" / "COMMITTED").exists()
+        assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # a second worker group wrote
+        losses = scalars(run / "tensorboard", "loss/sentiment")
+        assert sorted(losses) == list(range(1, 25))
+        assert losses == straight, name  # no step skipped or repeated, each the uninterrupted run's loss
+        steps = sorted(int(p.parent.name[5:]) for p in run.glob("step-*/COMMITTED"))
+        if sig == signal.SIGTERM:  # the version written on SIGTERM, between the periodic ones
+            assert any(s % 6 for s in steps), steps
+        else:
+            assert steps == [6, 12, 18, 24]
+
+
+def _interrupt_a_worker(job: dict, after: Path, sig) -> None:
+    """Run `job`, send `sig` to one of its Ray Train workers once `after` exists, wait for the end."""
+    import os
+    import threading
+    import time
+
+    import psutil
+
     errors = []
-    thread = threading.Thread(target=lambda: _capture(errors, run_job, job("killed")))
+    thread = threading.Thread(target=lambda: _capture(errors, run_job, job))
     thread.start()
-    marker = tmp_path / "runs" / "killed" / "step-000006" / "COMMITTED"
     deadline = time.monotonic() + 240
-    while not marker.exists() and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while not after.exists() and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
     workers = [p for p in psutil.Process(os.getpid()).children(recursive=True)
                if "RayTrainWorker" in " ".join(p.cmdline())]
-    assert marker.exists() and len(workers) == 2, "the run ended before a worker could be killed"
-    os.kill(workers[-1].pid, signal.SIGKILL)
+    assert after.exists() and len(workers) == 2, "the run ended before a worker could be interrupted"
+    os.kill(workers[-1].pid, sig)
     thread.join(timeout=300)
     assert not errors, errors
-    run = tmp_path / "runs" / "killed"
-    assert (run / "step-000024" / "COMMITTED").exists()
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # a second worker group wrote
-    straight = scalars(tmp_path / "runs" / "straight" / "tensorboard", "loss/sentiment")
-    killed = scalars(run / "tensorboard", "loss/sentiment")
-    assert sorted(killed) == list(range(1, 25))
-    assert killed == straight  # no step skipped or repeated, each the uninterrupted run's loss
+
+
+def test_s3_storage_end_to_end(ray_cluster, data_dir, model_dir, tmp_path, s3_server, monkeypatch):
+    """Train, version, stream TensorBoard, resume and evaluate against a real S3-compatible server;
+    the keys come from the environment and are written nowhere."""
+    from launcher.spec import StorageSpec
+    from trainer import checkpoint as ckpt
+    from trainer.storage import open_storage
+
+    secret = "mtl-test-secret-0f9a2c"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "mtl-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    location = {"path": "s3://mtl-test/runs", "endpoint_url": s3_server.endpoint, "region": "us-east-1"}
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
+    job.update(name="on-s3", storage=location)
+    job["train"].update({"steps": 3, "checkpoint_every": 2, "eval_every": 2, "keep_last": 1})
+    run_job(job)
+    storage = open_storage(StorageSpec(**location))
+    assert ckpt.committed_versions(storage, "on-s3") == ["step-000002", "step-000003"]  # step 2 is the best
+    assert storage.read_json("on-s3/registry.json")["latest"] == "step-000003"
+    assert storage.exists("on-s3/step-000003/deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt")
+    fs = s3_server.filesystem()
+    import pyarrow.fs as pafs
+
+    files = [i for i in fs.get_file_info(pafs.FileSelector("mtl-test/runs/on-s3", recursive=True))
+             if i.type == pafs.FileType.File]
+    events = [i.path for i in files if "/tensorboard/events.out.tfevents." in i.path]
+    assert events
+    for info in files:  # job.yaml, every version's files, TensorBoard: the secret is in none of them
+        if info.size < 5_000_000:
+            with fs.open_input_stream(info.path) as fh:
+                assert secret.encode() not in fh.read(), info.path
+
+    job["train"]["steps"] = 4
+    run_job(job)
+    state = json.loads(storage.read_text("on-s3/step-000004/trainer_state.json"))
+    assert state["step"] == 4 and state["seen"]["sentiment"]["examples"] > 0
+    losses = {}
+    with tempfile.TemporaryDirectory() as local:
+        for path in events + [i.path for i in fs.get_file_info(pafs.FileSelector("mtl-test/runs/on-s3/tensorboard"))]:
+            pafs.copy_files(path, f"{local}/{path.rsplit('/', 1)[-1]}", source_filesystem=fs)
+        losses = scalars(Path(local), "loss/sentiment")
+    assert sorted(losses) == [1, 2, 3, 4]  # the resumed run went on at step 4, into the same curves
+    report = evaluate_version(resolve(parse_job(job)), split="test")
+    assert report["version"] == "step-000004" and set(report["results"]) == {"sentiment", "qa"}
+    assert storage.exists("on-s3/evals/step-000004/test.json")
 
 
 def _capture(errors: list, fn, *args):

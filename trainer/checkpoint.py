@@ -16,9 +16,11 @@ retention all read that, through `committed_versions`. Ray Train is told metrics
 a checkpoint, so its own bookkeeping holds no versions that could disagree with the folders
 (with reported checkpoints, pruning a version made the next run of the name refuse to start).
 
-Every rank writes its part into a local scratch folder and uploads it straight into the
-version's folder (file names never collide: DeepSpeed names shards by rank); after a barrier
-rank 0 writes the marker. Pruning removes the marker first, so an interrupted delete never
+Every rank writes its part into a local scratch folder (the only time training waits) and
+uploads it straight into the version's folder on a background thread while training goes on
+(file names never collide: DeepSpeed names shards by rank). Each step's all-reduce carries
+whether each rank's upload has finished; at the first step where all have, rank 0 writes the
+marker. One version is in flight at a time: the next one, a stop and the end wait for it. Pruning removes the marker first, so an interrupted delete never
 leaves a version that looks complete; a folder without a marker is a write that never
 finished: never loaded, removed when the run resumes. Exact resume needs the RNG and data
 positions, which DeepSpeed's own checkpoint does not hold.
@@ -29,6 +31,9 @@ from __future__ import annotations
 import json
 import random
 import re
+import shutil
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +101,41 @@ def mark_committed(storage, version: str) -> None:
 def upload_part(storage, folder: Path, version: str) -> None:
     """This rank's files into the version's folder on storage (merged with the other ranks')."""
     storage.upload(str(folder), version)
+
+
+class Upload:
+    """This rank's part of a version going to storage on a background thread; the scratch
+    folder is removed once it is there (or the upload failed for good)."""
+
+    def __init__(self, storage, folder: Path, version: str):
+        self.version = version
+        self.error: BaseException | None = None
+        self.seconds: float | None = None
+        self._thread = threading.Thread(target=self._run, args=(storage, folder), name=f"mtl-upload-{version}",
+                                         daemon=True)
+        self._thread.start()
+
+    def _run(self, storage, folder: Path) -> None:
+        started = time.perf_counter()
+        try:
+            upload_part(storage, folder, self.version)
+        except BaseException as exc:  # raised on the training thread by finished()/wait()
+            self.error = exc
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+            self.seconds = time.perf_counter() - started
+
+    def finished(self) -> bool:
+        """Whether this rank's files are all on storage; raises what the upload failed with."""
+        if self._thread.is_alive():
+            return False
+        if self.error is not None:
+            raise self.error
+        return True
+
+    def wait(self) -> None:
+        self._thread.join()
+        self.finished()
 
 
 _RANK_SHARD = re.compile(r"zero_pp_rank_(\d+)_")

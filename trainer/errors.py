@@ -18,6 +18,14 @@ class SpecError(UserError, ValueError):
         super().__init__(f"{field}: {message}" if field else message)
 
 
+class RunStopped(Exception):
+    """The run was asked to stop (Ctrl-C, SIGTERM) and did; the message says where it can resume."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class DataError(UserError):
     """A data file is unusable; the message names the task, file, row and column."""
 

@@ -10,10 +10,8 @@ accumulation boundary that closes the plan.
 from __future__ import annotations
 
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -30,6 +28,8 @@ from trainer.precision import agreed_precision
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
+from trainer.scratch import remove_orphans, scratch, scratch_dir
+from trainer.stopping import StopRequests, agreed
 from trainer.storage import Storage
 from trainer.task_data import TaskData, prepare_tasks, task_context, task_metrics
 from trainer.weighting import UncertaintyWeighting, build_weighting
@@ -56,6 +56,13 @@ class Run:
     best: dict = field(default_factory=dict)  # task -> {metric, value, step}
     last_eval: dict = field(default_factory=dict)
     board: Board | None = None
+    stops: StopRequests | None = None
+    upload: ckpt.Upload | None = None  # this rank's part of the version in flight
+    blocked_s: float = 0.0  # how long the version in flight kept training waiting
+
+
+class WorkerStopped(RuntimeError):
+    """A worker got SIGTERM: the version at this step is written; Ray Train restarts the group from it."""
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -66,9 +73,17 @@ def train_loop_per_worker(config: dict) -> None:
     quiet_libraries()
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
+    stops = StopRequests(config.get("run_id"), context.get_world_rank(), spec.train.stop_grace_s)
+    stops.install_sigterm_hook()
+    for folder in remove_orphans():  # left by workers that were killed on this node
+        say(f"[mtl] removed stale scratch {folder}")
     run = setup(spec, context.get_world_rank(), context.get_world_size(), context.get_storage(),
                 ds_base=config.get("ds_config"))
-    fit(run)
+    run.stops = stops
+    try:
+        fit(run)
+    finally:
+        stops.training = False
 
 
 def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> Run:
@@ -112,7 +127,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
               seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
     restore_latest(run)
     if rank == 0:
-        run.board = Board(run.storage.fs, run.storage.path("tensorboard"))
+        run.board = Board(run.storage)
     return run
 
 
@@ -165,8 +180,8 @@ def restore_latest(run: Run) -> None:
     versions = [v for v, committed in folders.items() if committed]
     if not versions:
         return
-    with tempfile.TemporaryDirectory(prefix="mtl-resume-") as local:
-        folder = ckpt.download_part(run.storage, versions[-1], Path(local), run.rank)
+    with scratch("resume") as local:
+        folder = ckpt.download_part(run.storage, versions[-1], local, run.rank)
         state = ckpt.read_trainer_state(folder)
         if state["world_size"] != run.world:  # ZeRO partitions and data shards belong to a world size
             raise UserError(f"{versions[-1]} of '{run.spec.name}' was written by {state['world_size']} workers but "
@@ -186,10 +201,13 @@ def restore_latest(run: Run) -> None:
 
 
 def fit(run: Run) -> None:
-    import ray.train
-
+    """The optimizer steps. Ray Train hears of the run only when a version is saved: every
+    ray.train.report is a barrier that waits for Ray's controller to collect it (it polls every
+    2 s), so a report per step held fast steps to one per 2 s. Steps go to the console and
+    TensorBoard instead."""
     spec, engine = run.spec, run.engine
     names = list(run.tasks)
+    stops = run.stops or StopRequests(None, run.rank, spec.train.stop_grace_s)
     while run.step < spec.train.steps:
         started = time.perf_counter()
         plan = run.planner.plan()
@@ -197,21 +215,46 @@ def fit(run: Run) -> None:
         stats = run_plan(engine, plan, run.streams, weights, names, run.device)
         run.step += 1
         assert engine.global_steps == run.step, "plan size and DeepSpeed accumulation disagree"
-        per_task = stats.reduce(run.device)
+        uploaded = run.upload is not None and run.upload.finished()
+        per_task, flags = stats.reduce(run.device, [*stops.local(), float(uploaded)])
+        reasons = agreed(flags[:-1])
+        if run.upload is not None and flags[-1] == run.world:  # every rank's part is on storage
+            commit_version(run)
         run.weighting.end_step({t: v["loss"] for t, v in per_task.items() if v["micro_batches"]})
         for task, v in per_task.items():
             for key in run.seen[task]:
                 run.seen[task][key] += v[key]
         metrics = step_metrics(run, per_task, weights, time.perf_counter() - started)
         final = run.step == spec.train.steps
+        stopping = reasons["driver"] or reasons["sigterm"]
         if final or (spec.train.eval_every and run.step % spec.train.eval_every == 0):
             metrics.update(evaluate_all(run, "validation"))
-        if final or (spec.train.checkpoint_every and run.step % spec.train.checkpoint_every == 0):
+        preempted = reasons["preemption"] and not stops.preemption_seen  # one version per notice
+        if preempted:
+            stops.preemption_seen = True
+            if run.rank == 0:
+                say(f"[mtl] a node of this run is being preempted: writing a version at step {run.step}")
+        if final or stopping or preempted or (spec.train.checkpoint_every and run.step % spec.train.checkpoint_every == 0):
             save_version(run, metrics)
-        elif run.step % spec.train.log_every == 0:
-            ray.train.report(metrics)
+        if stopping:
+            finish_upload(run)
+            stop_early(run, reasons)
+            break
+    finish_upload(run)
     if run.board is not None:
         run.board.close()
+
+
+def stop_early(run: Run, reasons: dict[str, bool]) -> None:
+    """After the version at this step is committed: end here (the driver asked) or hand over to Ray."""
+    name = ckpt.version_name(run.step)
+    if reasons["sigterm"]:
+        if run.stops.sigterm_at is not None:
+            run.stops.exit_process()  # Ray's own SIGTERM exit, deferred until now
+        raise WorkerStopped(f"a worker got SIGTERM at step {run.step}; {name} is written and the run "
+                            f"resumes from it if train.max_failures allows")
+    if run.rank == 0:
+        say(f"[mtl] stopped at step {run.step} of {run.spec.train.steps} as asked; {name} is written")
 
 
 def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weights: dict[str, float],
@@ -282,26 +325,52 @@ def update_best(run: Run, task: str, names: list[str], values: dict) -> None:
 
 
 def save_version(run: Run, metrics: dict) -> None:
-    """Every rank uploads its part into the version's folder; once all have, rank 0 commits it."""
+    """Every rank writes its part to local scratch and uploads it on a background thread.
+
+    Training waits only for the local write (and for the previous version, if it is still
+    uploading: one in flight at a time). The version is committed at the first step where every
+    rank's upload has finished (fit), or at the end (finish_upload).
+    """
     import ray.train
 
+    started = time.perf_counter()
+    finish_upload(run)
     name = ckpt.version_name(run.step)
-    with tempfile.TemporaryDirectory(prefix="mtl-version-") as local:  # scratch, removed even on errors
-        folder = Path(local)
-        ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
-        if run.rank == 0:
-            ckpt.write_global_part(folder, trainer_state=trainer_state(run), job_yaml=job_yaml(run.spec),
-                                   tokenizer=run.tokenizer, heads=heads_manifest(run),
-                                   model_config=model_config(run.engine.module))
-        ckpt.upload_part(run.storage, folder, name)
-    barrier()  # every rank's files are on storage before the marker says so
+    folder = scratch_dir("version")
+    ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
     if run.rank == 0:
-        ckpt.mark_committed(run.storage, name)
-        kept = prune_versions(run)
-        run.storage.write_json("registry.json", registry_entry(run, kept))
-        run.board.sync()
-        say(f"[mtl] saved version {name}")
+        ckpt.write_global_part(folder, trainer_state=trainer_state(run), job_yaml=job_yaml(run.spec),
+                               tokenizer=run.tokenizer, heads=heads_manifest(run),
+                               model_config=model_config(run.engine.module))
+    run.upload = ckpt.Upload(run.storage, folder, name)
+    run.blocked_s = time.perf_counter() - started
     ray.train.report(metrics)  # metrics only: the versions' record is the markers on storage
+
+
+def finish_upload(run: Run) -> None:
+    """Wait for this rank's upload of the version in flight, then commit it once all ranks have."""
+    if run.upload is None:
+        return
+    started = time.perf_counter()
+    run.upload.wait()
+    barrier()  # every rank's files are on storage before the marker says so
+    run.blocked_s += time.perf_counter() - started
+    commit_version(run)
+
+
+def commit_version(run: Run) -> None:
+    """Rank 0 marks the version in flight complete, prunes, and updates the registry."""
+    upload, run.upload = run.upload, None
+    if run.rank != 0:
+        return
+    ckpt.mark_committed(run.storage, upload.version)
+    kept = prune_versions(run)
+    run.storage.write_json("registry.json", registry_entry(run, kept, upload.version))
+    written = run.blocked_s + (upload.seconds or 0.0)
+    run.board.scalars({"version/blocked_s": run.blocked_s, "version/write_s": written,
+                       "version/stall": run.blocked_s / written if written else 0.0}, run.step)
+    run.board.sync()
+    say(f"[mtl] saved version {upload.version} (training waited {run.blocked_s:.2f}s of {written:.2f}s)")
 
 
 def prune_versions(run: Run) -> list[str]:
@@ -336,10 +405,10 @@ def heads_manifest(run: Run) -> dict:
                       for t, d in run.tasks.items()}}
 
 
-def registry_entry(run: Run, committed: list[str]) -> dict:
+def registry_entry(run: Run, committed: list[str], latest: str) -> dict:
     """Best version per task (primary validation metric) and the latest, among versions that exist."""
     best = {t: {**b, "version": ckpt.version_name(b["step"])} for t, b in run.best.items()}
-    return {"latest": ckpt.version_name(run.step),
+    return {"latest": latest,
             "best": {t: b for t, b in best.items() if b["version"] in committed}}
 
 

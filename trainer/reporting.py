@@ -1,16 +1,18 @@
 """What a step reports: per-task losses and tokens summed over ranks, a console line, TensorBoard.
 
 Only rank 0 writes TensorBoard and prints; Ray forwards its stdout to the driver's console.
-Event files are written to a local folder and copied to `<experiment>/tensorboard/` on
-storage whenever the run reports, so a path or an S3 bucket work alike.
+Event files are written to a local scratch folder and copied to `<experiment>/tensorboard/`
+on storage by a background thread every `sync_every_s`, at each version and at the end, so
+a path or an S3 bucket show the run as it goes and the loop never waits for the copy.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import sys
-import tempfile
+import threading
 
 import torch
 
@@ -60,18 +62,22 @@ class StepStats:
         row = self.values[self.tasks.index(task)]
         row += torch.tensor([loss, 1, mask.shape[0], float(mask.sum()), mask.numel()], dtype=torch.float64)
 
-    def reduce(self, device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
-        """{task: {loss, micro_batches, examples, real_tokens, padded_tokens}} over all ranks.
+    def reduce(self, device: torch.device | str = "cpu",
+               flags: list[float] = ()) -> tuple[dict[str, dict[str, float]], list[float]]:
+        """({task: {loss, micro_batches, examples, real_tokens, padded_tokens}}, flags) over all ranks.
 
-        The same sums on every rank, so the weighting state stays identical everywhere.
+        The same sums on every rank, so the weighting state stays identical everywhere. `flags`
+        are this rank's notes for the run's control (stop requests, uploads finished): they ride
+        in the same all-reduce, so agreeing on them costs no collective of its own.
         """
-        values = all_reduce_sum(self.values, device)
+        summed = all_reduce_sum(torch.cat([self.values.flatten(), torch.tensor(flags, dtype=torch.float64)]), device)
+        values = summed[:self.values.numel()].view_as(self.values)
         out = {}
         for i, task in enumerate(self.tasks):
             loss_sum, mbs, examples, real, padded = values[i].tolist()
             out[task] = {"loss": loss_sum / mbs if mbs else math.nan, "micro_batches": mbs, "examples": examples,
                          "real_tokens": real, "padded_tokens": padded}
-        return out
+        return out, summed[self.values.numel():].tolist()
 
 
 def step_line(step: int, total: int, per_task: dict, lr: float, seconds: float, tokens_per_s: float) -> str:
@@ -80,14 +86,20 @@ def step_line(step: int, total: int, per_task: dict, lr: float, seconds: float, 
 
 
 class Board:
-    """TensorBoard scalars and text on rank 0, mirrored to storage on `sync`."""
+    """TensorBoard scalars and text on rank 0, mirrored to storage as the run goes."""
 
-    def __init__(self, fs, remote_dir: str):
+    def __init__(self, storage, relative: str = "tensorboard", sync_every_s: float = 30.0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.local = tempfile.mkdtemp(prefix="mtl-tb-")
-        self.writer = SummaryWriter(self.local)
-        self.fs, self.remote_dir = fs, remote_dir
+        from trainer.scratch import scratch_dir
+
+        self.local = scratch_dir("tensorboard")
+        self.writer = SummaryWriter(str(self.local), flush_secs=max(1, int(sync_every_s)))
+        self.storage, self.relative, self.sync_every_s = storage, relative, sync_every_s
+        self._lock = threading.Lock()  # one copy at a time: the thread's and the loop's
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._sync_loop, name="mtl-tensorboard-sync", daemon=True)
+        self._thread.start()
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for tag, value in values.items():
@@ -98,12 +110,22 @@ class Board:
         self.writer.add_text(tag, text, step)
 
     def sync(self) -> None:
-        import pyarrow.fs as pafs
+        with self._lock:
+            self.writer.flush()
+            self.storage.upload(str(self.local), self.relative)
 
-        self.writer.flush()
-        self.fs.create_dir(self.remote_dir, recursive=True)
-        pafs.copy_files(self.local, self.remote_dir, destination_filesystem=self.fs)
+    def _sync_loop(self) -> None:
+        from trainer.storage import StorageError
+
+        while not self._closed.wait(self.sync_every_s):
+            try:
+                self.sync()
+            except StorageError as exc:  # the next sync tries again; versions report their own errors
+                say(f"[mtl] warning: TensorBoard events not copied this time: {exc}")
 
     def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
         self.writer.close()
         self.sync()
+        shutil.rmtree(self.local, ignore_errors=True)

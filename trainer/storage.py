@@ -2,13 +2,27 @@
 
 Ray Train gets the same filesystem, so versions, metrics and TensorBoard files land together
 under `<storage>/<experiment>/`.
+
+Remote storage fails now and then (a throttled request, a dropped connection, an NFS server
+that restarts). Every operation here is retried with growing pauses; only when the last
+attempt fails does it raise a StorageError that names the operation and the path.
+A missing file is an answer, not a failure, and is never retried.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
+
+from trainer.errors import UserError, first_line
+
+RETRY_DELAYS_S = (1.0, 3.0, 10.0)  # pauses between the attempts of one operation
+
+
+class StorageError(UserError):
+    """Storage still failed after every retry; the message names the operation and the path."""
 
 
 @dataclass
@@ -16,6 +30,20 @@ class Storage:
     fs: object  # pyarrow.fs.FileSystem
     ray_path: str  # the storage path as Ray Train wants it with `fs` (no scheme)
     uri: str
+    retry_delays_s: tuple[float, ...] = RETRY_DELAYS_S
+
+    def retried(self, what: str, relative: str, operation):
+        """operation() until it succeeds, pausing between attempts; then a StorageError."""
+        for attempt, pause in enumerate((*self.retry_delays_s, None), start=1):
+            try:
+                return operation()
+            except FileNotFoundError:
+                raise
+            except OSError as exc:  # pyarrow's IO errors (S3, GCS, HDFS, local) are OSErrors
+                if pause is None:
+                    raise StorageError(f"could not {what} {self.describe(relative)} after {attempt} attempts: "
+                                       f"{first_line(exc)}") from exc
+                time.sleep(pause)
 
     def path(self, relative: str = "") -> str:
         root = self.ray_path.rstrip("/")
@@ -23,9 +51,12 @@ class Storage:
 
     def write_text(self, relative: str, text: str) -> None:
         path = self.path(relative)
-        self.fs.create_dir(os.path.dirname(path), recursive=True)
-        with self.fs.open_output_stream(path) as out:
-            out.write(text.encode())
+
+        def write():
+            self.fs.create_dir(os.path.dirname(path), recursive=True)
+            with self.fs.open_output_stream(path) as out:
+                out.write(text.encode())
+        self.retried("write", relative, write)
 
     def write_json(self, relative: str, data) -> None:
         self.write_text(relative, json.dumps(data, indent=1, default=str))
@@ -34,10 +65,13 @@ class Storage:
         import pyarrow.fs as pafs
 
         path = self.path(relative)
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
-            return None
-        with self.fs.open_input_stream(path) as fh:
-            return fh.read().decode()
+
+        def read():
+            if self.fs.get_file_info(path).type != pafs.FileType.File:
+                return None
+            with self.fs.open_input_stream(path) as fh:
+                return fh.read().decode()
+        return self.retried("read", relative, read)
 
     def read_json(self, relative: str):
         text = self.read_text(relative)
@@ -46,20 +80,22 @@ class Storage:
     def exists(self, relative: str) -> bool:
         import pyarrow.fs as pafs
 
-        return self.fs.get_file_info(self.path(relative)).type != pafs.FileType.NotFound
+        info = self.retried("look up", relative, lambda: self.fs.get_file_info(self.path(relative)))
+        return info.type != pafs.FileType.NotFound
 
     def list_dirs(self, relative: str = "") -> list[str]:
         import pyarrow.fs as pafs
 
         selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
-        return sorted(i.base_name for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.Directory)
+        infos = self.retried("list", relative, lambda: self.fs.get_file_info(selector))
+        return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
     def download(self, relative: str, local: str) -> None:
         import pyarrow.fs as pafs
 
         os.makedirs(local, exist_ok=True)
-        pafs.copy_files(self.path(relative), local, source_filesystem=self.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
+        self.retried("download", relative, lambda: pafs.copy_files(
+            self.path(relative), local, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()))
 
     def download_files(self, relative: str, local: str, keep) -> list[str]:
         """The files under `relative` for which keep(path relative to it) holds, into `local`."""
@@ -68,15 +104,15 @@ class Storage:
         root = self.path(relative).rstrip("/")
         selector = pafs.FileSelector(root, recursive=True)
         fetched = []
-        for info in self.fs.get_file_info(selector):
+        for info in self.retried("list", relative, lambda: self.fs.get_file_info(selector)):
             if info.type != pafs.FileType.File:
                 continue
             inner = info.path[len(root):].lstrip("/")
             if keep(inner):
                 target = os.path.join(local, inner)
                 os.makedirs(os.path.dirname(target), exist_ok=True)
-                pafs.copy_files(info.path, target, source_filesystem=self.fs,
-                                destination_filesystem=pafs.LocalFileSystem())
+                self.retried("download", f"{relative}/{inner}", lambda: pafs.copy_files(
+                    info.path, target, source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()))
                 fetched.append(inner)
         return fetched
 
@@ -84,15 +120,24 @@ class Storage:
         """A local folder's files into `relative`, merged with what is there."""
         import pyarrow.fs as pafs
 
-        self.fs.create_dir(self.path(relative), recursive=True)
-        pafs.copy_files(local, self.path(relative), source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+        def upload():
+            self.fs.create_dir(self.path(relative), recursive=True)
+            pafs.copy_files(local, self.path(relative), source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=self.fs)
+        self.retried("upload to", relative, upload)
 
     def delete_file(self, relative: str) -> None:
-        self.fs.delete_file(self.path(relative))
+        """Removes the file; one that is already gone (say, by an attempt that failed late) is fine."""
+        try:
+            self.retried("delete", relative, lambda: self.fs.delete_file(self.path(relative)))
+        except FileNotFoundError:
+            pass
 
     def delete_dir(self, relative: str) -> None:
-        self.fs.delete_dir(self.path(relative))
+        try:
+            self.retried("delete", relative, lambda: self.fs.delete_dir(self.path(relative)))
+        except FileNotFoundError:
+            pass
 
     def describe(self, relative: str = "") -> str:
         return f"{self.uri.rstrip('/')}/{relative}" if relative else self.uri

@@ -1,0 +1,199 @@
+"""Durable runs, piece by piece: storage retries, TensorBoard streaming, background uploads,
+scratch cleanup and stop requests (the end-to-end drills are in test_durable_e2e.py)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from trainer import stopping
+from trainer.checkpoint import Upload
+from trainer.scratch import remove_orphans, scratch_dir
+from trainer.storage import Storage, StorageError
+
+
+class FlakyFs:
+    """A local filesystem whose operations fail `failures` times with an IO error first."""
+
+    def __init__(self, failures: int):
+        self.inner, self.failures, self.calls = pafs.LocalFileSystem(), failures, 0
+
+    def __getattr__(self, name):
+        method = getattr(self.inner, name)
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.failures:
+                self.failures -= 1
+                raise OSError("When writing: connection reset by peer")
+            return method(*args, **kwargs)
+        return call
+
+
+def test_storage_retries_transient_errors_then_succeeds(tmp_path):
+    fs = FlakyFs(failures=2)
+    storage = Storage(fs, str(tmp_path), str(tmp_path), retry_delays_s=(0.0, 0.0, 0.0))
+    storage.write_text("exp/step-000001/COMMITTED", "ok\n")
+    assert (tmp_path / "exp" / "step-000001" / "COMMITTED").read_text() == "ok\n"
+    assert storage.read_text("exp/step-000001/COMMITTED") == "ok\n"
+
+
+def test_storage_gives_up_with_the_operation_and_path_named(tmp_path):
+    storage = Storage(FlakyFs(failures=100), str(tmp_path), "s3://bucket/runs", retry_delays_s=(0.0, 0.0))
+    with pytest.raises(StorageError, match=r"could not write s3://bucket/runs/exp/registry.json after 3 attempts: "
+                                           r"When writing: connection reset by peer"):
+        storage.write_json("exp/registry.json", {})
+
+
+def test_a_missing_file_is_an_answer_not_a_failure(tmp_path):
+    fs = FlakyFs(failures=0)
+    storage = Storage(fs, str(tmp_path), str(tmp_path), retry_delays_s=(0.0, 0.0))
+    assert storage.read_text("nothing/here.json") is None
+    storage.delete_dir("nothing")  # already gone is fine
+    assert fs.calls <= 3
+
+
+@pytest.mark.timeout(120)
+def test_an_unreachable_s3_endpoint_is_a_clear_error():
+    from launcher.spec import StorageSpec
+    from tests.support.s3_server import free_port
+    from trainer.storage import open_storage
+
+    spec = StorageSpec(path="s3://bucket/runs", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
+    storage = open_storage(spec)
+    storage.retry_delays_s = (0.0,)
+    with pytest.raises(StorageError, match=r"could not write s3://bucket/runs/exp/job.yaml after 2 attempts"):
+        storage.write_text("exp/job.yaml", "name: exp\n")
+
+
+def test_tensorboard_events_reach_storage_while_the_run_goes(tmp_path):
+    from trainer.reporting import Board
+
+    storage = Storage(pafs.LocalFileSystem(), str(tmp_path / "runs"), str(tmp_path / "runs"))
+    board = Board(storage, "exp/tensorboard", sync_every_s=0.2)
+    board.scalars({"loss/a": 1.5}, 1)
+    deadline = time.monotonic() + 20
+    while not list((tmp_path / "runs" / "exp" / "tensorboard").glob("events.out.tfevents.*")):
+        assert time.monotonic() < deadline, "no events on storage before the run ended"
+        time.sleep(0.1)
+    local = board.local
+    board.scalars({"loss/a": 1.25}, 2)
+    board.close()
+    assert not local.exists()  # the local staging is removed at the end
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = next((tmp_path / "runs" / "exp" / "tensorboard").glob("events.out.tfevents.*"))
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("loss/a")] == [1.5, 1.25]
+
+
+def test_an_upload_runs_in_the_background_and_removes_its_scratch(tmp_path):
+    storage = Storage(pafs.LocalFileSystem(), str(tmp_path / "runs"), str(tmp_path / "runs"))
+    folder = scratch_dir("version")
+    (folder / "deepspeed").mkdir()
+    (folder / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
+    upload = Upload(storage, folder, "step-000003")
+    upload.wait()
+    assert upload.finished() and upload.seconds is not None
+    assert (tmp_path / "runs" / "step-000003" / "deepspeed" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").exists()
+    assert not folder.exists()
+
+
+def test_a_failed_upload_is_raised_on_the_training_thread(tmp_path):
+    storage = Storage(FlakyFs(failures=100), str(tmp_path / "runs"), "s3://bucket/runs", retry_delays_s=(0.0,))
+    folder = scratch_dir("version")
+    (folder / "rng").mkdir()
+    (folder / "rng" / "rank-0.pt").write_bytes(b"x")
+    upload = Upload(storage, folder, "step-000003")
+    with pytest.raises(StorageError, match="could not upload to s3://bucket/runs/step-000003"):
+        upload.wait()
+    assert not folder.exists()
+
+
+def test_scratch_of_processes_that_are_gone_is_removed(tmp_path):
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    stale = tmp_path / f"{gone.pid}-version-abc"
+    (stale / "deepspeed").mkdir(parents=True)
+    mine = tmp_path / f"{os.getpid()}-version-def"
+    mine.mkdir()
+    unrelated = tmp_path / "notes"
+    unrelated.mkdir()
+    assert remove_orphans(tmp_path) == [stale]
+    assert not stale.exists() and mine.exists() and unrelated.exists()
+
+
+class FakeRayWorker:
+    """Stands in for ray._private.worker: what Ray's SIGTERM handler calls."""
+
+    def __init__(self):
+        self.exits = []
+
+    def raise_sys_exit_with_custom_error_message(self, message, exit_code=1):
+        self.exits.append(message)
+
+
+def _hooked(monkeypatch, grace_s: float):
+    import ray._private.worker as ray_worker
+
+    fake = FakeRayWorker()
+    monkeypatch.setattr(ray_worker, "raise_sys_exit_with_custom_error_message",
+                        fake.raise_sys_exit_with_custom_error_message)
+    monkeypatch.setattr(stopping, "_MIN_PROGRESS_WAIT_S", 0.5)
+    stops = stopping.StopRequests(None, rank=1, grace_s=grace_s)
+    exited = []
+    stops.exit_process = lambda: exited.append(time.monotonic())
+    assert stops.install_sigterm_hook()
+    return stops, fake, exited, ray_worker
+
+
+def test_sigterm_is_deferred_while_the_rank_makes_progress(monkeypatch):
+    stops, fake, exited, ray_worker = _hooked(monkeypatch, grace_s=1.5)
+    stops.local()
+    ray_worker.raise_sys_exit_with_custom_error_message("The process receives a SIGTERM.", exit_code=1)
+    assert fake.exits == [] and stops.sigterm_at is not None
+    assert stops.local()[1] == 1.0  # the next step boundary carries it to every rank
+    time.sleep(1.0)
+    assert exited == []  # a boundary came: the version gets the whole grace
+    time.sleep(1.0)
+    assert len(exited) == 1
+    ray_worker.raise_sys_exit_with_custom_error_message("The process receives a SIGTERM.", exit_code=1)
+    assert fake.exits == ["The process receives a SIGTERM."]  # the second one is Ray's own exit
+
+
+def test_sigterm_exits_soon_when_no_step_boundary_comes(monkeypatch):
+    stops, fake, exited, ray_worker = _hooked(monkeypatch, grace_s=60)
+    ray_worker.raise_sys_exit_with_custom_error_message("The process receives a SIGTERM.", exit_code=1)
+    time.sleep(1.5)  # blocked in a collective whose peers are gone: no grace for that
+    assert len(exited) == 1
+
+
+def test_sigterm_after_training_exits_at_once(monkeypatch):
+    stops, fake, exited, ray_worker = _hooked(monkeypatch, grace_s=60)
+    stops.training = False
+    ray_worker.raise_sys_exit_with_custom_error_message("The process receives a SIGTERM.", exit_code=1)
+    assert fake.exits == ["The process receives a SIGTERM."] and stops.sigterm_at is None
+
+
+def test_the_driver_asks_once_then_stops_at_once(monkeypatch):
+    from launcher.run import stop_on_signals
+
+    asked_runs = []
+    monkeypatch.setattr(stopping, "request_stop", asked_runs.append)
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_signals("run-1", grace_s=60) as asked:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.1)
+        assert asked == [signal.SIGTERM] and asked_runs == ["run-1"]
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -11,7 +11,7 @@ export HF_EVALUATE_OFFLINE := 1
 # DeepSpeed JIT-compiles its CPU ops once; keep them inside the project so they are reused.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup s3-server test test-fast test-cluster demo demo-data train-multinode clean
+.PHONY: setup s3-server test test-drills test-fast test-cluster demo demo-data train-multinode clean
 
 setup: $(STAMP)
 
@@ -35,10 +35,14 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup s3-server
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not drill"
+
+# Longer failure drills (a killed driver, then the same command); each has a small form in `make test`.
+test-drills: setup s3-server
+	$(PY) -m pytest tests -m drill
 
 test-fast: setup
-	$(PY) -m pytest tests -m "not e2e"
+	$(PY) -m pytest tests -m "not e2e and not drill"
 
 # Only the tests that start real Ray clusters (also part of `make test`).
 test-cluster: setup

@@ -238,7 +238,7 @@ def test_a_killed_or_terminated_worker_is_replaced_and_the_run_continues_exactly
     def job(name):
         j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
         j.update(name=name, storage={"path": str(tmp_path / "runs")})
-        j["train"].update({"steps": 24, "checkpoint_every": 6, "eval_every": 0, "max_failures": 1,
+        j["train"].update({"steps": 12, "checkpoint_every": 4, "eval_every": 0, "max_failures": 1,
                            "micro_batches_per_step": 4, "lr": 1e-3, "lr_schedule": "constant"})
         return j
 
@@ -246,17 +246,17 @@ def test_a_killed_or_terminated_worker_is_replaced_and_the_run_continues_exactly
     straight = scalars(tmp_path / "runs" / "straight" / "tensorboard", "loss/sentiment")
     for name, sig in (("killed", signal.SIGKILL), ("terminated", signal.SIGTERM)):
         run = tmp_path / "runs" / name
-        _interrupt_a_worker(job(name), run / "step-000006" / "COMMITTED", sig)
-        assert (run / "step-000024" / "COMMITTED").exists()
+        _interrupt_a_worker(job(name), run / "step-000004" / "COMMITTED", sig)
+        assert (run / "step-000012" / "COMMITTED").exists()
         assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # a second worker group wrote
         losses = scalars(run / "tensorboard", "loss/sentiment")
-        assert sorted(losses) == list(range(1, 25))
+        assert sorted(losses) == list(range(1, 13))
         assert losses == straight, name  # no step skipped or repeated, each the uninterrupted run's loss
         steps = sorted(int(p.parent.name[5:]) for p in run.glob("step-*/COMMITTED"))
         if sig == signal.SIGTERM:  # the version written on SIGTERM, between the periodic ones
-            assert any(s % 6 for s in steps), steps
+            assert any(s % 4 for s in steps), steps
         else:
-            assert steps == [6, 12, 18, 24]
+            assert steps == [4, 8, 12]
 
 
 def _interrupt_a_worker(job: dict, after: Path, sig) -> None:

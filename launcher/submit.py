@@ -66,7 +66,8 @@ def submit(spec: JobSpec, address: str, *, wait: bool = False, on_change: str = 
         job_id = client.submit_job(
             entrypoint=ENTRYPOINT + {"refuse": "", "new": " --new", "allow": " --allow-changes"}[on_change],
             submission_id=f"mtl-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            runtime_env={"working_dir": staging, "env_vars": public_env(on_this_machine)},
+            runtime_env={"working_dir": staging, "env_vars": {**public_env(on_this_machine),
+                                                              **stop_wait_env(spec)}},
             metadata={"mtl_name": spec.name, "mtl_storage": spec.storage.path},
         )
     print(f"[mtl] submitted job {job_id} to {client.get_address()}", file=out)
@@ -95,6 +96,12 @@ def package(spec: JobSpec, folder: Path) -> None:
     env_file = folder / JOB_ENV_FILE
     env_file.write_text(json.dumps(secrets))
     env_file.chmod(0o600)
+
+
+def stop_wait_env(spec: JobSpec) -> dict[str, str]:
+    """`mtl jobs stop` SIGTERMs the driver, which has the workers write a version first; Ray's job
+    supervisor SIGKILLs after RAY_JOB_STOP_WAIT_TIME_S (3 s by default), so give it the grace."""
+    return {"RAY_JOB_STOP_WAIT_TIME_S": str(int(spec.train.stop_grace_s) + 30)}
 
 
 def public_env(on_this_machine: bool) -> dict[str, str]:

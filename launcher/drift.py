@@ -27,7 +27,7 @@ FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep
         "train.max_failures", "train.stop_grace_s", "train.log_every", "train.eval_batch_size", "scaling.use_gpu",
         "scaling.gpus_per_worker", "scaling.cpus_per_worker", "scaling.placement", "scaling.accelerator_type",
         "scaling.wait_for_nodes_s", "scaling.num_workers", "storage", "name")
-# scaling.num_workers has its own check (a version belongs to its world size: launcher.versions).
+# scaling.num_workers may change: the run says what a resume on another world size does (launcher.versions).
 
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:

@@ -18,7 +18,7 @@ from launcher.jobfile import dump_job
 from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_bundle
 from launcher.spec import JobSpec
 from launcher.validate import require_valid
-from launcher.versions import check_resumable
+from launcher.versions import resume_point
 from trainer.ds_config import read_ds_config
 from trainer.errors import RunStopped, UserError
 from trainer.storage import Storage, open_storage
@@ -42,11 +42,13 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     for line in require_valid(spec).notes:  # data sizes and skipped bad rows: never dropped silently
         print(f"[mtl] {line}", file=sys.stderr)
     storage = open_storage(spec.storage)
-    resume_from = check_resumable(storage, spec.name, spec.scaling.num_workers)
+    resume_from, resized = resume_point(storage, spec.name, spec.train, spec.scaling.num_workers)
     if resume_from:
         spec, resume_from = check_drift(spec, storage, resume_from, on_change)
     if resume_from:
         print(f"[mtl] '{spec.name}' resumes from {resume_from} in {storage.describe(spec.name)}", file=sys.stderr)
+        if resized:
+            print(f"[mtl] {resized}", file=sys.stderr)
     storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
     started_here = not ray.is_initialized()
     if started_here:

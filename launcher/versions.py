@@ -24,14 +24,20 @@ def pick_version(storage: Storage, name: str, version: str) -> str:
     return version
 
 
-def check_resumable(storage: Storage, name: str, num_workers: int) -> str | None:
-    """The version a run of `name` would resume from, after checking it fits `num_workers`."""
+def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> tuple[str | None, str | None]:
+    """(the version a run of `name` would resume from, a note when it changes the number of workers)."""
     versions = committed_versions(storage, name)
     if not versions:
-        return None
+        return None, None
     state = storage.read_json(f"{name}/{versions[-1]}/trainer_state.json") or {}
-    if state.get("world_size", num_workers) != num_workers:
-        raise UserError(f"'{name}' resumes from {versions[-1]}, written by {state['world_size']} workers, but "
-                        f"scaling.num_workers is {num_workers}: ZeRO partitions and data shards belong to a world "
-                        f"size. Use scaling.num_workers={state['world_size']}, or a new name.")
-    return versions[-1]
+    old_world = state.get("world_size", num_workers)
+    if old_world == num_workers:
+        return versions[-1], None
+    per_step = spec_train.micro_batches_per_step
+    keep = per_step * old_world / num_workers
+    hint = (f"; set train.micro_batches_per_step={int(keep)} to keep it" if keep == int(keep) and keep != per_step
+            else "")
+    return versions[-1], (f"{versions[-1]} was written by {old_world} workers and resumes on {num_workers}: the "
+                          f"model and optimizer go through DeepSpeed's universal checkpoint, each task's current "
+                          f"epoch goes on with the examples no worker has drawn yet; a step now takes "
+                          f"{num_workers}×{per_step} micro-batches instead of {old_world}×{per_step}{hint}")

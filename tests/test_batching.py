@@ -99,3 +99,45 @@ def test_stream_batches_are_padded_tensors():
 def test_stream_needs_a_row_per_worker():
     with pytest.raises(DataError, match="2 training examples cannot be shared by 3 workers"):
         TaskStream("t", features([3, 4]), rank=0, world=3, seed=0, pad_id=0, micro_batch_size=2)
+
+
+def _epoch_draws(streams: list[TaskStream], epoch: int) -> list[int]:
+    """Everything the ranks draw until each has left `epoch` (in lockstep, as training draws)."""
+    drawn = []
+    while any(s.epoch == epoch and (s._batches is None or s.cursor < len(s._batches)) for s in streams):
+        for s in streams:
+            if s.epoch == epoch and (s._batches is None or s.cursor < len(s._batches)):
+                drawn += s.next_indices()
+    return drawn
+
+
+@pytest.mark.parametrize("old_world,new_world,max_tokens", [(2, 1, None), (1, 2, None), (2, 3, None),
+                                                           (3, 2, 60)])
+def test_a_resized_run_draws_every_example_of_the_epoch_exactly_once(old_world, new_world, max_tokens):
+    lengths = np.random.default_rng(4).integers(3, 30, size=60).tolist()
+    feats = features(lengths)
+
+    def stream(rank, world):
+        return TaskStream("t", feats, rank=rank, world=world, seed=3, pad_id=0, pool=2,
+                          micro_batch_size=None if max_tokens else 4, max_tokens=max_tokens)
+
+    old = [stream(r, old_world) for r in range(old_world)]
+    before = []
+    for _ in range(3):  # three steps of one micro-batch per rank
+        for s in old:
+            before += s.next_indices()
+    states = [s.state_dict() for s in old]
+    new = [stream(r, new_world) for r in range(new_world)]
+    for s in new:
+        s.continue_from(states, old_world)
+    after = _epoch_draws(new, 0)
+    assert sorted(before + after) == list(range(60))  # none skipped, none twice
+
+    # The continued epoch is part of the state: a resume of the resized run draws the same.
+    copy = stream(0, new_world)
+    fresh = stream(0, new_world)
+    fresh.continue_from(states, old_world)
+    fresh.next_indices()
+    copy.load_state_dict(fresh.state_dict())
+    assert [copy.next_indices() for _ in range(20)] == [fresh.next_indices() for _ in range(20)]
+    assert fresh.epoch >= 1  # and the next epochs are sharded as usual

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import tempfile
 from pathlib import Path
 
@@ -228,12 +229,13 @@ def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_clu
     assert all((run / b["version"] / "COMMITTED").exists() for b in registry["best"].values())
 
 
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGKILL, marks=pytest.mark.drill), signal.SIGTERM],
+                         ids=["sigkill", "sigterm"])
 def test_a_killed_or_terminated_worker_is_replaced_and_the_run_continues_exactly(ray_cluster, data_dir, model_dir,
-                                                                                 tmp_path):
+                                                                                 tmp_path, sig):
     """SIGKILL one Ray Train worker mid-run: with train.max_failures Ray restarts the group from the
     latest committed version. SIGTERM one: it first writes a version at the step it is at. Either
     way every step's loss equals the uninterrupted run's."""
-    import signal
 
     def job(name):
         j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
@@ -244,19 +246,18 @@ def test_a_killed_or_terminated_worker_is_replaced_and_the_run_continues_exactly
 
     run_job(job("straight"))
     straight = scalars(tmp_path / "runs" / "straight" / "tensorboard", "loss/sentiment")
-    for name, sig in (("killed", signal.SIGKILL), ("terminated", signal.SIGTERM)):
-        run = tmp_path / "runs" / name
-        _interrupt_a_worker(job(name), run / "step-000004" / "COMMITTED", sig)
-        assert (run / "step-000012" / "COMMITTED").exists()
-        assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # a second worker group wrote
-        losses = scalars(run / "tensorboard", "loss/sentiment")
-        assert sorted(losses) == list(range(1, 13))
-        assert losses == straight, name  # no step skipped or repeated, each the uninterrupted run's loss
-        steps = sorted(int(p.parent.name[5:]) for p in run.glob("step-*/COMMITTED"))
-        if sig == signal.SIGTERM:  # the version written on SIGTERM, between the periodic ones
-            assert any(s % 4 for s in steps), steps
-        else:
-            assert steps == [4, 8, 12]
+    run = tmp_path / "runs" / "interrupted"
+    _interrupt_a_worker(job("interrupted"), run / "step-000004" / "COMMITTED", sig)
+    assert (run / "step-000012" / "COMMITTED").exists()
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) >= 2  # a second worker group wrote
+    losses = scalars(run / "tensorboard", "loss/sentiment")
+    assert sorted(losses) == list(range(1, 13))
+    assert losses == straight  # no step skipped or repeated, each the uninterrupted run's loss
+    steps = sorted(int(p.parent.name[5:]) for p in run.glob("step-*/COMMITTED"))
+    if sig == signal.SIGTERM:  # the version written on SIGTERM, between the periodic ones
+        assert any(s % 4 for s in steps), steps
+    else:
+        assert steps == [4, 8, 12]
 
 
 def _interrupt_a_worker(job: dict, after: Path, sig) -> None:
@@ -333,3 +334,40 @@ def _capture(errors: list, fn, *args):
         fn(*args)
     except BaseException as exc:  # re-raised by the test, on the main thread
         errors.append(exc)
+
+
+@pytest.mark.parametrize("ds_config", ["zero2", pytest.param("zero3", marks=pytest.mark.drill)])
+def test_a_version_resumes_on_another_number_of_workers(ray_cluster, data_dir, model_dir, tmp_path, ds_config):
+    """2 workers write a version; 1 worker resumes it (through DeepSpeed's universal checkpoint) and
+    its next version holds the same weights when its steps barely move them; then 2 workers again."""
+    import torch
+
+    from launcher.run import train
+    from trainer.version_io import consolidated_state_dict
+
+    def job(workers: int, steps: int, lr: float) -> dict:
+        j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
+        j.update(name="resized", storage={"path": str(tmp_path / "runs")}, deepspeed=str(REPO / "ds_configs" /
+                                                                                           f"{ds_config}.json"))
+        j["scaling"] = {"num_workers": workers}
+        j["train"].update({"steps": steps, "checkpoint_every": 0, "eval_every": 0, "lr": lr,
+                           "lr_schedule": "constant", "micro_batches_per_step": 2})
+        return j
+
+    run = tmp_path / "runs" / "resized"
+    run_job(job(2, 2, 1e-3))
+    train(resolve(parse_job(job(1, 4, 1e-12))), on_change="allow")  # the lr differs: allowed on purpose
+    state = json.loads((run / "step-000004" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == 1
+    assert (run / "step-000002" / "deepspeed" / "state_universal" / "zero").is_dir()
+    before = consolidated_state_dict(run / "step-000002" / "deepspeed")
+    after = consolidated_state_dict(run / "step-000004" / "deepspeed")
+    assert before.keys() == after.keys()
+    for name, weight in before.items():
+        assert torch.allclose(weight, after[name], atol=1e-6), name  # loaded, not initialised afresh
+    assert all(v["examples"] > 0 for v in state["seen"].values())
+    if ds_config == "zero2":
+        train(resolve(parse_job(job(2, 6, 1e-3))), on_change="allow")
+        state = json.loads((run / "step-000006" / "trainer_state.json").read_text())
+        assert state["step"] == 6 and state["world_size"] == 2
+        assert (run / "step-000004" / "deepspeed" / "state_universal" / "zero").is_dir()

@@ -1,4 +1,4 @@
-"""Finding versions on storage: committed only, latest/best/by name, resumable by world size."""
+"""Finding versions on storage: committed only, latest/best/by name, and what a resume on another world size changes."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from launcher.spec import StorageSpec
 from trainer.storage import open_storage
-from launcher.versions import check_resumable, pick_version
+from launcher.versions import pick_version, resume_point
 from trainer.checkpoint import committed_versions
 from trainer.errors import UserError
 
@@ -38,11 +38,18 @@ def test_only_committed_versions_count(storage):
         pick_version(storage, "nothing", "latest")
 
 
-def test_resume_checks_world_size(storage):
-    assert check_resumable(storage, "exp", 2) == "step-000004"
-    assert check_resumable(storage, "fresh", 4) is None
-    with pytest.raises(UserError, match="written by 2 workers, but scaling.num_workers is 4"):
-        check_resumable(storage, "exp", 4)
+def test_resuming_on_another_world_size_says_what_changes(storage):
+    from launcher.spec import TrainSpec
+
+    train = TrainSpec(micro_batches_per_step=4)
+    assert resume_point(storage, "exp", train, 2) == ("step-000004", None)
+    assert resume_point(storage, "fresh", train, 4) == (None, None)
+    version, note = resume_point(storage, "exp", train, 4)
+    assert version == "step-000004"
+    assert "written by 2 workers and resumes on 4" in note
+    assert "4×4 micro-batches instead of 2×4; set train.micro_batches_per_step=2 to keep it" in note
+    _, note = resume_point(storage, "exp", TrainSpec(micro_batches_per_step=3), 4)
+    assert note.endswith("instead of 2×3")  # 1.5 per worker: no hint
 
 
 def test_retention_keeps_newest_and_best():

@@ -7,6 +7,12 @@ long. Inside a shard, examples are sorted by length within pools of ~`pool` micr
 (by row count or by a token budget), and the micro-batches are shuffled. The order is a
 pure function of (seed, task, epoch, rank, world), so a stream's whole state is
 (epoch, cursor).
+
+A run resumed on another number of workers continues the current epoch from global
+positions (`continue_from`): the examples that the old ranks already drew in it are known
+from their (epoch, cursor); the others, in the epoch's order, are dealt round-robin to the
+new ranks, so within that epoch no example is skipped or drawn twice. That epoch's order is
+then part of the state; the epochs after it are sharded as usual for the new world size.
 """
 
 from __future__ import annotations
@@ -102,10 +108,14 @@ class TaskStream:
         self.lengths = np.asarray(features["length"])
         self.salt = task_salt(task)
         self.epoch, self.cursor = 0, 0
+        self.remainder: tuple[int, np.ndarray] | None = None  # (epoch, its examples not yet drawn), after a resize
         self._batches: list[list[int]] | None = None
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
-        idx = shard_indices(len(self.features), self.rank, self.world, self.seed, self.salt, epoch)
+        if self.remainder is not None and self.remainder[0] == epoch:
+            idx = self.remainder[1][self.rank::self.world]  # sizes differ by at most one: nothing left out
+        else:
+            idx = shard_indices(len(self.features), self.rank, self.world, self.seed, self.salt, epoch)
         rng = np.random.default_rng([self.seed, self.salt, epoch, self.rank, 1])
         return group_micro_batches(idx, self.lengths, rng, rows=self.rows, max_tokens=self.max_tokens,
                                    pool=self.pool, by_length=self.by_length)
@@ -124,8 +134,41 @@ class TaskStream:
         return collate(self.features[self.next_indices()], self.pad_id)
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "cursor": self.cursor}
+        state = {"epoch": self.epoch, "cursor": self.cursor}
+        if self.remainder is not None:
+            state["remainder"] = {"epoch": self.remainder[0], "examples": self.remainder[1].tolist()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+        left = state.get("remainder")
+        self.remainder = (int(left["epoch"]), np.asarray(left["examples"], dtype=np.int64)) if left else None
         self._batches = None
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Every example of `epoch` in the order the ranks' shards are cut from."""
+        if self.remainder is not None and self.remainder[0] == epoch:
+            return self.remainder[1]
+        return np.random.default_rng([self.seed, self.salt, epoch]).permutation(len(self.features))
+
+    def continue_from(self, old_states: list[dict], old_world: int) -> None:
+        """Continue the epoch that streams of `old_world` ranks (their states, by rank) were in.
+
+        With row-counted micro-batches all old ranks are in the same epoch. With token budgets
+        their shards may hold different numbers of micro-batches and a rank may have moved on to
+        the next epoch; the epoch continued is the earliest, and what a rank already drew from
+        its next one may be drawn again there.
+        """
+        epoch = min(int(s["epoch"]) for s in old_states)
+        drawn: set[int] = set()
+        for rank, state in enumerate(old_states):
+            old = TaskStream(self.task, self.features, rank=rank, world=old_world, seed=self.seed,
+                             pad_id=self.pad_id, micro_batch_size=self.rows, max_tokens=self.max_tokens,
+                             pool=self.pool, by_length=self.by_length)
+            old.load_state_dict(state)
+            batches = old.epoch_batches(epoch)
+            for batch in batches[:old.cursor] if old.epoch == epoch else batches:
+                drawn.update(batch)
+        order = old.epoch_order(epoch)  # every old stream has the same order for the epoch
+        self.remainder = (epoch, np.asarray([i for i in order.tolist() if i not in drawn], dtype=np.int64))
+        self.epoch, self.cursor, self._batches = epoch, 0, None

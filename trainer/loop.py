@@ -9,6 +9,7 @@ accumulation boundary that closes the plan.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -20,12 +21,12 @@ from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
 from trainer.collectives import barrier, to_device
 from trainer.ds_config import job_ds_config
-from trainer.errors import UserError
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.job_env import load_job_env
 from trainer.model_io import load_tokenizer_and_encoding
 from trainer.precision import agreed_precision
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
+from trainer.resize import load_resized
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
 from trainer.scratch import remove_orphans, scratch, scratch_dir
@@ -125,7 +126,9 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine,
               Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path),
               seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
-    restore_latest(run)
+    job_groups = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in engine.optimizer.param_groups]
+    if restore_latest(run):
+        follow_job_hyperparameters(engine, job_groups)
     if rank == 0:
         run.board = Board(run.storage)
     return run
@@ -169,8 +172,24 @@ def build_planner(spec, tasks: dict[str, TaskData]) -> StepPlanner:
     return StepPlanner(list(spec.tasks), rates, fixed, spec.train.micro_batches_per_step, spec.train.seed)
 
 
-def restore_latest(run: Run) -> None:
-    """Continue from the latest committed version on storage, if there is one (see trainer.checkpoint)."""
+def follow_job_hyperparameters(engine, job_groups: list[dict]) -> None:
+    """After a resume, the lr and weight decay are the job's, not the version's.
+
+    The optimizer's and scheduler's saved state carries the learning rate and weight decay the
+    version was trained with; a run continued with `--allow-changes` must train with the new
+    ones from its next step (the same numbers when nothing changed). The schedule's shape comes
+    from the job's LambdaLR as built; its position (the step) from the version.
+    """
+    scheduler = engine.lr_scheduler
+    scheduler.base_lrs = [g["initial_lr"] for g in job_groups]
+    for group, wanted, factor in zip(engine.optimizer.param_groups, job_groups, scheduler.lr_lambdas):
+        group.update(wanted)
+        group["lr"] = wanted["initial_lr"] * factor(scheduler.last_epoch)
+
+
+def restore_latest(run: Run) -> bool:
+    """Continue from the latest committed version on storage, if there is one (see trainer.checkpoint);
+    returns whether there was one."""
     folders = ckpt.version_folders(run.storage)
     if run.rank == 0:
         for name in [v for v, committed in folders.items() if not committed]:  # cut short by a crash or kill
@@ -179,15 +198,14 @@ def restore_latest(run: Run) -> None:
     barrier()  # no rank reads storage while rank 0 deletes from it
     versions = [v for v, committed in folders.items() if committed]
     if not versions:
-        return
-    with scratch("resume") as local:
-        folder = ckpt.download_part(run.storage, versions[-1], local, run.rank)
-        state = ckpt.read_trainer_state(folder)
-        if state["world_size"] != run.world:  # ZeRO partitions and data shards belong to a world size
-            raise UserError(f"{versions[-1]} of '{run.spec.name}' was written by {state['world_size']} workers but "
-                            f"scaling.num_workers is {run.world}; resume with {state['world_size']} workers, or "
-                            f"start a new name")
-        ckpt.load_rank_part(run.engine, folder, run.rank, run.streams)
+        return False
+    state = json.loads(run.storage.read_text(f"{versions[-1]}/trainer_state.json"))
+    if state["world_size"] != run.world:  # ZeRO partitions and data shards belong to a world size
+        load_resized(run, versions[-1], state["world_size"])
+    else:
+        with scratch("resume") as local:
+            ckpt.load_rank_part(run.engine, ckpt.download_part(run.storage, versions[-1], local, run.rank),
+                                run.rank, run.streams)
     run.step = state["step"]
     run.planner.load_state_dict(state["planner"])
     if not isinstance(run.weighting, UncertaintyWeighting):  # learned weights came back with the model
@@ -198,6 +216,7 @@ def restore_latest(run: Run) -> None:
         if run.step >= run.spec.train.steps:
             say(f"[mtl] '{run.spec.name}' already reached train.steps={run.spec.train.steps}; "
                 f"raise train.steps to train further")
+    return True
 
 
 def fit(run: Run) -> None:

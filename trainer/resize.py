@@ -1,0 +1,92 @@
+"""Resuming a version on another number of workers (a lost node, a bigger cluster).
+
+ZeRO-1/2/3 shards belong to the world size that wrote them. Rank 0 converts the version once
+into DeepSpeed's universal checkpoint (`ds_to_universal`: one folder per parameter with its
+fp32 weights and optimizer moments, loadable by any world size) and adds it to the version on
+storage as `deepspeed/state_universal/`, so a second resize reuses it; every rank then loads
+it with `load_universal`. ZeRO-0 keeps whole states and loads as it is.
+
+The data streams continue from global positions (trainer.batching.TaskStream.continue_from):
+every rank reads every old rank's stream state. Ranks that existed before take their RNG
+state back; new ranks keep their fresh seeds. The global batch is `num_workers ×
+micro_batches_per_step` micro-batches: the driver says how it changes (launcher.run).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint as ckpt
+from trainer.collectives import barrier
+from trainer.reporting import say
+from trainer.scratch import scratch
+
+UNIVERSAL_TAG = "state_universal"
+
+
+def convert_to_universal(ds_folder: Path, stage: int) -> None:
+    """`ds_folder/state` (any world size) -> `ds_folder/state_universal`."""
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+               "--input_folder", str(ds_folder / ckpt.DS_TAG), "--output_folder", str(ds_folder / UNIVERSAL_TAG),
+               "--num_extract_workers", "1", "--num_merge_workers", "1"]
+    if stage in (1, 2):  # a plain nn.Module never records the partition info the converter expects
+        command.append("--inject_missing_state")
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"DeepSpeed's ds_to_universal failed on {ds_folder}:\n{(done.stdout + done.stderr)[-2000:]}")
+
+
+def universal_on_storage(storage, version: str, stage: int) -> None:
+    """Rank 0: make sure the version has its universal form on storage (converted once)."""
+    if storage.exists(f"{version}/deepspeed/{UNIVERSAL_TAG}/zero"):
+        return
+    with scratch("universal") as local:
+        storage.download_files(f"{version}/deepspeed/{ckpt.DS_TAG}", str(local / ckpt.DS_TAG), keep=lambda _: True)
+        convert_to_universal(local, stage)
+        storage.upload(str(local / UNIVERSAL_TAG), f"{version}/deepspeed/{UNIVERSAL_TAG}")
+
+
+def load_resized(run, version: str, old_world: int) -> None:
+    """Model, optimizer, schedule and data positions of `version` (written by `old_world` ranks)."""
+    stage = run.engine.zero_optimization_stage()
+    if stage > 0 and run.rank == 0:
+        say(f"[mtl] {version} was written by {old_world} workers; converting it to DeepSpeed's universal "
+            f"checkpoint for {run.world}")
+        universal_on_storage(run.storage, version, stage)
+    barrier()  # the universal form is on storage before any rank reads it
+    tag = UNIVERSAL_TAG if stage > 0 else ckpt.DS_TAG
+
+    def needed(relative: str) -> bool:
+        return relative.startswith((f"deepspeed/{tag}/", "rng/"))
+
+    with scratch("resume") as local:
+        run.storage.download_files(version, str(local), keep=needed)
+        if stage > 0:
+            run.engine._config.load_universal_checkpoint = True
+        path, _ = run.engine.load_checkpoint(str(local / "deepspeed"), tag=tag)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint in {local / 'deepspeed' / tag}")
+        if stage == 3:
+            _restore_zero3_param_groups(run.engine, local / "deepspeed" / tag)
+        parts = [torch.load(local / "rng" / f"rank-{k}.pt", weights_only=False) for k in range(old_world)]
+    for task, stream in run.streams.items():
+        stream.continue_from([part["streams"][task] for part in parts], old_world)
+    if run.rank < old_world:
+        ckpt.restore_rng(parts[run.rank]["rng"])
+
+
+def _restore_zero3_param_groups(engine, universal: Path) -> None:
+    """DeepSpeed's ZeRO-3 universal load (0.19) gives every param group the first group's
+    hyper-parameters (the no-decay group gets weight decay) and one shared `step` tensor,
+    which AdamW then advances once per group; put back what the version saved."""
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)["optimizer_state_dict"]
+    optimizer = engine.optimizer.optimizer
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        group.update({k: v for k, v in saved_group.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -136,3 +137,40 @@ def test_a_submitted_job_can_be_stopped(cluster, data_dir, model_dir, tmp_path):
     assert "STOPPED" in status.stdout and status.returncode == 1
     unknown = mtl("jobs", "status", "mtl-no-such-job", "--address", cluster.dashboard_url, env=cluster.auth_env)
     assert unknown.returncode == 2 and "no job 'mtl-no-such-job'" in unknown.stderr
+
+
+@pytest.mark.drill
+def test_a_preemption_notice_writes_a_version_and_training_goes_on(cluster, data_dir, model_dir, tmp_path):
+    """A node of the run is drained for preemption (what a cloud's spot reclaim does through Ray):
+    the loop writes a version at the step it is at and keeps training. Last in this module: the
+    drained node takes no new work afterwards."""
+    from launcher.submit import rank_placement
+
+    job = tiny_heads_job(data_dir, model_dir, tmp_path, "spot")
+    submitted = mtl("submit", job, "train.steps=100000", "--address", cluster.dashboard_url, env=cluster.auth_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
+
+    def logs_with(pattern: str, timeout: float = 240) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            logs = mtl("jobs", "logs", job_id, "--address", cluster.dashboard_url, env=cluster.auth_env).stdout
+            if re.search(pattern, logs):
+                return logs
+            time.sleep(2)
+        raise AssertionError(f"no '{pattern}' in the job's logs:\n{logs[-3000:]}")
+
+    try:
+        node = rank_placement(logs_with(r"\[mtl\] step 3/"))[1][0]
+        drained = subprocess.run([str(Path(sys.executable).parent / "ray"), "drain-node", "--address",
+                                  cluster.gcs_address, "--node-id", node, "--reason", "DRAIN_NODE_REASON_PREEMPTION",
+                                  "--reason-message", "spot reclaim drill", "--deadline-remaining-seconds", "3600"],
+                                 env={**os.environ, **cluster.auth_env}, capture_output=True, text=True, timeout=60)
+        assert drained.returncode == 0, drained.stdout + drained.stderr
+        logs = logs_with(r"being preempted: writing a version at step (\d+)")
+        step = int(re.search(r"being preempted: writing a version at step (\d+)", logs)[1])
+        later = logs_with(rf"\[mtl\] step {step + 3}/")  # training went on
+        assert f"saved version step-{step:06d}" in later
+        assert (tmp_path / "runs" / "spot" / f"step-{step:06d}" / "COMMITTED").exists()
+    finally:
+        mtl("jobs", "stop", job_id, "--address", cluster.dashboard_url, env=cluster.auth_env)

@@ -56,13 +56,26 @@ class Driver:
         self.out.close()
         return code
 
-    def leftovers(self) -> list[psutil.Process]:
-        return [p for p in self.started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    def leftovers(self, wait_s: float = 20) -> list[str]:
+        """What this driver started that is still running `wait_s` after it exited (Ray's own
+        processes take a few seconds to go once their GCS is gone)."""
+        _, alive = psutil.wait_procs([p for p in self.started if p.is_running()], timeout=wait_s)
+        out = []
+        for p in alive:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(f"{p.pid}: {' '.join(p.cmdline())[:300]}")
+            except psutil.NoSuchProcess:
+                pass
+        return out
 
     def reap(self) -> None:
         """Stop, by PID, whatever this driver started and left behind."""
-        for p in self.leftovers():
-            p.kill()
+        for p in self.started:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
         psutil.wait_procs(list(self.started), timeout=30)
 
 
@@ -87,7 +100,8 @@ def test_ctrl_c_writes_a_version_where_the_run_is_and_leaves_nothing_behind(data
         assert first.finish(timeout=120) == 130, first.text()
         stopped = int(re.search(r"stopped by SIGINT at step-(\d+); run the same command to resume", first.text())[1])
         assert stopped >= 5 and committed(run) == [stopped]
-        assert not first.leftovers(), "an interrupt left Ray processes behind"
+        left = first.leftovers()
+        assert not left, f"an interrupt left Ray processes behind: {left}"
     finally:
         first.reap()
 

@@ -170,7 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schema-only", action="store_true", help="check the spec and DeepSpeed config, not the files")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("train", help="train a job: embedded local Ray, or a cluster with --address / RAY_ADDRESS")
+    p = sub.add_parser("train", help="train a job: embedded local Ray, or a cluster with --address / RAY_ADDRESS",
+                       epilog="Running the same job name again resumes from its latest version (on any number of "
+                              "workers). Ctrl-C or SIGTERM writes a version at the current step, then stops (exit "
+                              "130 / 143); a second Ctrl-C stops at once.")
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),

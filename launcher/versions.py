@@ -35,8 +35,8 @@ def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> t
         return versions[-1], None
     per_step = spec_train.micro_batches_per_step
     keep = per_step * old_world / num_workers
-    hint = (f"; set train.micro_batches_per_step={int(keep)} to keep it" if keep == int(keep) and keep != per_step
-            else "")
+    keeps = keep == int(keep) and keep != per_step
+    hint = f"; train.micro_batches_per_step={int(keep)} with --allow-changes keeps it" if keeps else ""
     return versions[-1], (f"{versions[-1]} was written by {old_world} workers and resumes on {num_workers}: the "
                           f"model and optimizer go through DeepSpeed's universal checkpoint, each task's current "
                           f"epoch goes on with the examples no worker has drawn yet; a step now takes "

@@ -47,7 +47,7 @@ def test_resuming_on_another_world_size_says_what_changes(storage):
     version, note = resume_point(storage, "exp", train, 4)
     assert version == "step-000004"
     assert "written by 2 workers and resumes on 4" in note
-    assert "4×4 micro-batches instead of 2×4; set train.micro_batches_per_step=2 to keep it" in note
+    assert "4×4 micro-batches instead of 2×4; train.micro_batches_per_step=2 with --allow-changes keeps it" in note
     _, note = resume_point(storage, "exp", TrainSpec(micro_batches_per_step=3), 4)
     assert note.endswith("instead of 2×3")  # 1.5 per worker: no hint
 

@@ -25,7 +25,7 @@ from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
-                 "HF_HOME", "TOKENIZERS_PARALLELISM")
+                 "HF_HOME", "TOKENIZERS_PARALLELISM", "MTL_SCRATCH_DIR")
 
 
 def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse") -> dict:

@@ -1,8 +1,9 @@
 """Local scratch on a node: a rank's part of a version before upload, a version's files while
 a rank resumes from them, TensorBoard events before they reach storage.
 
-Everything lives under `<tmp>/mtl-scratch/<pid>-<kind>-<random>`, removed when its work is
-done. A SIGKILLed worker runs no cleanup, so every worker starts by removing the folders of
+Everything lives under `<tmp>/mtl-scratch/<pid>-<kind>-<random>` (or `$MTL_SCRATCH_DIR`, e.g.
+a node's local NVMe or a RAM disk: training waits for the write there at every version),
+removed when its work is done. A SIGKILLed worker runs no cleanup, so every worker starts by removing the folders of
 processes that no longer exist: a node that restarts workers many times does not fill its
 disk with hundreds of megabytes of stale shards per restart.
 """
@@ -15,7 +16,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-ROOT = Path(tempfile.gettempdir()) / "mtl-scratch"
+ROOT = Path(os.environ.get("MTL_SCRATCH_DIR") or Path(tempfile.gettempdir()) / "mtl-scratch")
 
 
 def scratch_dir(kind: str) -> Path:

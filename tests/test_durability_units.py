@@ -63,7 +63,7 @@ def test_a_missing_file_is_an_answer_not_a_failure(tmp_path):
 @pytest.mark.timeout(120)
 def test_an_unreachable_s3_endpoint_is_a_clear_error():
     from launcher.spec import StorageSpec
-    from tests.support.s3_server import free_port
+    from launcher.local_cluster import free_port
     from trainer.storage import open_storage
 
     spec = StorageSpec(path="s3://bucket/runs", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")

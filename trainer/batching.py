@@ -35,10 +35,14 @@ def task_salt(task: str) -> int:
     return zlib.crc32(task.encode())
 
 
+def epoch_permutation(n: int, seed: int, salt: int, epoch: int) -> np.ndarray:
+    """The order of a task's examples in `epoch` that every rank's shard is cut from."""
+    return np.random.default_rng([seed, salt, epoch]).permutation(n)
+
+
 def shard_indices(n: int, rank: int, world: int, seed: int, salt: int, epoch: int) -> np.ndarray:
     per_rank = n // world
-    order = np.random.default_rng([seed, salt, epoch]).permutation(n)
-    return order[rank * per_rank:(rank + 1) * per_rank]
+    return epoch_permutation(n, seed, salt, epoch)[rank * per_rank:(rank + 1) * per_rank]
 
 
 def group_micro_batches(indices: np.ndarray, lengths: np.ndarray, rng: np.random.Generator, *,
@@ -149,7 +153,7 @@ class TaskStream:
         """Every example of `epoch` in the order the ranks' shards are cut from."""
         if self.remainder is not None and self.remainder[0] == epoch:
             return self.remainder[1]
-        return np.random.default_rng([self.seed, self.salt, epoch]).permutation(len(self.features))
+        return epoch_permutation(len(self.features), self.seed, self.salt, epoch)
 
     def continue_from(self, old_states: list[dict], old_world: int) -> None:
         """Continue the epoch that streams of `old_world` ranks (their states, by rank) were in.

@@ -20,9 +20,10 @@ Every rank writes its part into a local scratch folder (the only time training w
 uploads it straight into the version's folder on a background thread while training goes on
 (file names never collide: DeepSpeed names shards by rank). Each step's all-reduce carries
 whether each rank's upload has finished; at the first step where all have, rank 0 writes the
-marker. One version is in flight at a time: the next one, a stop and the end wait for it. Pruning removes the marker first, so an interrupted delete never
-leaves a version that looks complete; a folder without a marker is a write that never
-finished: never loaded, removed when the run resumes. Exact resume needs the RNG and data
+marker. One version is in flight at a time: the next one, a stop and the end wait for it.
+Pruning removes the marker first, so an interrupted delete never leaves a version that looks
+complete; a folder without a marker is a write that never finished: never loaded, removed
+when the run resumes. Exact resume needs the RNG and data
 positions, which DeepSpeed's own checkpoint does not hold.
 """
 
@@ -78,15 +79,16 @@ def write_global_part(folder: Path, *, trainer_state: dict, job_yaml: str, token
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 
-def read_trainer_state(folder: Path) -> dict:
-    return json.loads((folder / "trainer_state.json").read_text())
+def read_rank_part(folder: Path, rank: int) -> dict:
+    """Rank `rank`'s RNG states and data-stream positions: {"rng": ..., "streams": {task: state}}."""
+    return torch.load(folder / "rng" / f"rank-{rank}.pt", weights_only=False)
 
 
 def load_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
     path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / 'deepspeed'}")
-    part = torch.load(folder / "rng" / f"rank-{rank}.pt", weights_only=False)
+    part = read_rank_part(folder, rank)
     for task, state in part["streams"].items():
         if task in streams:
             streams[task].load_state_dict(state)

@@ -9,7 +9,6 @@ accumulation boundary that closes the plan.
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass, field
@@ -57,7 +56,7 @@ class Run:
     best: dict = field(default_factory=dict)  # task -> {metric, value, step}
     last_eval: dict = field(default_factory=dict)
     board: Board | None = None
-    stops: StopRequests | None = None
+    stops: StopRequests | None = None  # set by train_loop_per_worker before fit
     upload: ckpt.Upload | None = None  # this rank's part of the version in flight
     blocked_s: float = 0.0  # how long the version in flight kept training waiting
 
@@ -199,7 +198,7 @@ def restore_latest(run: Run) -> bool:
     versions = [v for v, committed in folders.items() if committed]
     if not versions:
         return False
-    state = json.loads(run.storage.read_text(f"{versions[-1]}/trainer_state.json"))
+    state = run.storage.read_json(f"{versions[-1]}/trainer_state.json")
     if state["world_size"] != run.world:  # ZeRO partitions and data shards belong to a world size
         load_resized(run, versions[-1], state["world_size"])
     else:
@@ -226,7 +225,7 @@ def fit(run: Run) -> None:
     TensorBoard instead."""
     spec, engine = run.spec, run.engine
     names = list(run.tasks)
-    stops = run.stops or StopRequests(None, run.rank, spec.train.stop_grace_s)
+    stops = run.stops
     while run.step < spec.train.steps:
         started = time.perf_counter()
         plan = run.planner.plan()

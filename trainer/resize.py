@@ -45,7 +45,7 @@ def universal_on_storage(storage, version: str, stage: int) -> None:
     if storage.exists(f"{version}/deepspeed/{UNIVERSAL_TAG}/zero"):
         return
     with scratch("universal") as local:
-        storage.download_files(f"{version}/deepspeed/{ckpt.DS_TAG}", str(local / ckpt.DS_TAG), keep=lambda _: True)
+        storage.download(f"{version}/deepspeed/{ckpt.DS_TAG}", str(local / ckpt.DS_TAG))
         convert_to_universal(local, stage)
         storage.upload(str(local / UNIVERSAL_TAG), f"{version}/deepspeed/{UNIVERSAL_TAG}")
 
@@ -72,7 +72,7 @@ def load_resized(run, version: str, old_world: int) -> None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {local / 'deepspeed' / tag}")
         if stage == 3:
             _restore_zero3_param_groups(run.engine, local / "deepspeed" / tag)
-        parts = [torch.load(local / "rng" / f"rank-{k}.pt", weights_only=False) for k in range(old_world)]
+        parts = [ckpt.read_rank_part(local, k) for k in range(old_world)]
     for task, stream in run.streams.items():
         stream.continue_from([part["streams"][task] for part in parts], old_world)
     if run.rank < old_world:

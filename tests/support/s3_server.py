@@ -3,24 +3,18 @@ from its own virtual environment (`make s3-server` installs it) and stopped by i
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
+
+from launcher.local_cluster import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 MOTO_SERVER = REPO / ".venv-s3" / "bin" / "moto_server"
 # What a job run against this server needs in its environment (keys are moto's test keys).
 ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
        "AWS_EC2_METADATA_DISABLED": "true"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3Server:
@@ -64,6 +58,3 @@ class S3Server:
                 self.process.wait(timeout=10)
         self._log.close()
 
-
-def environment() -> dict[str, str]:
-    return {**os.environ, **ENV}

@@ -65,7 +65,8 @@ def markdown() -> str:
         fields = ", ".join(f"`{f}`" + ("" if f in t.required else " (optional)") for f in t.fields)
         lines.append(f"- **{name}** — {t.description} Fields: {fields}. Models: {', '.join(t.model_kinds)}. "
                      f"Metrics: {', '.join(t.allowed_metrics)} (default {', '.join(t.default_metrics)}). "
-                     f"Default prompt: `{t.default_prompt}`.")
+                     f"Default prompt: `{t.default_prompt}` (a prompt may use `{{task}}`, "
+                     + ", ".join(f"`{{{f}}}`" for f in t.prompt_fields) + ").")
         for key, f in t.options_model.model_fields.items():
             lines.append(f"  - `options.{key}` (default `{f.default}`): {f.description}")
     return "\n".join(lines) + "\n"

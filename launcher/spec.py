@@ -134,12 +134,12 @@ class TaskSpec(_Strict):
                         f" (choose from {', '.join(task_type.allowed_metrics)})"
                     )
         if self.prompt is not None:
-            unknown = text2text.template_fields(self.prompt) - set(task_type.fields) - {"task"}
-            if unknown:
-                name = sorted(unknown)[0]
-                raise ValueError(f"prompt: '{{{name}}}' is not a field of {self.type} tasks"
-                                 f"{registry.suggest(name, task_type.fields)} (use {{task}} or "
-                                 + ", ".join("{" + f + "}" for f in task_type.fields) + ")")
+            allowed = task_type.prompt_fields
+            for name in sorted(text2text.template_fields(self.prompt) - set(allowed) - {"task"}):
+                answer = " (the answer the model learns to give)" if name in task_type.fields else ""
+                raise ValueError(f"prompt: '{{{name}}}' cannot be used in a {self.type} prompt{answer}"
+                                 f"{registry.suggest(name, allowed) if not answer else ''}; use "
+                                 + ", ".join("{" + f + "}" for f in ("task", *allowed)))
         if self.labels is not None and self.type != "classification":
             raise ValueError("`labels` only applies to classification tasks")
         return self

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from launcher.spec import JobSpec
 from trainer.ds_config import job_ds_config
 from trainer.errors import UserError
+from trainer.model_io import check_model
 from trainer.prepare import CheckedTask
 from trainer.task_data import check_task_data
 
@@ -85,11 +86,13 @@ def _check_deepspeed(spec: JobSpec, report: Report) -> None:
 
 def _check_model(spec: JobSpec, report: Report) -> None:
     path = spec.model.name_or_path
-    if os.path.isabs(path):
-        if not os.path.isdir(path):
-            report.errors.append(f"model.name_or_path: folder not found: '{path}'")
-        elif not os.path.exists(os.path.join(path, "config.json")):
-            report.errors.append(f"model.name_or_path: '{path}' has no config.json (is it a model folder?)")
-    elif os.environ.get("HF_HUB_OFFLINE") == "1":
+    if os.path.isabs(path) and not os.path.isdir(path):
+        report.errors.append(f"model.name_or_path: folder not found: '{path}'")
+        return
+    if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
         report.errors.append(f"model.name_or_path: '{path}' is not a local folder and the hub is offline "
                              "(HF_HUB_OFFLINE=1)")
+        return
+    lengths = {"model.max_length": spec.model.max_length}
+    lengths.update({f"tasks.{n}.max_length": t.max_length for n, t in spec.tasks.items() if t.max_length})
+    report.errors.extend(check_model(path, spec.model.kind, lengths))

@@ -107,6 +107,53 @@ def test_an_upload_runs_in_the_background_and_removes_its_scratch(tmp_path):
     assert not folder.exists()
 
 
+def test_a_version_copied_to_memory_is_written_later_as_it_was(tmp_path):
+    """The loop changes parameters and optimizer state in place right after a version; the
+    files written later on the upload thread must hold the values of the version's step."""
+    from collections import OrderedDict
+
+    import torch
+
+    from trainer.deferred_writes import DeferredWrites
+
+    weight = torch.ones(4)
+    module = OrderedDict(weight=weight, tied=weight)
+    module._metadata = {"": {"version": 1}}
+    state = {"module": module, "optimizer": {"state": {0: {"exp_avg": torch.zeros(4), "step": 3}}},
+             "shape": torch.Size([4]), "lr": [0.1]}
+    engine = DeferredWrites()
+    folder = scratch_dir("version")
+    engine.save(state, str(folder / "model.pt"))
+    engine.take()  # taken, not yet written
+    with pytest.raises(RuntimeError, match="before the previous one's files were written"):
+        engine.save(state, str(folder / "model.pt"))
+    engine._taken = []
+    engine.pending.clear()
+    engine.save(state, str(folder / "model.pt"))
+    weight.add_(1.0)
+    state["optimizer"]["state"][0]["exp_avg"].add_(5.0)
+    state["lr"][0] = 9.0
+    assert not (folder / "model.pt").exists()  # nothing written in the loop
+
+    upload = Upload(Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path)), folder, "step-000003",
+                    engine.take())
+    upload.wait()
+    saved = torch.load(tmp_path / "step-000003" / "model.pt", weights_only=False)
+    assert saved["module"]["weight"].tolist() == [1.0] * 4
+    assert saved["module"]["tied"] is saved["module"]["weight"]  # one tensor saved once
+    assert saved["module"]._metadata == {"": {"version": 1}}
+    assert saved["optimizer"]["state"][0]["exp_avg"].tolist() == [0.0] * 4
+    assert saved["optimizer"]["state"][0]["step"] == 3
+    assert saved["lr"] == [0.1] and saved["shape"].numel() == 4  # DeepSpeed's param_shapes are torch.Size
+
+    # The next version reuses the host buffers, only once the previous files are written.
+    engine.save(state, str(folder / "model.pt"))
+    taken = engine.take()
+    assert taken[0][0]["module"]["weight"].tolist() == [2.0] * 4
+    with pytest.raises(RuntimeError, match="before the previous one's files were written"):
+        engine.save(state, str(folder / "again.pt"))
+
+
 def test_a_failed_upload_is_raised_on_the_training_thread(tmp_path):
     storage = Storage(FlakyFs(failures=100), str(tmp_path / "runs"), "s3://bucket/runs", retry_delays_s=(0.0,))
     folder = scratch_dir("version")

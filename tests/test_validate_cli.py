@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 
 import pytest
 import yaml
@@ -64,7 +65,12 @@ SPEC_MISTAKES = [
     ("mixture", {"strategy": "explicit", "rates": {"sentiment": 1.0}}, ["explicit", "missing: qa, summary"]),
     ("mixture", {"strategy": "capped"}, ["mixture", "needs `cap`"]),
     ("tasks.sentiment.accumulation", 3, ["accumulation", "nothing is left for qa, summary"]),
-    ("tasks.sentiment.prompt", "rate: {txt}", ["tasks.sentiment", "'{txt}' is not a field", "did you mean 'text'"]),
+    ("tasks.sentiment.prompt", "rate: {txt}", ["tasks.sentiment", "'{txt}' cannot be used", "did you mean 'text'"]),
+    # the answer in the prompt: validated before, then a KeyError inside every Ray worker
+    ("tasks.sentiment.prompt", "{text} is {label}", ["tasks.sentiment", "prompt: '{label}' cannot be used in a "
+                                                    "classification prompt (the answer", "{task}, {text}, {text_pair}"]),
+    ("tasks.qa.prompt", "{question} {answers}", ["tasks.qa", "'{answers}' cannot be used", "use {task}, {question}, {context}"]),
+    ("tasks.summary.prompt", "{source} -> {target}", ["tasks.summary", "'{target}' cannot be used", "use {task}, {source}"]),
     ("tasks.sentiment.metrics", ["acuracy"], ["metric 'acuracy'", "did you mean 'accuracy'"]),
     ("tasks.qa.columns", {"qestion": "q"}, ["'qestion' is not a field", "did you mean 'question'"]),
     ("train.micro_batch_size", 0, ["train.micro_batch_size", "greater than or equal to 1"]),
@@ -133,6 +139,12 @@ FILE_MISTAKES = {
         ["deepspeed", "stage must be 0, 1, 2 or 3"]),
     "model folder missing": (lambda d, j: j["model"].update(name_or_path=str(d / "no-model")),
                              ["model.name_or_path", "folder not found"]),
+    "model folder without weights": (
+        lambda d, j: j["model"].update(name_or_path=str(shutil.copytree(
+            j["model"]["name_or_path"], d / "no-weights", ignore=shutil.ignore_patterns("*.safetensors")))),
+        ["model.name_or_path", "no-weights' has no weights", "model.safetensors"]),
+    "max_length beyond the model's positions": (lambda d, j: j["tasks"]["qa"].update(max_length=512),
+                                                ["tasks.qa.max_length: 512 is more than the model's 128 positions"]),
     "fp16 on cpu": (lambda d, j: j["train"].update(precision="fp16"), ["train.precision", "fp16 needs GPUs"]),
     "fewer rows than workers": (lambda d, j: j["scaling"].update(num_workers=41),
                                 ["tasks.sentiment", "40 train rows", "num_workers=41"]),
@@ -141,6 +153,21 @@ FILE_MISTAKES = {
             d / "one.jsonl", [{"text": "great", "label": "positive"}] * 3)),
         ["one.jsonl", "single label 'positive'"]),
 }
+
+
+def test_heads_on_a_decoder_only_model_is_refused_up_front(capsys, data_dir, causal_dir, write_job):
+    job = job_dict(data_dir, str(causal_dir), kind="heads", tasks=("sentiment",))
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2
+    assert "model.kind: heads needs an encoder that reads the whole text (gpt2 is not one" in out
+    assert "use kind: text2text" in out
+
+
+def test_a_hub_id_that_does_not_resolve_is_named_before_training(capsys, data_dir, write_job, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    job = job_dict(data_dir, "bert-bsae-uncased")
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "model.name_or_path: 'bert-bsae-uncased' is not a local folder and the hub is offline" in out
 
 
 def _file(d, name, text):
@@ -229,3 +256,26 @@ def test_hub_dataset_offline_is_a_clear_error(capsys, data_dir, model_dir, write
     job["tasks"]["sentiment"]["data"] = {"hub": "glue", "subset": "sst2"}
     code, out = run(capsys, "validate", write_job(job))
     assert code == 2 and "tasks.sentiment.data.hub" in out and "cannot load hub dataset 'glue'/sst2" in out
+
+
+def test_class_label_columns_train_on_their_names(capsys, data_dir, model_dir, write_job):
+    """Hub datasets (and parquet written by `datasets`) store labels as ClassLabel ints; the model
+    must learn the names, in the dataset's order, and the version must store them."""
+    import datasets
+
+    from launcher.jobfile import parse_job, resolve
+    from trainer.task_data import check_task_data
+
+    features = datasets.Features({"sentence": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["terrible", "great", "unused"])})
+    rows = {"sentence": [f"text {i}" for i in range(8)], "label": [i % 2 for i in range(8)]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(data_dir / "cl.parquet"))
+    job = job_dict(data_dir, str(model_dir), tasks=("sentiment",))
+    job["tasks"]["sentiment"]["data"] = {"train": str(data_dir / "cl.parquet")}
+    job["tasks"]["sentiment"]["columns"] = {"text": "sentence"}
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 0, out
+    assert "labels: terrible, great, unused" in out
+    checked = check_task_data(resolve(parse_job(job)), "sentiment")
+    assert checked.labels == ("terrible", "great", "unused")
+    assert [r["label"] for r in checked.splits["train"][:3]] == ["terrible", "great", "terrible"]

@@ -16,9 +16,10 @@ retention all read that, through `committed_versions`. Ray Train is told metrics
 a checkpoint, so its own bookkeeping holds no versions that could disagree with the folders
 (with reported checkpoints, pruning a version made the next run of the name refuse to start).
 
-Every rank writes its part into a local scratch folder (the only time training waits) and
-uploads it straight into the version's folder on a background thread while training goes on
-(file names never collide: DeepSpeed names shards by rank). Each step's all-reduce carries
+Every rank copies its DeepSpeed state to memory (`trainer.deferred_writes`: the only time training
+waits, a memory copy), then a background thread serialises it into a local scratch folder and
+uploads that straight into the version's folder while training goes on (file names never
+collide: DeepSpeed names shards by rank). Each step's all-reduce carries
 whether each rank's upload has finished; at the first step where all have, rank 0 writes the
 marker. One version is in flight at a time: the next one, a stop and the end wait for it.
 Pruning removes the marker first, so an interrupted delete never leaves a version that looks
@@ -59,6 +60,11 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if state.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_pending(pending: list[tuple[object, str]]) -> None:
+    for state, path in pending:
+        torch.save(state, path)
 
 
 def write_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
@@ -106,24 +112,27 @@ def upload_part(storage, folder: Path, version: str) -> None:
 
 
 class Upload:
-    """This rank's part of a version going to storage on a background thread; the scratch
-    folder is removed once it is there (or the upload failed for good)."""
+    """This rank's part of a version going to storage on a background thread: first the files
+    trainer.deferred_writes holds in memory are written into the scratch folder, then the folder is
+    uploaded and removed (also when the upload failed for good)."""
 
-    def __init__(self, storage, folder: Path, version: str):
+    def __init__(self, storage, folder: Path, version: str, pending: list | None = None):
         self.version = version
         self.error: BaseException | None = None
         self.seconds: float | None = None
-        self._thread = threading.Thread(target=self._run, args=(storage, folder), name=f"mtl-upload-{version}",
+        self._thread = threading.Thread(target=self._run, args=(storage, folder, pending or []), name=f"mtl-upload-{version}",
                                          daemon=True)
         self._thread.start()
 
-    def _run(self, storage, folder: Path) -> None:
+    def _run(self, storage, folder: Path, pending: list) -> None:
         started = time.perf_counter()
         try:
+            write_pending(pending)
             upload_part(storage, folder, self.version)
         except BaseException as exc:  # raised on the training thread by finished()/wait()
             self.error = exc
         finally:
+            pending.clear()  # the memory copies may be reused (trainer.deferred_writes)
             shutil.rmtree(folder, ignore_errors=True)
             self.seconds = time.perf_counter() - started
 

@@ -19,6 +19,7 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
 from trainer.collectives import barrier, to_device
+from trainer.deferred_writes import DeferredWrites
 from trainer.ds_config import job_ds_config
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.job_env import load_job_env
@@ -119,6 +120,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         optimizer, lr_factor(spec.train.lr_schedule, spec.train.warmup_steps, spec.train.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=job_ds_config(spec, world, base=ds_base))
+    engine.checkpoint_engine = DeferredWrites()  # versions: a memory copy in the loop, files on a thread
     engine.train()  # from_pretrained leaves the backbone in eval mode: dropout would be off
     # Dropout differs per rank (as it would on separate machines) but is reproducible.
     seed_everything(spec.train.seed * 1000 + rank + 1)
@@ -343,9 +345,10 @@ def update_best(run: Run, task: str, names: list[str], values: dict) -> None:
 
 
 def save_version(run: Run, metrics: dict) -> None:
-    """Every rank writes its part to local scratch and uploads it on a background thread.
+    """Every rank copies its part to memory, then writes it to local scratch and uploads it on a
+    background thread.
 
-    Training waits only for the local write (and for the previous version, if it is still
+    Training waits only for the copy and the small files (and for the previous version, if it is still
     uploading: one in flight at a time). The version is committed at the first step where every
     rank's upload has finished (fit), or at the end (finish_upload).
     """
@@ -356,11 +359,12 @@ def save_version(run: Run, metrics: dict) -> None:
     name = ckpt.version_name(run.step)
     folder = scratch_dir("version")
     ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
+    state = trainer_state(run)  # on every rank: under ZeRO-3, reading learned weights is a collective
     if run.rank == 0:
-        ckpt.write_global_part(folder, trainer_state=trainer_state(run), job_yaml=job_yaml(run.spec),
+        ckpt.write_global_part(folder, trainer_state=state, job_yaml=job_yaml(run.spec),
                                tokenizer=run.tokenizer, heads=heads_manifest(run),
                                model_config=model_config(run.engine.module))
-    run.upload = ckpt.Upload(run.storage, folder, name)
+    run.upload = ckpt.Upload(run.storage, folder, name, run.engine.checkpoint_engine.take())
     run.blocked_s = time.perf_counter() - started
     ray.train.report(metrics)  # metrics only: the versions' record is the markers on storage
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from trainer.errors import UserError, first_line
 from trainer.task_data import model_encoding
 
@@ -25,3 +27,41 @@ def load_tokenizer_and_encoding(name_or_path: str, kind: str):
     if encoding == "causal" and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only tokenizers often ship without a pad token
     return tokenizer, encoding
+
+
+# What from_pretrained reads a model's weights from (one file, or the index of a sharded one).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int]) -> list[str]:
+    """What the workers would only find out after Ray started: the config or tokenizer does not
+    load, a local folder has no weights, a `max_length` (keyed by the job field that sets it)
+    is beyond the model's positions, or heads are put on a model without a bidirectional encoder."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        tokenizer, _ = load_tokenizer_and_encoding(name_or_path, kind)
+        config = AutoConfig.from_pretrained(name_or_path)
+    except UserError as exc:
+        return [str(exc)]
+    problems = []
+    if os.path.isdir(name_or_path) and not any(os.path.exists(os.path.join(name_or_path, f)) for f in WEIGHT_FILES):
+        problems.append(f"model.name_or_path: '{name_or_path}' has no weights (none of {', '.join(WEIGHT_FILES)})")
+    limit = position_limit(config, tokenizer)
+    for field, length in max_lengths.items():
+        if limit is not None and length > limit:
+            problems.append(f"{field}: {length} is more than the model's {limit} positions")
+    if kind == "heads" and (config.is_encoder_decoder or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
+        problems.append(f"model.kind: heads needs an encoder that reads the whole text ({config.model_type} is not "
+                        "one: its first token, which a head reads, sees nothing after it); use kind: text2text")
+    return problems
+
+
+def position_limit(config, tokenizer) -> int | None:
+    """The longest input the model takes, when it has a limit (absolute position embeddings)."""
+    limits = [getattr(config, a) for a in ("max_position_embeddings", "n_positions") if getattr(config, a, None)]
+    if limits and 0 < getattr(tokenizer, "model_max_length", 0) < 1_000_000:
+        limits.append(tokenizer.model_max_length)  # RoBERTa: 514 embeddings, 512 usable
+    return min(limits) if limits else None

@@ -74,10 +74,14 @@ def _empty(value) -> bool:
 def _check_split(raw: RawSplit, task: str, task_type: TaskType, columns: dict[str, str],
                  ctx: TaskContext, policy: str) -> tuple[list[dict], BadRows]:
     mapping = _columns_for(raw, task, task_type, columns)
+    names = {name: class_label_names(raw, column) for name, column in mapping.items()}
     bad = BadRows(origin=raw.origin, total=len(raw.rows))
     kept = []
     for source in raw.rows:
         row = {name: source[column] for name, column in mapping.items()}
+        for name, values in names.items():  # ClassLabel ints -> their names (-1, "no label", -> None)
+            if values is not None and row[name] is not None:
+                row[name] = values[row[name]] if 0 <= row[name] < len(values) else None
         row[ROW] = source[ROW]
         problem = next((f"empty '{name}' (column '{mapping[name]}')" for name in task_type.required
                         if _empty(row[name])), None)
@@ -101,6 +105,14 @@ def _reason(problem: str) -> str:
     return problem.split(" (")[0].split(": ")[0]
 
 
+def class_label_names(raw: RawSplit, column: str) -> list[str] | None:
+    """The names of a `datasets.ClassLabel` column (hub datasets store labels as their index)."""
+    import datasets
+
+    feature = (getattr(raw.rows, "features", None) or {}).get(column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
 def infer_labels(rows: list[dict]) -> tuple[str, ...]:
     values = {r["label"] for r in rows}
     try:  # numeric labels sort as numbers (2 before 10)
@@ -120,7 +132,8 @@ def check_task(task: str, task_type: TaskType, raw_splits: list[RawSplit], colum
         split_ctx = _with_labels(ctx, fixed)
         splits[raw.split], bad[raw.split] = _check_split(raw, task, task_type, columns, split_ctx, policy)
         if raw.split == "train" and task_type.has_labels and not fixed:
-            fixed = infer_labels(splits["train"])
+            # A ClassLabel column gives the label set and its order; otherwise train's values, sorted.
+            fixed = tuple(class_label_names(raw, columns.get("label", "label")) or infer_labels(splits["train"]))
             if len(fixed) < 2:
                 raise DataError(f"{raw.field} ({raw.origin}): task '{task}' has a single label "
                                 f"'{fixed[0]}' in train; classification needs at least two")

@@ -58,6 +58,7 @@ CLASSIFICATION = register(TaskType(
     name="classification",
     fields=("text", "text_pair", "label"),
     required=("text", "label"),
+    prompt_fields=("text", "text_pair"),
     model_kinds=("heads", "text2text"),
     default_metrics=("accuracy", "macro_f1"),
     allowed_metrics=("accuracy", "macro_f1"),

@@ -139,6 +139,7 @@ EXTRACTIVE_QA = register(TaskType(
     name="extractive_qa",
     fields=("question", "context", "answers"),
     required=("question", "context", "answers"),
+    prompt_fields=("question", "context"),
     model_kinds=("heads", "text2text"),
     default_metrics=("exact_match", "f1"),
     allowed_metrics=("exact_match", "f1"),

@@ -36,6 +36,7 @@ GENERATION = register(TaskType(
     name="generation",
     fields=("source", "target"),
     required=("source", "target"),
+    prompt_fields=("source",),
     model_kinds=("text2text",),
     default_metrics=("rouge",),
     allowed_metrics=("rouge", "exact_match"),

@@ -51,6 +51,7 @@ class TaskType:
     name: str
     fields: tuple[str, ...]
     required: tuple[str, ...]
+    prompt_fields: tuple[str, ...]  # what a prompt may show: the model's inputs, never the answer
     model_kinds: tuple[str, ...]
     default_metrics: tuple[str, ...]
     allowed_metrics: tuple[str, ...]

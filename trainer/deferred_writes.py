@@ -1,0 +1,86 @@
+"""A DeepSpeed checkpoint engine that leaves the writing of a version's files for later.
+
+`engine.save_checkpoint` hands each state dict to its checkpoint engine's `save`; DeepSpeed's
+own engine serialises it there, on the training thread. Here `save` only copies the state to
+host memory, and the version's upload thread (trainer.checkpoint.Upload) writes the copies.
+DeepSpeed's decoupled engine does the same in a subprocess but needs its async-IO op, which
+is not built on every machine.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+
+def snapshot(obj, copy_tensor, memo: dict | None = None):
+    """A copy of a state dict whose tensors are copies (`copy_tensor`), so training can change
+    the originals.
+
+    Containers are copied (their types kept), other values are shared: they are not changed by
+    a training step. A tensor that appears twice is copied once.
+    """
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = copy_tensor(obj)
+        return memo[id(obj)]
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps OrderedDict's _metadata, a defaultdict's factory
+        for key, value in obj.items():
+            out[key] = snapshot(value, copy_tensor, memo)
+        return out
+    if isinstance(obj, list):
+        return [snapshot(v, copy_tensor, memo) for v in obj]
+    if isinstance(obj, tuple):
+        values = [snapshot(v, copy_tensor, memo) for v in obj]
+        if all(a is b for a, b in zip(values, obj)):
+            return obj  # immutable and holds no tensor (torch.Size, shapes): keep it as it is
+        return obj._make(values) if hasattr(obj, "_make") else type(obj)(values)
+    return obj
+
+
+class DeferredWrites(TorchCheckpointEngine):
+    """DeepSpeed's checkpoint engine, with `save` split in two: during `save_checkpoint` each
+    state is copied to host memory (`snapshot`); trainer.checkpoint.write_pending serialises
+    the copies later, on the upload thread. Training waits for a memory copy instead of
+    torch.save and the disk.
+
+    The copies go into the same host buffers each version (in the order DeepSpeed saves, which
+    does not change): fresh memory would cost a page fault per page on every version. The price
+    is host memory for one copy of this rank's state, for the whole run (pinned on GPUs, so the
+    copy from the device is a DMA). A buffer is reused only once the previous version's files
+    are written: `save` refuses to run before.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.pending: list[tuple[object, str]] = []
+        self._taken: list = []  # emptied by write_pending once the files are on disk
+        self._buffers: list[torch.Tensor] = []
+        self._used = 0
+
+    def save(self, state_dict, path: str) -> None:
+        if self._taken:
+            raise RuntimeError("a version was saved before the previous one's files were written")
+        self.pending.append((snapshot(state_dict, self._copy), path))
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        index, self._used = self._used, self._used + 1
+        if index == len(self._buffers):
+            self._buffers.append(None)
+        buffer = self._buffers[index]
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            self._buffers[index] = buffer
+        return buffer.copy_(tensor.detach())
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # every tensor is copied on its own: no view drags its whole buffer along
+
+    def take(self) -> list[tuple[object, str]]:
+        """The states saved since the last take, for write_pending (which empties the list)."""
+        self._taken, self.pending, self._used = self.pending, [], 0
+        return self._taken

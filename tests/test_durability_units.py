@@ -3,6 +3,7 @@ scratch cleanup and stop requests (the end-to-end drills are in test_durable_e2e
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -158,7 +159,7 @@ def test_a_failed_upload_is_raised_on_the_training_thread(tmp_path):
     storage = Storage(FlakyFs(failures=100), str(tmp_path / "runs"), "s3://bucket/runs", retry_delays_s=(0.0,))
     folder = scratch_dir("version")
     (folder / "rng").mkdir()
-    (folder / "rng" / "rank-0.pt").write_bytes(b"x")
+    (folder / "rng" / "rank-0.json").write_bytes(b"x")
     upload = Upload(storage, folder, "step-000003")
     with pytest.raises(StorageError, match="could not upload to s3://bucket/runs/step-000003"):
         upload.wait()
@@ -244,3 +245,48 @@ def test_the_driver_asks_once_then_stops_at_once(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+PICKLE_BOMB = """
+import os, sys, torch
+class Bomb:
+    def __reduce__(self):
+        return (os.mkdir, (sys.argv[2],))
+torch.save({"optimizer_state_dict": {"state": Bomb()}}, sys.argv[1])
+"""
+
+LOAD_LIKE_DEEPSPEED = """
+import sys, torch
+from trainer.safe_load import weights_only_loads
+weights_only_loads()
+try:
+    torch.load(sys.argv[1], weights_only=False)  # what DeepSpeed's loaders pass
+except Exception as exc:
+    print("refused:", type(exc).__name__)
+"""
+
+
+def test_a_version_file_is_never_unpickled_as_code(tmp_path):
+    """Storage is shared: a planted shard must not run code in the workers or in `mtl eval`."""
+    shard, marker = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt", tmp_path / "pwned"
+    subprocess.run([sys.executable, "-c", PICKLE_BOMB, str(shard), str(marker)], check=True)
+    out = subprocess.run([sys.executable, "-c", LOAD_LIKE_DEEPSPEED, str(shard)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, check=True)
+    assert "refused: UnpicklingError" in out.stdout, out.stdout + out.stderr
+    assert not marker.exists()
+
+
+def test_rng_and_data_positions_round_trip_through_json(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from trainer import checkpoint as ckpt
+
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    saved = json.loads(json.dumps(ckpt.capture_rng()))
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.restore_rng(saved)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected

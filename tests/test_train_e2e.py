@@ -66,7 +66,7 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
     assert sorted(p.name for p in straight.glob("step-*")) == ["step-000002", "step-000004"]
     version = straight / "step-000004"
     for part in ("COMMITTED", "trainer_state.json", "job.yaml", "heads.json", "tokenizer/tokenizer.json",
-                 "rng/rank-0.pt", "rng/rank-1.pt", "deepspeed/state/mp_rank_00_model_states.pt",
+                 "rng/rank-0.json", "rng/rank-1.json", "deepspeed/state/mp_rank_00_model_states.pt",
                  "deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                  "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"):
         assert (version / part).exists(), part

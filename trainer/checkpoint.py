@@ -3,7 +3,7 @@
     step-000060/
       deepspeed/state/     engine.save_checkpoint (model, optimizer, scheduler; every rank's shards)
       trainer_state.json   step, planner + weighting state, per-task counters, last metrics (rank 0)
-      rng/rank-<k>.pt      rank k's RNG states (python, numpy, torch) and data stream positions
+      rng/rank-<k>.json    rank k's RNG states (python, numpy, torch) and data stream positions
       job.yaml             the resolved job this version was trained with
       tokenizer/           tokenizer files
       config/              the backbone's (or LM's) transformers config
@@ -50,16 +50,23 @@ def version_name(step: int) -> str:
 
 
 def capture_rng() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """The RNG states as JSON values (a version's files are read back as data, never unpickled)."""
+    version, keys, gauss = random.getstate()
+    kind, keys_np, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(keys), gauss],
+            "numpy": [kind, keys_np.tolist(), int(pos), int(has_gauss), float(cached)],
+            "torch": torch.get_rng_state().tolist(),
+            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
 
 
 def restore_rng(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+    version, keys, gauss = state["python"]
+    random.setstate((version, tuple(keys), gauss))
+    kind, keys_np, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.asarray(keys_np, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
 def write_pending(pending: list[tuple[object, str]]) -> None:
@@ -71,8 +78,8 @@ def write_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
     """What every rank writes: its DeepSpeed shards (a collective call) and its RNG + data positions."""
     engine.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
     (folder / "rng").mkdir(parents=True, exist_ok=True)
-    torch.save({"rng": capture_rng(), "streams": {t: s.state_dict() for t, s in streams.items()}},
-               folder / "rng" / f"rank-{rank}.pt")
+    part = {"rng": capture_rng(), "streams": {t: s.state_dict() for t, s in streams.items()}}
+    (folder / "rng" / f"rank-{rank}.json").write_text(json.dumps(part))
 
 
 def write_global_part(folder: Path, *, trainer_state: dict, job_yaml: str, tokenizer, heads: dict,
@@ -87,7 +94,7 @@ def write_global_part(folder: Path, *, trainer_state: dict, job_yaml: str, token
 
 def read_rank_part(folder: Path, rank: int) -> dict:
     """Rank `rank`'s RNG states and data-stream positions: {"rng": ..., "streams": {task: state}}."""
-    return torch.load(folder / "rng" / f"rank-{rank}.pt", weights_only=False)
+    return json.loads((folder / "rng" / f"rank-{rank}.json").read_text())
 
 
 def load_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
@@ -159,7 +166,7 @@ def rank_needs(relative: str, rank: int) -> bool:
     if shard:
         return int(shard.group(1)) == rank
     if relative.startswith("rng/"):
-        return name == f"rank-{rank}.pt"
+        return name == f"rank-{rank}.json"
     return True
 
 

@@ -77,6 +77,9 @@ class DeferredWrites(TorchCheckpointEngine):
             self._buffers[index] = buffer
         return buffer.copy_(tensor.detach())
 
+    def load(self, path: str, map_location=None):
+        return torch.load(path, map_location=map_location, weights_only=True)  # see trainer.safe_load
+
     def preserves_storage_sharing(self) -> bool:
         return False  # every tensor is copied on its own: no view drags its whole buffer along
 

@@ -29,6 +29,7 @@ from trainer.models import HeadSpec, build_model, lr_factor, model_config, param
 from trainer.resize import load_resized
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
+from trainer.safe_load import weights_only_loads
 from trainer.scratch import remove_orphans, scratch, scratch_dir
 from trainer.stopping import StopRequests, agreed
 from trainer.storage import Storage
@@ -71,6 +72,7 @@ def train_loop_per_worker(config: dict) -> None:
     from launcher.spec import JobSpec
 
     load_job_env()  # secrets a submitted job forwarded (S3, hub token), before storage or the hub is touched
+    weights_only_loads()  # a version on shared storage is data, never code
     quiet_libraries()
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()

@@ -30,7 +30,7 @@ UNIVERSAL_TAG = "state_universal"
 
 def convert_to_universal(ds_folder: Path, stage: int) -> None:
     """`ds_folder/state` (any world size) -> `ds_folder/state_universal`."""
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+    command = [sys.executable, "-m", "trainer.safe_load", "deepspeed.checkpoint.ds_to_universal",
                "--input_folder", str(ds_folder / ckpt.DS_TAG), "--output_folder", str(ds_folder / UNIVERSAL_TAG),
                "--num_extract_workers", "1", "--num_merge_workers", "1"]
     if stage in (1, 2):  # a plain nn.Module never records the partition info the converter expects
@@ -83,7 +83,7 @@ def _restore_zero3_param_groups(engine, universal: Path) -> None:
     """DeepSpeed's ZeRO-3 universal load (0.19) gives every param group the first group's
     hyper-parameters (the no-decay group gets weight decay) and one shared `step` tensor,
     which AdamW then advances once per group; put back what the version saved."""
-    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=False)["optimizer_state_dict"]
+    saved = torch.load(universal / "zero" / "optimizer_state.pt", weights_only=True)["optimizer_state_dict"]
     optimizer = engine.optimizer.optimizer
     for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
         group.update({k: v for k, v in saved_group.items() if k != "params"})

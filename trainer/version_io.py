@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from trainer.checkpoint import DS_TAG
+from trainer.safe_load import weights_only_loads
 from trainer.errors import UserError
 from trainer.models import HeadSpec, MultiTaskModel, build_model_from_config
 from trainer.weighting import UncertaintyWeighting
@@ -39,19 +40,20 @@ def consolidated_state_dict(ds_folder: Path) -> dict[str, torch.Tensor]:
 
         with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
             return get_fp32_state_dict_from_zero_checkpoint(str(ds_folder), tag=DS_TAG)
-    module = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+    module = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
     return {k: v.float() for k, v in module.items()}
 
 
 def _zero_stage(state_dir: Path) -> int:
     first = sorted(state_dir.glob("*optim_states.pt"))[0]
-    state = torch.load(first, map_location="cpu", weights_only=False)
+    state = torch.load(first, map_location="cpu", weights_only=True)
     return int(state["optimizer_state_dict"].get("zero_stage", 0))
 
 
 def load_version(folder: str | Path) -> LoadedVersion:
     from transformers import AutoConfig, AutoTokenizer
 
+    weights_only_loads()  # DeepSpeed's consolidation loads the shards itself
     folder = Path(folder)
     if not (folder / "COMMITTED").exists():
         raise UserError(f"{folder} is not a committed version (no COMMITTED marker)")

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 
+from launcher.console import quiet_driver_libraries
 from trainer.errors import RunStopped, UserError
 
 EXAMPLES = """examples:
@@ -230,7 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _training_failed() -> type[Exception]:
+    """Ray Train's failed-run error; imported only when an error reaches it (Ray is slow to import)."""
+    from ray.train import TrainingFailedError
+
+    return TrainingFailedError
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_driver_libraries()
     parser = build_parser()
     # Overrides may come after flags (`mtl validate JOB --print train.steps=20`).
     args, extra = parser.parse_known_args(argv)
@@ -246,9 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"mtl {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # a failed Ray Train run: say what the workers said, not the driver's stack
-        if type(exc).__name__ not in ("WorkerGroupError", "TrainingFailedError", "ControllerError"):
-            raise
+    except _training_failed() as exc:  # what the workers said, not the driver's stack
         print(f"mtl {args.command}: training failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -14,6 +14,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 
+from launcher.console import plain_ray_logging, tidy_worker_output
 from launcher.jobfile import dump_job
 from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_bundle
 from launcher.spec import JobSpec
@@ -71,7 +72,7 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
                                  failure_config=FailureConfig(max_failures=spec.train.max_failures),
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
-        with stop_on_signals(run_id, spec.train.stop_grace_s) as asked:
+        with stop_on_signals(run_id, spec.train.stop_grace_s) as asked, workers_user_errors():
             result = trainer.fit()
         clear_stop(run_id)
     finally:
@@ -83,6 +84,22 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
                                                           if latest else "; no version was written"),
                          128 + asked[0].value)
     return summarize(spec, storage, result)
+
+
+@contextmanager
+def workers_user_errors():
+    """A mistake the workers found (a bad row, a file missing on their node) is raised here as the
+    UserError it was, with its own message, instead of inside Ray's failure report."""
+    from ray.train import TrainingFailedError
+
+    try:
+        yield
+    except TrainingFailedError as exc:
+        for failure in getattr(exc, "worker_failures", {}).values():
+            cause = getattr(failure, "_base_exc", failure)  # Ray wraps it with its traceback's text
+            if isinstance(cause, UserError):
+                raise cause from None
+        raise
 
 
 @contextmanager
@@ -194,7 +211,9 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
     if address is None:
         # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
         kwargs.setdefault("dashboard_host", "127.0.0.1")
+    plain_ray_logging()
     ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+    tidy_worker_output()
 
 
 def submitted_job_env() -> set[str]:

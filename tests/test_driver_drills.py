@@ -100,6 +100,11 @@ def test_ctrl_c_writes_a_version_where_the_run_is_and_leaves_nothing_behind(data
         assert first.finish(timeout=120) == 130, first.text()
         stopped = int(re.search(r"stopped by SIGINT at step-(\d+); run the same command to resume", first.text())[1])
         assert stopped >= 5 and committed(run) == [stopped]
+        console = first.text()  # a file, not a terminal: what a log or CI keeps
+        assert "\x1b[" not in console, "colour codes in non-terminal output"
+        for noise in ("PreemptionWatcher", "built successfully", "Setting accelerator to CPU"):
+            assert noise not in console, f"{noise!r} reached the console:\n{console}"
+        assert re.search(r"step 5/400 \| loss sentiment [\d.]+ \| grad norm [\d.]+ \| .* \| eta \d+", console), console
         left = first.leftovers()
         assert not left, f"an interrupt left Ray processes behind: {left}"
     finally:

@@ -290,3 +290,16 @@ def test_rng_and_data_positions_round_trip_through_json(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     ckpt.restore_rng(saved)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
+
+def test_console_noise_is_recognised_and_useful_lines_are_kept():
+    from launcher.console import is_noise
+    from trainer.reporting import duration
+
+    assert is_noise("[2026-11-26 03:29:12,451 E 19960 19989] core_worker.cc:2465: Actor with class name: "
+                    "'PreemptionWatcher' and ID: '16433c' has constructor arguments in the object store and "
+                    "max_restarts > 0.")
+    assert is_noise("DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully")
+    assert not is_noise("[mtl] step 4/6 | loss sentiment 0.878 | grad norm 14.6")
+    assert not is_noise("core_worker.cc:2465: Actor with class name: 'MyActor' died")  # others' errors stay
+    assert [duration(9.4), duration(312), duration(3725)] == ["9s", "5m12s", "1h02m"]

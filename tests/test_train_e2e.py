@@ -210,6 +210,33 @@ def test_an_impossible_request_stops_before_ray_train_waits(ray_cluster, data_di
         run_job(job)
 
 
+def test_a_mistake_only_the_workers_see_is_reported_as_theirs(ray_cluster, data_dir, model_dir, tmp_path,
+                                                              capsys, monkeypatch, write_job):
+    """A data file that differs on the workers' node (here: broken after the driver checked it)
+    gives the worker's own message, once, and exit code 2 like every other user error."""
+    import launcher.run
+    from launcher.cli import main
+
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+    job.update(name="node-differs", storage={"path": str(tmp_path / "runs")})
+    job["tasks"]["sentiment"]["bad_rows"] = "error"
+    train_file = Path(job["tasks"]["sentiment"]["data"]["train"])
+    checked = launcher.run.require_valid
+
+    def check_then_break(spec, **kwargs):
+        report = checked(spec, **kwargs)
+        train_file.write_text(train_file.read_text() + '{"text": " ", "label": "positive"}\n')
+        return report
+
+    monkeypatch.setattr(launcher.run, "require_valid", check_then_break)
+    code = main(["train", write_job(job)])
+    out = capsys.readouterr()
+    assert code == 2, out.err[-3000:]
+    message = "mtl train: error: tasks.sentiment.data.train"
+    assert message in out.err and "row 41: empty 'text'" in out.err
+    assert out.err.count(message) == 1 and "Training failed due to worker errors" not in out.err
+
+
 def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_cluster, data_dir, model_dir, tmp_path):
     """Pruned versions used to stay in Ray's checkpoint record, and the next run of the name refused to start."""
     import shutil

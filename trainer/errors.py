@@ -14,8 +14,11 @@ class SpecError(UserError, ValueError):
     """A job spec field is wrong; `field` is its dotted path (a ValueError so pydantic reports it)."""
 
     def __init__(self, field: str, message: str):
-        self.field = field
+        self.field, self.message = field, message
         super().__init__(f"{field}: {message}" if field else message)
+
+    def __reduce__(self):  # raised in a worker, it crosses to the driver pickled
+        return (self.__class__, (self.field, self.message))
 
 
 class RunStopped(Exception):

@@ -61,6 +61,7 @@ class Run:
     stops: StopRequests | None = None  # set by train_loop_per_worker before fit
     upload: ckpt.Upload | None = None  # this rank's part of the version in flight
     blocked_s: float = 0.0  # how long the version in flight kept training waiting
+    recent_step_s: list = field(default_factory=list)  # the last steps' times, for the ETA
 
 
 class WorkerStopped(RuntimeError):
@@ -297,7 +298,10 @@ def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dic
     lr = run.engine.get_lr()[0]
     tokens = sum(v["real_tokens"] for v in per_task.values())
     rates = run.planner.expected_rates()
-    metrics = {"step": run.step, "lr": float(lr), "step_time": seconds, "tokens_per_s": tokens / seconds}
+    norm = run.engine.get_global_grad_norm()  # of this step's gradients, before clipping
+    metrics = {"step": run.step, "lr": float(lr), "step_time": seconds, "tokens_per_s": tokens / seconds,
+               "grad_norm": float(norm) if norm is not None else None}
+    run.recent_step_s = [*run.recent_step_s[-19:], seconds]
     for task, v in per_task.items():
         metrics.update({f"loss/{task}": v["loss"], f"weight/{task}": weights[task], f"rate/{task}": float(rates[task]),
                         f"micro_batches/{task}": v["micro_batches"],
@@ -305,7 +309,9 @@ def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dic
                         f"examples_seen/{task}": run.seen[task]["examples"]})
     if run.rank == 0:
         if run.step % run.spec.train.log_every == 0 or run.step == run.spec.train.steps:
-            say(step_line(run.step, run.spec.train.steps, per_task, lr, seconds, metrics["tokens_per_s"]))
+            eta = (run.spec.train.steps - run.step) * sum(run.recent_step_s) / len(run.recent_step_s)
+            say(step_line(run.step, run.spec.train.steps, per_task, lr, seconds, metrics["tokens_per_s"],
+                          grad_norm=metrics["grad_norm"], eta_s=eta))
         run.board.scalars({k: v for k, v in metrics.items() if k != "step"}, run.step)
     return metrics
 

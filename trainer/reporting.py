@@ -80,9 +80,23 @@ class StepStats:
         return out, summed[self.values.numel():].tolist()
 
 
-def step_line(step: int, total: int, per_task: dict, lr: float, seconds: float, tokens_per_s: float) -> str:
+def step_line(step: int, total: int, per_task: dict, lr: float, seconds: float, tokens_per_s: float, *,
+              grad_norm: float | None = None, eta_s: float | None = None) -> str:
     losses = " ".join(f"{t} {v['loss']:.3f}" for t, v in per_task.items() if v["micro_batches"])
-    return f"[mtl] step {step}/{total} | loss {losses} | lr {lr:.2e} | {seconds:.2f}s | {tokens_per_s:.0f} tok/s"
+    norm = f" | grad norm {grad_norm:.3g}" if grad_norm is not None else ""
+    eta = f" | eta {duration(eta_s)}" if eta_s is not None and step < total else ""
+    return (f"[mtl] step {step}/{total} | loss {losses}{norm} | lr {lr:.2e} | {seconds:.2f}s | "
+            f"{tokens_per_s:.0f} tok/s{eta}")
+
+
+def duration(seconds: float) -> str:
+    """3725 -> '1h02m', 312 -> '5m12s', 9.4 -> '9s'."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
 
 
 class Board:

@@ -14,10 +14,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+import ds_configs
+
 from launcher.spec import JobSpec
 from trainer.errors import UserError, did_you_mean
 
-SHIPPED_DS_CONFIGS = Path(__file__).resolve().parent.parent / "ds_configs"
+SHIPPED_DS_CONFIGS = Path(ds_configs.__file__).resolve().parent  # package data: found wherever mtl runs
 
 
 class JobErrors(UserError):
@@ -63,7 +65,7 @@ def merge(base: dict, overrides: dict, path: str = "") -> dict:
 def read_yaml(path: str) -> dict:
     try:
         with open(path) as fh:
-            data = yaml.safe_load(fh)
+            data = yaml.load(fh, Loader=_UniqueKeyLoader)
     except FileNotFoundError:
         raise UserError(f"job file not found: '{path}'") from None
     except yaml.YAMLError as exc:
@@ -71,6 +73,22 @@ def read_yaml(path: str) -> dict:
     if not isinstance(data, dict):
         raise UserError(f"{path}: a job file must be a YAML mapping (name:, model:, tasks:, ...)")
     return data
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML keeps the last of two equal keys without a word; a job that names a task twice
+    (a copy-paste slip) would silently lose one."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"'{key}' appears twice in the same mapping (first on line {seen[key] + 1}); "
+                    "YAML would keep only the last one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def load_job(path: str, overrides: list[str] | None = None, *, resolve_paths: bool = True) -> JobSpec:

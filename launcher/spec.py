@@ -269,7 +269,7 @@ class JobSpec(_Strict):
     mixture: MixtureSpec = Field(default_factory=MixtureSpec)
     loss_weighting: WeightingSpec = Field(default_factory=WeightingSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
-    deepspeed: str = Field("ds_configs/zero2.json", description="DeepSpeed JSON (a path, or a shipped name: zero0 … zero3_offload); "
+    deepspeed: str = Field("zero2", description="DeepSpeed JSON (a path, or a shipped name: zero0 … zero3_offload); "
                            "batch numbers, clipping and precision are filled in from the job.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)

@@ -16,6 +16,7 @@ from launcher.spec import JobSpec
 from trainer.ds_config import job_ds_config
 from trainer.errors import UserError
 from trainer.model_io import check_model
+from trainer.storage import storage_problem
 from trainer.prepare import CheckedTask
 from trainer.task_data import check_task_data
 
@@ -43,6 +44,9 @@ def validate_job(spec: JobSpec, *, check_files: bool = True) -> Report:
     report = Report()
     _check_deepspeed(spec, report)
     if check_files:
+        problem = storage_problem(spec.storage)
+        if problem:
+            report.errors.append(problem)
         _check_model(spec, report)
         for name in spec.tasks:
             try:
@@ -70,9 +74,16 @@ def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Repor
             report.notes.append(f"  {name}/{split} ({bad.origin}): {bad.summary()}")
     if "validation" not in checked.splits:
         report.notes.append(f"  {name}: no validation split; it is not evaluated during training")
-    if len(checked.splits["train"]) < spec.scaling.num_workers:
-        report.errors.append(f"tasks.{name}: {len(checked.splits['train'])} train rows cannot be shared by "
-                             f"scaling.num_workers={spec.scaling.num_workers} workers")
+    rows, workers = len(checked.splits["train"]), spec.scaling.num_workers
+    task = spec.tasks[name]
+    batch = task.micro_batch_size or (None if task.max_tokens else spec.train.micro_batch_size)
+    field = f"tasks.{name}.micro_batch_size" if task.micro_batch_size else "train.micro_batch_size"
+    if rows < workers:
+        report.errors.append(f"tasks.{name}: {rows} train rows cannot be shared by "
+                             f"scaling.num_workers={workers} workers")
+    elif batch and rows // workers < batch:
+        report.errors.append(f"{field}: {batch} is more than the {rows // workers} train rows each worker gets "
+                             f"of task '{name}' ({rows} rows / {workers} workers)")
 
 
 def _check_deepspeed(spec: JobSpec, report: Report) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -36,6 +37,49 @@ def test_print_shows_resolved_job_with_overrides_and_defaults(capsys, data_dir, 
     assert resolved["mixture"]["strategy"] == "uniform"
     assert resolved["loss_weighting"]["strategy"] == "static"  # a default, filled in
     assert resolved["deepspeed"].endswith("ds_configs/zero2.json")
+
+
+def test_the_default_deepspeed_config_is_found_from_any_folder(capsys, data_dir, model_dir, write_job, tmp_path,
+                                                               monkeypatch):
+    job = job_dict(data_dir, str(model_dir))
+    job.pop("deepspeed", None)
+    path = write_job(job)
+    monkeypatch.chdir(tmp_path)
+    code, out = run(capsys, "validate", path, "--print")
+    assert code == 0, out
+    assert Path(yaml.safe_load(out.split("sentiment (classification)")[0])["deepspeed"]).is_file()
+
+
+def test_a_task_named_twice_in_the_yaml_is_refused(capsys, data_dir, model_dir, write_job, tmp_path):
+    text = Path(write_job(job_dict(data_dir, str(model_dir)))).read_text()
+    twice = text.replace("  qa:\n", "  sentiment:\n", 1)
+    (tmp_path / "twice.yaml").write_text(twice)
+    code, out = run(capsys, "validate", str(tmp_path / "twice.yaml"))
+    assert code == 2 and "'sentiment' appears twice in the same mapping (first on line" in out
+    assert "twice.yaml\", line" in out
+
+
+def test_an_s3_endpoint_that_does_not_answer_is_named_in_bounded_time(capsys, data_dir, model_dir, write_job,
+                                                                      monkeypatch):
+    import socket
+    import time
+
+    import trainer.storage
+
+    silent = socket.socket()  # accepts connections, never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    monkeypatch.setattr(trainer.storage, "PROBE_TIMEOUT_S", 2.0)
+    job = job_dict(data_dir, str(model_dir))
+    endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    job["storage"] = {"path": "s3://bucket/runs", "endpoint_url": endpoint, "region": "us-east-1"}
+    started = time.monotonic()
+    try:
+        code, out = run(capsys, "validate", write_job(job))
+    finally:
+        silent.close()
+    assert code == 2 and f"storage.path: no answer from s3://bucket/runs at {endpoint} within 2s" in out
+    assert time.monotonic() - started < 30
 
 
 def _break(job: dict, path: str, value) -> dict:
@@ -124,7 +168,15 @@ FILE_MISTAKES = {
     "empty split": (lambda d, j: j["tasks"]["summary"]["data"].update(test=_empty_file(d)),
                     ["tasks.summary.data.test", "empty.jsonl"]),
     "broken json line": (lambda d, j: j["tasks"]["summary"]["data"].update(train=_broken_file(d)),
-                         ["tasks.summary.data.train", "broken.jsonl", "cannot read"]),
+                         ["tasks.summary.data.train", "broken.jsonl", "line 2: Unterminated string"]),
+    "binary data file": (lambda d, j: j["tasks"]["summary"]["data"].update(
+                             train=_binary_file(d)), ["tasks.summary.data.train", "is not UTF-8 text (a binary file?)"]),
+    "micro-batch larger than a worker's shard": (
+        lambda d, j: j["train"].update(micro_batch_size=21),
+        ["train.micro_batch_size: 21 is more than the 20 train rows each worker gets of task 'sentiment' (40 rows / 2 workers)"]),
+    "storage path that cannot be written": (
+        lambda d, j: j.update(storage={"path": str(Path(_file(d, "plain-file", "x")) / "runs")}),
+        ["storage.path: cannot write to", "plain-file/runs", "plain-file' is not a folder"]),
     "unknown extension": (lambda d, j: j["tasks"]["summary"]["data"].update(train=_file(d, "x.txt", "hi")),
                           ["tasks.summary.data.train", "cannot tell the format", "data.format"]),
     "missing deepspeed file": (lambda d, j: j.update(deepspeed=str(d / "zero9.json")),
@@ -177,6 +229,11 @@ def _file(d, name, text):
 
 def _empty_file(d):
     return _file(d, "empty.jsonl", "")
+
+
+def _binary_file(d):
+    (d / "blob.jsonl").write_bytes(bytes(range(256)) * 8)
+    return str(d / "blob.jsonl")
 
 
 def _broken_file(d):
@@ -243,7 +300,7 @@ def test_job_file_problems(capsys, tmp_path):
     assert code == 2 and "must be a YAML mapping" in out
     (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
     code, out = run(capsys, "validate", str(tmp_path / "bad.yaml"))
-    assert code == 2 and "not valid YAML" in out
+    assert code == 2 and "not valid YAML" in out and "line 2, column 1" in out
 
 
 def test_bad_override_syntax(capsys, data_dir, model_dir, write_job):
@@ -256,6 +313,7 @@ def test_hub_dataset_offline_is_a_clear_error(capsys, data_dir, model_dir, write
     job["tasks"]["sentiment"]["data"] = {"hub": "glue", "subset": "sst2"}
     code, out = run(capsys, "validate", write_job(job))
     assert code == 2 and "tasks.sentiment.data.hub" in out and "cannot load hub dataset 'glue'/sst2" in out
+    assert "The hub is unreachable (HF_HUB_OFFLINE is set)" in out and "tasks.sentiment.data.train" in out
 
 
 def test_class_label_columns_train_on_their_names(capsys, data_dir, model_dir, write_job):

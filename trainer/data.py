@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -65,8 +66,35 @@ def read_file(path: str, fmt: str | None, field: str):
         with _quiet_datasets():
             ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as exc:  # the datasets builders raise many types; the user needs the file and the reason
-        raise DataError(f"{field}: cannot read '{path}' as {builder}: {last_line(exc)}") from exc
+        reason = unreadable_text(files, builder) or last_line(exc)
+        raise DataError(f"{field}: cannot read '{path}' as {builder}: {reason}") from exc
     return ds.add_column(ROW, list(range(1, len(ds) + 1)))
+
+
+def unreadable_text(files: list[str], builder: str) -> str | None:
+    """Why a file failed to load, with its line, when datasets only says that generating the
+    dataset failed: it is not UTF-8 text (a binary file), or a JSON Lines line does not parse."""
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as exc:
+            line = open(path, "rb").read()[:exc.start].count(b"\n") + 1
+            return f"'{path}' is not UTF-8 text (a binary file?): byte {exc.start} on line {line}"
+        if builder != "json":
+            continue
+        try:
+            json.loads(text)  # one JSON document (an array of rows) is fine as it is
+            continue
+        except ValueError:
+            pass
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as exc:
+                    return f"'{path}' line {number}: {exc}"
+    return None
 
 
 @contextlib.contextmanager
@@ -101,8 +129,15 @@ def read_hub(name: str, subset: str | None, roles: dict[str, str] | None, field:
     try:
         loaded = datasets.load_dataset(name, subset)
     except Exception as exc:
+        offline = [v for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(v, "0") not in ("0", "")]
+        hint = ""
+        if offline or isinstance(exc, ConnectionError) or "Couldn't reach" in str(exc):
+            task = field.split(".")[1]
+            hint = (f". The hub is unreachable{f' ({offline[0]} is set)' if offline else ''}: save the dataset "
+                    f"where it is reachable (datasets.load_dataset('{name}'{f', {subset!r}' if subset else ''})"
+                    f"[split].to_json('train.jsonl')) and give the files as tasks.{task}.data.train / validation / test")
         raise DataError(f"{field}: cannot load hub dataset '{name}'{f'/{subset}' if subset else ''}: "
-                        f"{last_line(exc)}") from exc
+                        f"{last_line(exc)}{hint}") from exc
     roles = roles or {s: s for s in SPLITS if s in loaded}
     out = {}
     for role, hub_split in roles.items():

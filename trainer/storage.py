@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 
@@ -162,6 +164,49 @@ def open_storage(spec) -> Storage:
     path = os.path.abspath(spec.path)
     os.makedirs(path, exist_ok=True)
     return Storage(pafs.LocalFileSystem(), path, path)
+
+
+PROBE_TIMEOUT_S = 15.0
+
+
+def storage_problem(spec, timeout_s: float | None = None) -> str | None:
+    """Why the run could not write its versions to `spec.path`, found out in bounded time before
+    any worker starts; None when it can. A local path needs a writable folder on its way; a
+    remote one must answer one listing (pyarrow's own retries can take minutes against a dead
+    endpoint, so the listing runs on a thread with a deadline)."""
+    if "://" not in spec.path:
+        path = existing = os.path.abspath(spec.path)
+        while not os.path.exists(existing):  # the run makes the missing folders: the first one there must take them
+            existing = os.path.dirname(existing)
+        try:  # a file written and removed (permissions alone miss read-only mounts); nothing is left behind
+            if not os.path.isdir(existing):
+                raise NotADirectoryError(20, f"'{existing}' is not a folder")
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as exc:
+            return f"storage.path: cannot write to '{path}': {exc.strerror or exc}"
+        return None
+    timeout_s = PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+    where = f"{spec.path} at {spec.endpoint_url}" if getattr(spec, "endpoint_url", None) else spec.path
+    outcome: list = []
+
+    def probe() -> None:
+        try:
+            storage = open_storage(spec)
+            storage.fs.get_file_info(storage.path())
+            outcome.append(None)
+        except BaseException as exc:  # reported below, on the calling thread
+            outcome.append(exc)
+
+    thread = threading.Thread(target=probe, name="mtl-storage-probe", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return f"storage.path: no answer from {where} within {timeout_s:g}s (is the endpoint up and reachable?)"
+    if outcome[0] is not None:
+        if isinstance(outcome[0], UserError):
+            return str(outcome[0])
+        return f"storage.path: cannot reach {where}: {first_line(outcome[0])}"
+    return None
 
 
 def _s3_credentials_from_env() -> dict[str, str]:

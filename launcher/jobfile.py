@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 
 import ds_configs
 
-from launcher.spec import JobSpec
+from trainer.spec import JobSpec
 from trainer.errors import UserError, did_you_mean
 
 SHIPPED_DS_CONFIGS = Path(ds_configs.__file__).resolve().parent  # package data: found wherever mtl runs

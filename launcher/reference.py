@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from launcher.jobfile import model_in
-from launcher.spec import JobSpec
+from trainer.spec import JobSpec
 from trainer.tasks import registry
 
 BEGIN = "<!-- BEGIN GENERATED: mtl schema -->"

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from launcher.console import plain_ray_logging, tidy_worker_output
 from launcher.jobfile import dump_job
 from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_bundle
-from launcher.spec import JobSpec
+from trainer.spec import JobSpec
 from launcher.validate import require_valid
 from launcher.versions import resume_point
 from trainer.ds_config import read_ds_config

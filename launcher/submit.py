@@ -3,7 +3,8 @@
 A submission validates the job here first (the same checks as `mtl validate`), then ships a
 package Ray unpacks on the cluster as the job's working directory:
 
-    launcher/ trainer/        this project's code, so the cluster runs the version you have
+    launcher/ trainer/ ds_configs/   this project's code (and shipped configs), so the cluster
+                              runs the version you have
     .mtl/job.yaml             the resolved job (no secrets in it)
     .mtl/deepspeed.json       its DeepSpeed config (the job names it relatively)
     .mtl/env.json             forwarded secrets (HF_TOKEN, S3 credentials), mode 0600
@@ -28,7 +29,7 @@ from urllib.parse import urlparse
 
 from launcher.jobfile import dump_job
 from launcher.ray_auth import jobs_client
-from launcher.spec import JobSpec
+from trainer.spec import JobSpec
 from launcher.validate import require_valid
 from trainer.ds_config import read_ds_config
 from trainer.errors import UserError, first_line
@@ -79,11 +80,12 @@ def submit(spec: JobSpec, address: str, *, wait: bool = False, on_change: str = 
 
 def package(spec: JobSpec, folder: Path) -> None:
     """The job's working directory on the cluster (see the module docstring)."""
+    import ds_configs
     import launcher
     import trainer
 
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
-    for module in (launcher, trainer):
+    for module in (launcher, trainer, ds_configs):
         source = Path(module.__file__).resolve().parent
         shutil.copytree(source, folder / source.name, ignore=ignore)
     meta = folder / ".mtl"

@@ -1,6 +1,6 @@
 """Everything that can be checked before any resource starts.
 
-The typed tree (launcher.spec) has already checked shapes, names and ranges. Here we read
+The typed tree (trainer.spec) has already checked shapes, names and ranges. Here we read
 what the job points at: the DeepSpeed JSON (and its agreement with the derived batch
 numbers), the model folder, and every data file — columns present in every split, each
 row checked by its task type, labels consistent across splits. All problems of all tasks
@@ -12,12 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from launcher.spec import JobSpec
+from trainer.spec import JobSpec
 from trainer.ds_config import job_ds_config
 from trainer.errors import UserError
 from trainer.model_io import check_model
 from trainer.storage import storage_problem
-from trainer.prepare import CheckedTask
+from trainer.check_encode import CheckedTask
 from trainer.task_data import check_task_data
 
 

@@ -90,6 +90,7 @@ def test_the_package_ships_code_and_job_and_keeps_secrets_out_of_metadata(tmp_pa
     folder.mkdir()
     submit.package(spec, folder)
     assert (folder / "launcher" / "cli.py").exists() and (folder / "trainer" / "loop.py").exists()
+    assert (folder / "ds_configs" / "zero3.json").exists()  # shipped names resolve on the cluster too
     assert not list(folder.rglob("__pycache__"))
     job = (folder / ".mtl" / "job.yaml").read_text()
     assert "deepspeed: .mtl/deepspeed.json" in job and "secret" not in job
@@ -203,6 +204,17 @@ def test_step_statistics_are_reduced_on_the_workers_device(monkeypatch):
         fake(stats.values)
 
 
+def test_the_worker_library_never_imports_the_driver():
+    """Dependencies point one way: launcher/ (driver) -> trainer/ (worker library)."""
+    offenders = []
+    for path in (REPO / "trainer").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names if n.split(".")[0] == "launcher"]
+    assert not offenders, offenders
+
+
 def test_no_collective_is_called_outside_the_collectives_module():
     calls = {"all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "reduce",
              "gather", "scatter", "barrier", "reduce_scatter"}
@@ -225,7 +237,7 @@ def test_no_collective_is_called_outside_the_collectives_module():
 def test_storage_uris_open_through_pyarrow_or_fail_clearly(tmp_path):
     import pyarrow.fs as pafs
 
-    from launcher.spec import StorageSpec
+    from trainer.spec import StorageSpec
     from trainer.errors import SpecError
     from trainer.storage import open_storage
 
@@ -254,7 +266,7 @@ def test_s3_keys_from_the_environment_travel_with_the_pickled_filesystem(monkeyp
     """Ray pickles the storage filesystem to its controller and workers, whose environment may lack the keys."""
     import pickle
 
-    from launcher.spec import StorageSpec
+    from trainer.spec import StorageSpec
     from trainer.storage import open_storage
 
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
-from launcher.demo_data import aclsum_rows, quoref_rows, sentiment_rows, split_rows
+from conftest import REPO
+
+sys.path.insert(0, str(REPO / "scripts"))  # the demo's data preparation is a script, not part of the package
+from demo_data import aclsum_rows, quoref_rows, sentiment_rows, split_rows
 from trainer.tasks.extractive_qa import normalize_answers
 
 

@@ -11,7 +11,7 @@ from conftest import job_dict
 from launcher.drift import schedule_note, training_differences
 from launcher.jobfile import dump_job, parse_job, resolve
 from launcher.run import check_drift
-from launcher.spec import StorageSpec
+from trainer.spec import StorageSpec
 from trainer.errors import UserError
 from trainer.storage import open_storage
 

@@ -63,7 +63,7 @@ def test_a_missing_file_is_an_answer_not_a_failure(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_an_unreachable_s3_endpoint_is_a_clear_error():
-    from launcher.spec import StorageSpec
+    from trainer.spec import StorageSpec
     from launcher.local_cluster import free_port
     from trainer.storage import open_storage
 

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from conftest import qa_rows
-from trainer.prepare import encode_split
+from trainer.check_encode import encode_split
 from trainer.tasks import registry
 from trainer.tasks.extractive_qa import normalize_answers
 from trainer.tasks.registry import TaskContext

@@ -65,7 +65,7 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
     # ... the version folders and what they hold,
     assert sorted(p.name for p in straight.glob("step-*")) == ["step-000002", "step-000004"]
     version = straight / "step-000004"
-    for part in ("COMMITTED", "trainer_state.json", "job.yaml", "heads.json", "tokenizer/tokenizer.json",
+    for part in ("COMMITTED", "trainer_state.json", "job.yaml", "tasks.json", "tokenizer/tokenizer.json",
                  "rng/rank-0.json", "rng/rank-1.json", "deepspeed/state/mp_rank_00_model_states.pt",
                  "deepspeed/state/zero_pp_rank_0_mp_rank_00_optim_states.pt",
                  "deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt"):
@@ -74,7 +74,7 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
     assert state["step"] == 4 and state["world_size"] == 2
     assert set(state["seen"]) == {"sentiment", "qa", "summary"}
     assert sum(v["examples"] for v in state["seen"].values()) > 0
-    heads = json.loads((version / "heads.json").read_text())
+    heads = json.loads((version / "tasks.json").read_text())
     assert heads["encoding"] == "seq2seq" and heads["tasks"]["sentiment"]["labels"] == ["negative", "positive"]
     assert yaml.safe_load((version / "job.yaml").read_text())["name"] == "straight"
     evals = json.loads((straight / "evals" / "step-000004" / "validation.json").read_text())
@@ -317,7 +317,7 @@ def _interrupt_a_worker(job: dict, after: Path, sig) -> None:
 def test_s3_storage_end_to_end(ray_cluster, data_dir, model_dir, tmp_path, s3_server, monkeypatch):
     """Train, version, stream TensorBoard, resume and evaluate against a real S3-compatible server;
     the keys come from the environment and are written nowhere."""
-    from launcher.spec import StorageSpec
+    from trainer.spec import StorageSpec
     from trainer import checkpoint as ckpt
     from trainer.storage import open_storage
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from launcher.spec import StorageSpec
+from trainer.spec import StorageSpec
 from trainer.storage import open_storage
 from launcher.versions import pick_version, resume_point
 from trainer.checkpoint import committed_versions
@@ -39,7 +39,7 @@ def test_only_committed_versions_count(storage):
 
 
 def test_resuming_on_another_world_size_says_what_changes(storage):
-    from launcher.spec import TrainSpec
+    from trainer.spec import TrainSpec
 
     train = TrainSpec(micro_batches_per_step=4)
     assert resume_point(storage, "exp", train, 2) == ("step-000004", None)

@@ -20,7 +20,7 @@ from conftest import qa_rows, sentiment_rows
 from trainer.batching import TaskStream
 from trainer.loop import run_plan
 from trainer.models import HeadSpec, build_model
-from trainer.prepare import encode_split
+from trainer.check_encode import encode_split
 from trainer.tasks import registry
 from trainer.tasks.registry import TaskContext
 

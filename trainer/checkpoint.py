@@ -7,7 +7,7 @@
       job.yaml             the resolved job this version was trained with
       tokenizer/           tokenizer files
       config/              the backbone's (or LM's) transformers config
-      heads.json           task -> type, labels, prompt, encoding (what eval/predict need)
+      tasks.json           task -> type, labels, prompt, encoding (what eval/predict need)
       COMMITTED            written last, once every rank's files are on storage
 
 **One record of versions.** A version exists, complete, exactly when its COMMITTED marker is
@@ -82,13 +82,13 @@ def write_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
     (folder / "rng" / f"rank-{rank}.json").write_text(json.dumps(part))
 
 
-def write_global_part(folder: Path, *, trainer_state: dict, job_yaml: str, tokenizer, heads: dict,
+def write_global_part(folder: Path, *, trainer_state: dict, job_yaml: str, tokenizer, tasks: dict,
                       model_config) -> None:
     """What rank 0 adds: the run's state and what is needed to use the version on its own."""
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     model_config.save_pretrained(str(folder / "config"))
     (folder / "job.yaml").write_text(job_yaml)
-    (folder / "heads.json").write_text(json.dumps(heads, indent=1))
+    (folder / "tasks.json").write_text(json.dumps(tasks, indent=1))
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 
 

@@ -70,7 +70,7 @@ class WorkerStopped(RuntimeError):
 
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
-    from launcher.spec import JobSpec
+    from trainer.spec import JobSpec
 
     load_job_env()  # secrets a submitted job forwarded (S3, hub token), before storage or the hub is touched
     weights_only_loads()  # a version on shared storage is data, never code
@@ -370,7 +370,7 @@ def save_version(run: Run, metrics: dict) -> None:
     state = trainer_state(run)  # on every rank: under ZeRO-3, reading learned weights is a collective
     if run.rank == 0:
         ckpt.write_global_part(folder, trainer_state=state, job_yaml=job_yaml(run.spec),
-                               tokenizer=run.tokenizer, heads=heads_manifest(run),
+                               tokenizer=run.tokenizer, tasks=tasks_manifest(run),
                                model_config=model_config(run.engine.module))
     run.upload = ckpt.Upload(run.storage, folder, name, run.engine.checkpoint_engine.take())
     run.blocked_s = time.perf_counter() - started
@@ -424,7 +424,7 @@ def trainer_state(run: Run) -> dict:
             "seen": run.seen, "best": run.best, "last_eval": run.last_eval, "world_size": run.world}
 
 
-def heads_manifest(run: Run) -> dict:
+def tasks_manifest(run: Run) -> dict:
     spec = run.spec
     return {"kind": spec.model.kind, "encoding": run.encoding, "base_model": spec.model.name_or_path,
             "tasks": {t: {"type": spec.tasks[t].type, "labels": list(d.labels),

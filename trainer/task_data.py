@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from trainer.batching import group_micro_batches, shard_indices, task_salt
-from trainer.data import read_splits
-from trainer.prepare import CheckedTask, EncodedSplit, check_task, encode_split
+from trainer.read_data import read_splits
+from trainer.check_encode import CheckedTask, EncodedSplit, check_task, encode_split
 from trainer.tasks import registry
 from trainer.tasks.registry import TaskContext
 

@@ -1,6 +1,6 @@
 """Using a version on its own, in one process: rebuild the model from the version's files.
 
-A version holds the model's config (`config/`), the tokenizer, `heads.json` and the
+A version holds the model's config (`config/`), the tokenizer, `tasks.json` and the
 DeepSpeed state. The weights are consolidated to fp32 with DeepSpeed's own ZeRO reader
 (stages 1-3; stage 0 keeps whole weights in its model file), so a version trained on N
 workers can be evaluated or exported anywhere.
@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from trainer.checkpoint import DS_TAG
+from trainer.checkpoint import COMMITTED, DS_TAG
 from trainer.safe_load import weights_only_loads
 from trainer.errors import UserError
 from trainer.models import HeadSpec, MultiTaskModel, build_model_from_config
@@ -28,7 +28,7 @@ from trainer.weighting import UncertaintyWeighting
 class LoadedVersion:
     model: MultiTaskModel
     tokenizer: object
-    manifest: dict  # heads.json
+    manifest: dict  # tasks.json
     job: dict  # job.yaml
     folder: Path
 
@@ -55,9 +55,9 @@ def load_version(folder: str | Path) -> LoadedVersion:
 
     weights_only_loads()  # DeepSpeed's consolidation loads the shards itself
     folder = Path(folder)
-    if not (folder / "COMMITTED").exists():
+    if not (folder / COMMITTED).exists():
         raise UserError(f"{folder} is not a committed version (no COMMITTED marker)")
-    manifest = json.loads((folder / "heads.json").read_text())
+    manifest = json.loads((folder / "tasks.json").read_text())
     job = yaml.safe_load((folder / "job.yaml").read_text())
     config = AutoConfig.from_pretrained(folder / "config")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")

@@ -1,4 +1,5 @@
-"""The job spec: one typed tree that a user writes as YAML.
+"""The job spec: one typed tree that a user writes as YAML, read by the driver (launcher) and the
+workers alike; it lives in the worker library so that the driver depends on it, never the reverse.
 
 Every field has a description (it is the reference the README is generated from) and is
 checked here for what can be checked without touching files. Checks that read files

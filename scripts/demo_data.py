@@ -1,6 +1,6 @@
 """Prepare the demo's real model and data from the package registry (never from the hub).
 
-    python -m launcher.demo_data --out data/demo
+    python scripts/demo_data.py --out data/demo   (make demo-data)
 
 Downloads (once, into .cache/demo-downloads/) and converts:
   sentiment  Rotten Tomatoes snippets with human scores (vaderSentiment sdist, MIT): score > 0

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from trainer.data import ROW, RawSplit
+from trainer.read_data import ROW, RawSplit
 from trainer.errors import DataError, did_you_mean
 from trainer.tasks.classification import label_text
 from trainer.tasks.registry import TaskContext, TaskType

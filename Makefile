@@ -11,7 +11,7 @@ export HF_EVALUATE_OFFLINE := 1
 # DeepSpeed JIT-compiles its CPU ops once; keep them inside the project so they are reused.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup s3-server test test-drills test-fast test-cluster demo demo-data train-multinode clean
+.PHONY: setup lock s3-server test test-drills test-fast test-cluster demo demo-data train-multinode clean
 
 setup: $(STAMP)
 
@@ -25,14 +25,20 @@ $(S3_STAMP):
 	$(S3_VENV)/bin/python -m pip install -q 'moto[server]==5.2.5'
 	touch $(S3_STAMP)
 
-# torch goes in first, then everything else under a constraint that keeps that exact build.
-$(STAMP): pyproject.toml
+# torch goes in first, then everything else at the exact versions the project was tested with
+# (requirements.lock, a constraints file: it pins, pyproject.toml says what is needed).
+LOCK := requirements.lock
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH)
-	echo "$(TORCH)" > $(VENV)/constraints.txt
-	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[dev]'
+	$(PY) -m pip install -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
+
+# After changing a dependency in pyproject.toml: install it into the venv, run `make test`, then
+# record the tested versions (torch without its local build tag, so a GPU machine gets CUDA's).
+lock: setup
+	$(PY) -m pip freeze --exclude-editable | sed -E 's/^(torch==[^+]*)\+.*/\1/' > $(LOCK)
 
 test: setup s3-server
 	$(PY) -m pytest tests -m "not drill"
@@ -50,7 +56,7 @@ test-cluster: setup
 
 # gguf only reads the demo's LM from its package; the project itself does not need it.
 demo-data: setup
-	$(PY) -m pip install -q -c $(VENV)/constraints.txt "gguf==0.19.0"
+	$(PY) -m pip install -q -c $(LOCK) "gguf==0.19.0"
 	$(PY) scripts/demo_data.py --out data/demo
 
 # Train the demo job (2 workers, embedded Ray, CPU), then score its last version on the test split.

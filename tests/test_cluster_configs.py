@@ -90,4 +90,4 @@ def test_kuberay_cluster_and_job():
 def test_the_image_installs_like_make_setup():
     text = (CONFIGS / "kuberay" / "Dockerfile").read_text()
     assert "FROM rayproject/ray:2.60.0" in text
-    assert text.index("pip install --no-cache-dir torch==2.13.0") < text.index("-c /tmp/constraints.txt")
+    assert text.index("pip install --no-cache-dir torch==2.13.0") < text.index("-c requirements.lock")

@@ -103,3 +103,24 @@ def test_readme_embeds_the_current_schema_reference():
     readme = (REPO / "README.md").read_text()
     embedded = readme.split(BEGIN + "\n", 1)[1].split(END, 1)[0]
     assert embedded == markdown(), "README is stale: regenerate the reference with `mtl schema`"
+
+
+def test_setup_installs_the_locked_versions_of_every_dependency():
+    """A fresh machine gets what the project was tested with: requirements.lock pins every
+    dependency pyproject.toml names (and theirs), torch without a local build tag."""
+    import re
+    import tomllib
+
+    from conftest import REPO
+
+    locked = dict(line.split("==", 1) for line in (REPO / "requirements.lock").read_text().splitlines()
+                  if "==" in line and not line.startswith("#"))
+    locked = {re.sub(r"[-_.]+", "-", k).lower(): v for k, v in locked.items()}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    for requirement in needed:
+        name = re.sub(r"[-_.]+", "-", re.split(r"[\[<>=!~ ]", requirement, maxsplit=1)[0]).lower()
+        assert name in locked, f"{name} is not in requirements.lock (run `make lock`)"
+    assert locked["torch"] == "2.13.0"
+    makefile = (REPO / "Makefile").read_text()
+    assert "pip install -c $(LOCK) -e '.[dev]'" in makefile and "LOCK := requirements.lock" in makefile

@@ -28,5 +28,5 @@ def compute(names: list[str], predictions: list, references: list) -> dict[str, 
         if module == "squad":
             refs = [r if isinstance(r, list) else [r] for r in references]
         out.update(_module(module).compute(predictions=predictions, references=refs))
-    wanted = set(names) | ({"rouge1", "rouge2", "rougeL"} if "rouge" in names else set())
+    wanted = set(names) | ({"rouge1", "rouge2", "rougeL", "rougeLsum"} if "rouge" in names else set())
     return {k: float(v) for k, v in out.items() if k in wanted}

@@ -1,8 +1,13 @@
-"""ROUGE-1/2/L F-measure (rouge-score, stemmed), averaged over examples (`evaluate` module, offline)."""
+"""ROUGE-1/2/L and summary-level ROUGE-Lsum F-measures (rouge-score, stemmed), averaged over
+examples (`evaluate` module, offline). ROUGE-Lsum reads sentences from newlines, as rouge-score
+and the summarisation literature do; texts without newlines score as ROUGE-L."""
 
 import datasets
 import evaluate
 from rouge_score import rouge_scorer
+
+
+KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
 
 class Rouge(evaluate.Metric):
@@ -13,8 +18,8 @@ class Rouge(evaluate.Metric):
                                         "references": datasets.Value("string")}))
 
     def _compute(self, predictions, references):
-        scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-        totals = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+        scorer = rouge_scorer.RougeScorer(list(KEYS), use_stemmer=True)
+        totals = dict.fromkeys(KEYS, 0.0)
         for p, r in zip(predictions, references):
             scores = scorer.score(r, p)
             for key in totals:

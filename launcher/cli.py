@@ -213,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a committed version per task on a held-out split, beside baselines")
     p.add_argument("job", help="job YAML file (names the experiment and its storage)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. storage.path=s3://b/p")
-    p.add_argument("--version", default="latest", help="latest (default), best, or a version name like step-000200")
+    p.add_argument("--version", default="latest", help="latest (default), best (overall), best:TASK, or a version name like step-000200")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="held-out split (default: test)")
     p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines")
     p.set_defaults(func=cmd_eval)

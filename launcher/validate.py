@@ -55,6 +55,10 @@ def validate_job(spec: JobSpec, *, check_files: bool = True) -> Report:
                 report.errors.append(str(exc))
         for name, checked in report.tasks.items():
             _describe_task(spec, name, checked, report)
+        every, evals = spec.train.checkpoint_every, spec.train.eval_every
+        if every and evals and every % evals:
+            report.notes.append(f"train.checkpoint_every={every} is not a multiple of train.eval_every={evals}: "
+                                "only versions saved at an evaluation step can be ranked best (registry.json)")
     return report
 
 

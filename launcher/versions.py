@@ -13,15 +13,31 @@ def pick_version(storage: Storage, name: str, version: str) -> str:
         raise UserError(f"no committed version of '{name}' in {storage.describe(name)}")
     if version == "latest":
         return versions[-1]
-    if version == "best":
-        best = (storage.read_json(f"{name}/registry.json") or {}).get("best", {})
-        steps = {b["version"] for b in best.values()} & set(versions)
-        if not steps:
-            raise UserError(f"'{name}' has no evaluated version to call best; use --version latest")
-        return max(steps, key=lambda v: sum(b["value"] for b in best.values() if b["version"] == v))
+    if version == "best" or version.startswith("best:"):
+        return _best(storage, name, version, versions)
     if version not in versions:
         raise UserError(f"version '{version}' of '{name}' not found; committed: {', '.join(versions)}")
     return version
+
+
+def _best(storage: Storage, name: str, version: str, versions: list[str]) -> str:
+    """`best` (overall) or `best:<task>`, through registry.json (trainer.registry)."""
+    reg = storage.read_json(f"{name}/registry.json") or {}
+    if version == "best":
+        chosen = (reg.get("overall") or {}).get("version")
+        if chosen is None:
+            raise UserError(f"'{name}' has no version evaluated on every task at its own step (train.eval_every "
+                            f"and train.checkpoint_every in step); use --version latest or best:<task>")
+    else:
+        task = version.split(":", 1)[1]
+        best = reg.get("best", {})
+        if task not in best:
+            known = ", ".join(sorted(best)) or "none yet"
+            raise UserError(f"no best version for task '{task}' in '{name}' (tasks with one: {known})")
+        chosen = best[task]["version"]
+    if chosen not in versions:  # the registry only names committed versions; a deleted folder is not one
+        raise UserError(f"registry.json names {chosen}, which is no longer a committed version of '{name}'")
+    return chosen
 
 
 def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> tuple[str | None, str | None]:

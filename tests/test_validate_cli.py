@@ -101,6 +101,7 @@ DELETE = object()
 SPEC_MISTAKES = [
     ("tasks.sentiment.wieght", 2.0, ["tasks.sentiment.wieght", "unknown key", "did you mean 'weight'"]),
     ("trian", {"steps": 3}, ["trian", "unknown key", "did you mean 'train'"]),
+    ("tasks", {}, ["tasks: at least one task is needed"]),
     ("tasks.sentiment.type", "clasification", ["tasks.sentiment.type", "did you mean 'classification'"]),
     ("mixture", {"strategy": "temprature"}, ["mixture.strategy", "'temprature'", "did you mean 'temperature'"]),
     ("tasks.sentiment.weight", -1, ["tasks.sentiment.weight", "greater than or equal to 0"]),
@@ -169,6 +170,12 @@ FILE_MISTAKES = {
                     ["tasks.summary.data.test", "empty.jsonl"]),
     "broken json line": (lambda d, j: j["tasks"]["summary"]["data"].update(train=_broken_file(d)),
                          ["tasks.summary.data.train", "broken.jsonl", "line 2: Unterminated string"]),
+    "null label with bad_rows: error": (
+        lambda d, j: (j["tasks"]["sentiment"].update(bad_rows="error"), j["tasks"]["sentiment"]["data"].update(
+            train=write_jsonl(d / "nulls.jsonl", [{"text": "great", "label": "positive"},
+                                                  {"text": "awful", "label": "negative"},
+                                                  {"text": "meh", "label": None}]))),
+        ["tasks.sentiment.data.train", "nulls.jsonl", "row 3: empty 'label' (column 'label' is null or blank)"]),
     "binary data file": (lambda d, j: j["tasks"]["summary"]["data"].update(
                              train=_binary_file(d)), ["tasks.summary.data.train", "is not UTF-8 text (a binary file?)"]),
     "micro-batch larger than a worker's shard": (

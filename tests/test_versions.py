@@ -11,6 +11,7 @@ from trainer.storage import open_storage
 from launcher.versions import pick_version, resume_point
 from trainer.checkpoint import committed_versions
 from trainer.errors import UserError
+from trainer.registry import protected, registry, scores_of
 
 
 @pytest.fixture
@@ -22,16 +23,21 @@ def storage(tmp_path):
         (version / "trainer_state.json").write_text(json.dumps({"step": step, "world_size": 2}))
         if committed:
             (version / "COMMITTED").write_text("ok\n")
-    (exp / "registry.json").write_text(json.dumps({"latest": "step-000004", "best": {
-        "a": {"metric": "accuracy", "value": 0.9, "step": 2, "version": "step-000002"},
-        "b": {"metric": "f1", "value": 0.5, "step": 4, "version": "step-000004"}}}))
+    scores = {"step-000002": {"a": {"metric": "accuracy", "value": 0.9}, "b": {"metric": "f1", "value": 0.4}},
+              "step-000004": {"a": {"metric": "accuracy", "value": 0.7}, "b": {"metric": "f1", "value": 0.5}},
+              "step-000006": {"a": {"metric": "accuracy", "value": 1.0}, "b": {"metric": "f1", "value": 1.0}}}
+    (exp / "registry.json").write_text(json.dumps(
+        registry("step-000004", ["step-000002", "step-000004"], scores)))
     return open_storage(StorageSpec(path=str(tmp_path)))
 
 
 def test_only_committed_versions_count(storage):
     assert committed_versions(storage, "exp") == ["step-000002", "step-000004"]
     assert pick_version(storage, "exp", "latest") == "step-000004"
-    assert pick_version(storage, "exp", "best") == "step-000002"
+    assert pick_version(storage, "exp", "best") == "step-000002"  # mean 0.65 beats 0.60; step 6 never committed
+    assert pick_version(storage, "exp", "best:b") == "step-000004"
+    with pytest.raises(UserError, match="no best version for task 'c' in 'exp' \\(tasks with one: a, b\\)"):
+        pick_version(storage, "exp", "best:c")
     with pytest.raises(UserError, match="'step-000006' of 'exp' not found; committed: step-000002, step-000004"):
         pick_version(storage, "exp", "step-000006")
     with pytest.raises(UserError, match="no committed version of 'nothing'"):
@@ -91,3 +97,21 @@ def test_pruning_removes_the_marker_before_the_files(storage, monkeypatch):
     delete_version(storage, "exp/step-000002")
     assert calls == [("file", "exp/step-000002/COMMITTED"), ("dir", "exp/step-000002")]
     assert committed_versions(storage, "exp") == ["step-000004"]
+
+
+def test_the_registry_ranks_only_versions_scored_at_their_own_step():
+    evaluated = {"step": 4, "split": "validation", "primary": {"a": "accuracy", "s": "rougeL"},
+                 "tasks": {"a": {"accuracy": 0.8, "macro_f1": 0.7}, "s": {"rouge1": 0.5, "rougeL": 0.4}}}
+    assert scores_of(evaluated, 4) == {"a": {"metric": "accuracy", "value": 0.8}, "s": {"metric": "rougeL", "value": 0.4}}
+    assert scores_of(evaluated, 5) is None  # saved a step after the evaluation: other weights
+    scores = {"step-000004": scores_of(evaluated, 4),
+              "step-000008": {"a": {"metric": "accuracy", "value": 0.9}},  # only one task scored
+              "step-000012": {"a": {"metric": "accuracy", "value": 0.6}, "s": {"metric": "rougeL", "value": 0.5}}}
+    reg = registry("step-000012", ["step-000004", "step-000008", "step-000012"], scores)
+    assert reg["best"]["a"]["version"] == "step-000008" and reg["best"]["s"]["version"] == "step-000012"
+    assert reg["overall"] == {"version": "step-000004", "score": pytest.approx(0.6)}  # 0.6 vs 0.55
+    # a pruned version is never named, and keep_best protects each task's best and the overall one
+    reg = registry("step-000012", ["step-000004", "step-000012"], scores)
+    assert reg["best"]["a"]["version"] == "step-000004" and "step-000008" not in json.dumps(reg)
+    assert protected(scores, ["step-000004", "step-000008", "step-000012"]) == \
+        {"step-000004", "step-000008", "step-000012"}

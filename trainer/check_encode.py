@@ -83,7 +83,7 @@ def _check_split(raw: RawSplit, task: str, task_type: TaskType, columns: dict[st
             if values is not None and row[name] is not None:
                 row[name] = values[row[name]] if 0 <= row[name] < len(values) else None
         row[ROW] = source[ROW]
-        problem = next((f"empty '{name}' (column '{mapping[name]}')" for name in task_type.required
+        problem = next((f"empty '{name}' (column '{mapping[name]}' is null or blank)" for name in task_type.required
                         if _empty(row[name])), None)
         if problem is None:
             problem = task_type.check_row(row, ctx)

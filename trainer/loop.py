@@ -27,6 +27,7 @@ from trainer.model_io import load_tokenizer_and_encoding
 from trainer.precision import agreed_precision
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
+from trainer import registry
 from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
 from trainer.safe_load import weights_only_loads
@@ -55,7 +56,8 @@ class Run:
     storage: Storage  # rooted at this experiment's folder
     step: int = 0
     seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
-    best: dict = field(default_factory=dict)  # task -> {metric, value, step}
+    best: dict = field(default_factory=dict)  # task -> {metric, value, step}: the best evaluation so far
+    version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.registry)
     last_eval: dict = field(default_factory=dict)
     board: Board | None = None
     stops: StopRequests | None = None  # set by train_loop_per_worker before fit
@@ -215,6 +217,7 @@ def restore_latest(run: Run) -> bool:
     if not isinstance(run.weighting, UncertaintyWeighting):  # learned weights came back with the model
         run.weighting.load_state_dict(state["weighting"])
     run.seen, run.best, run.last_eval = state["seen"], state["best"], state.get("last_eval", {})
+    run.version_scores = state.get("version_scores", {})
     if run.rank == 0:
         say(f"[mtl] resumed from {ckpt.version_name(run.step)} (step {run.step} of {run.spec.train.steps})")
         if run.step >= run.spec.train.steps:
@@ -318,7 +321,7 @@ def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dic
 
 def evaluate_all(run: Run, split: str) -> dict:
     spec = run.spec
-    out, report = {}, {}
+    out, report, primary = {}, {}, {}
     for name, data in run.tasks.items():
         if split not in data.encoded:
             continue
@@ -328,9 +331,11 @@ def evaluate_all(run: Run, split: str) -> dict:
                                pad_id=run.tokenizer.pad_token_id, encoding=run.encoding,
                                synced=run.engine.zero_optimization_stage() == 3, device=run.device)
         report[name] = {"metrics": result.metrics, "samples": result.samples}
+        primary[name] = primary_metric(es.metric_names)
         out.update({f"{split}/{name}/{k}": v for k, v in result.metrics.items()})
         update_best(run, name, es.metric_names, result.metrics)
-    run.last_eval = {"step": run.step, "split": split, "tasks": {t: r["metrics"] for t, r in report.items()}}
+    run.last_eval = {"step": run.step, "split": split, "tasks": {t: r["metrics"] for t, r in report.items()},
+                     "primary": primary}
     if run.rank == 0:
         run.board.scalars(out, run.step)
         for name, r in report.items():
@@ -367,6 +372,9 @@ def save_version(run: Run, metrics: dict) -> None:
     name = ckpt.version_name(run.step)
     folder = scratch_dir("version")
     ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
+    scores = registry.scores_of(run.last_eval, run.step)
+    if scores:  # evaluated at this very step: the version can be ranked (trainer.registry)
+        run.version_scores[name] = scores
     state = trainer_state(run)  # on every rank: under ZeRO-3, reading learned weights is a collective
     if run.rank == 0:
         ckpt.write_global_part(folder, trainer_state=state, job_yaml=job_yaml(run.spec),
@@ -395,7 +403,7 @@ def commit_version(run: Run) -> None:
         return
     ckpt.mark_committed(run.storage, upload.version)
     kept = prune_versions(run)
-    run.storage.write_json("registry.json", registry_entry(run, kept, upload.version))
+    run.storage.write_json("registry.json", registry.registry(upload.version, kept, run.version_scores))
     written = run.blocked_s + (upload.seconds or 0.0)
     run.board.scalars({"version/blocked_s": run.blocked_s, "version/write_s": written,
                        "version/stall": run.blocked_s / written if written else 0.0}, run.step)
@@ -408,8 +416,8 @@ def prune_versions(run: Run) -> list[str]:
 
     Returns the committed versions that remain.
     """
-    protected = {ckpt.version_name(b["step"]) for b in run.best.values()} if run.spec.train.keep_best else set()
     committed = ckpt.committed_versions(run.storage)
+    protected = registry.protected(run.version_scores, committed) if run.spec.train.keep_best else set()
     doomed = ckpt.versions_to_delete(committed, run.spec.train.keep_last, protected)
     for name in doomed:
         ckpt.delete_version(run.storage, name)
@@ -421,7 +429,8 @@ def trainer_state(run: Run) -> dict:
     weighting = {} if isinstance(run.weighting, UncertaintyWeighting) else run.weighting.state_dict()
     return {"step": run.step, "planner": run.planner.state_dict(), "weighting": weighting,
             "weights": run.weighting.weights(), "rates": run.planner.expected_rates(),
-            "seen": run.seen, "best": run.best, "last_eval": run.last_eval, "world_size": run.world}
+            "seen": run.seen, "best": run.best, "last_eval": run.last_eval, "world_size": run.world,
+            "version_scores": run.version_scores}
 
 
 def tasks_manifest(run: Run) -> dict:
@@ -433,13 +442,6 @@ def tasks_manifest(run: Run) -> dict:
                           "options": spec.tasks[t].options,
                           "metrics": task_metrics(spec, t)}
                       for t, d in run.tasks.items()}}
-
-
-def registry_entry(run: Run, committed: list[str], latest: str) -> dict:
-    """Best version per task (primary validation metric) and the latest, among versions that exist."""
-    best = {t: {**b, "version": ckpt.version_name(b["step"])} for t, b in run.best.items()}
-    return {"latest": latest,
-            "best": {t: b for t, b in best.items() if b["version"] in committed}}
 
 
 def job_yaml(spec) -> str:

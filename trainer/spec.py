@@ -216,7 +216,7 @@ class TrainSpec(_Strict):
     eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at the end).")
     checkpoint_every: int = Field(50, ge=0, description="Write a version every N steps (0: only at the end).")
     keep_last: int | None = Field(None, ge=1, description="Keep only the N newest versions (null keeps all).")
-    keep_best: bool = Field(True, description="With keep_last: also keep each task's best version (by validation).")
+    keep_best: bool = Field(True, description="With keep_last: also keep each task's best version and the best overall (by validation).")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest version after a failure (-1: no limit).")
     stop_grace_s: float = Field(
         120.0, gt=0.0, description="On Ctrl-C or SIGTERM (driver or worker), how long the run may take to write a "

@@ -1,0 +1,48 @@
+"""registry.json: the latest committed version, and the best one per task and overall.
+
+A version is ranked only by an evaluation of its own weights: the validation run at the step
+it was saved (`version_scores`); a version saved between evaluations has no score and is never
+called best. Per task, the primary metric decides (higher is better). Overall, the mean of the
+tasks' primary metrics (each in [0, 1]) among versions scored on every task. Only committed
+versions appear, so nothing in the registry names a version that does not exist.
+"""
+
+from __future__ import annotations
+
+
+def scores_of(last_eval: dict, step: int) -> dict | None:
+    """{task: {"metric", "value"}} from the evaluation at `step`, or None if there was none."""
+    if last_eval.get("step") != step or last_eval.get("split") != "validation":
+        return None
+    primary = last_eval.get("primary", {})
+    return {task: {"metric": primary[task], "value": values[primary[task]]}
+            for task, values in last_eval.get("tasks", {}).items() if primary.get(task) in values}
+
+
+def best_versions(version_scores: dict[str, dict], committed: list[str]) -> tuple[dict, dict | None]:
+    """(task -> {version, metric, value}, {version, score} overall or None) among committed versions."""
+    scored = {v: s for v, s in version_scores.items() if v in set(committed) and s}
+    per_task: dict[str, dict] = {}
+    for version in sorted(scored):  # the earlier version wins a tie
+        for task, score in scored[version].items():
+            if task not in per_task or score["value"] > per_task[task]["value"]:
+                per_task[task] = {"version": version, **score}
+    tasks = set(per_task)
+    complete = {v: sum(s[t]["value"] for t in tasks) / len(tasks) for v, s in scored.items() if set(s) == tasks}
+    overall = None
+    if complete:
+        version = max(sorted(complete), key=lambda v: complete[v])
+        overall = {"version": version, "score": complete[version]}
+    return per_task, overall
+
+
+def registry(latest: str, committed: list[str], version_scores: dict[str, dict]) -> dict:
+    per_task, overall = best_versions(version_scores, committed)
+    return {"latest": latest, "best": per_task, "overall": overall,
+            "scores": {v: version_scores[v] for v in committed if version_scores.get(v)}}
+
+
+def protected(version_scores: dict[str, dict], committed: list[str]) -> set[str]:
+    """The versions retention keeps with train.keep_best: each task's best and the best overall."""
+    per_task, overall = best_versions(version_scores, committed)
+    return {b["version"] for b in per_task.values()} | ({overall["version"]} if overall else set())

@@ -106,6 +106,45 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def experiment(args: argparse.Namespace):
+    """(storage, name) from a job file (its storage and name, with overrides) or an experiment's
+    folder or URI (`./runs/demo`, `s3://bucket/runs/demo`; $AWS_ENDPOINT_URL for other S3 servers)."""
+    from trainer.spec import StorageSpec
+    from trainer.storage import open_storage
+
+    target = args.target
+    if target.endswith((".yaml", ".yml")) and os.path.isfile(target):
+        from launcher.jobfile import load_job
+
+        spec = load_job(target, args.overrides)
+        return open_storage(spec.storage), spec.name
+    if args.overrides:
+        raise UserError(f"overrides ({' '.join(args.overrides)}) apply to a job file, not to an experiment folder")
+    parent, name = target.rstrip("/").rsplit("/", 1) if "/" in target.rstrip("/") else (".", target)
+    if "://" not in target and not os.path.isdir(target):
+        raise UserError(f"'{target}' is neither a job file nor an experiment folder")
+    return open_storage(StorageSpec(path=parent, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))), name
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from launcher.versions import format_versions, version_table
+
+    storage, name = experiment(args)
+    print(format_versions(version_table(storage, name)))
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from launcher.versions import tag_version, untag
+
+    storage, name = experiment(args)
+    if args.command == "tag":
+        print(f"[mtl] {name}: '{args.tag}' -> {tag_version(storage, name, args.version, args.tag)}")
+    else:
+        print(f"[mtl] {name}: '{args.tag}' removed (it named {untag(storage, name, args.tag)})")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Per-task data report: rows, bad rows, truncation, micro-batches, real vs. padded tokens."""
     from launcher.jobfile import load_job
@@ -213,10 +252,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a committed version per task on a held-out split, beside baselines")
     p.add_argument("job", help="job YAML file (names the experiment and its storage)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. storage.path=s3://b/p")
-    p.add_argument("--version", default="latest", help="latest (default), best (overall), best:TASK, or a version name like step-000200")
+    p.add_argument("--version", default="latest", help="latest (default), best (overall), best:TASK, a tag, or a version name like step-000200")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="held-out split (default: test)")
     p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines")
     p.set_defaults(func=cmd_eval)
+
+    where = "a job file (its experiment and storage) or an experiment folder / URI (./runs/demo)"
+    p = sub.add_parser("versions", help="list an experiment's versions: step, validation scores, size, tags")
+    p.add_argument("target", metavar="JOB|EXP", help=where)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
+    p.set_defaults(func=cmd_versions)
+
+    p = sub.add_parser("tag", help="name a version (prod, sentiment-best, ...); retention never deletes it")
+    p.add_argument("target", metavar="JOB|EXP", help=where)
+    p.add_argument("version", help="latest, best, best:TASK, step-N or an existing tag")
+    p.add_argument("tag", help="the new name")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("untag", help="remove a tag (the version may then be pruned by train.keep_last)")
+    p.add_argument("target", metavar="JOB|EXP", help=where)
+    p.add_argument("tag", help="the tag to remove")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
+    p.set_defaults(func=cmd_tag)
 
     p = sub.add_parser("data", help="per-task data report: bad rows, truncation, micro-batches, padding")
     p.add_argument("job", help="job YAML file")

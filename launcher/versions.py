@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from trainer.checkpoint import committed_versions
+import re
+
+from trainer.checkpoint import TAGS, committed_versions, read_tags
 from trainer.errors import UserError
 from trainer.storage import Storage
+
+TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
+RESERVED = ("latest", "best")
 
 
 def pick_version(storage: Storage, name: str, version: str) -> str:
@@ -15,6 +20,11 @@ def pick_version(storage: Storage, name: str, version: str) -> str:
         return versions[-1]
     if version == "best" or version.startswith("best:"):
         return _best(storage, name, version, versions)
+    tags = read_tags(storage, name)
+    if version in tags:
+        if tags[version] not in versions:
+            raise UserError(f"tag '{version}' names {tags[version]}, which is not a committed version of '{name}'")
+        return tags[version]
     if version not in versions:
         raise UserError(f"version '{version}' of '{name}' not found; committed: {', '.join(versions)}")
     return version
@@ -57,3 +67,56 @@ def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> t
                           f"model and optimizer go through DeepSpeed's universal checkpoint, each task's current "
                           f"epoch goes on with the examples no worker has drawn yet; a step now takes "
                           f"{num_workers}×{per_step} micro-batches instead of {old_world}×{per_step}{hint}")
+
+
+def tag_version(storage: Storage, name: str, version: str, tag: str) -> str:
+    """Names a committed version (latest, best, best:TASK, step-N or another tag); returns the version."""
+    if not TAG_NAME.match(tag) or tag in RESERVED or tag.startswith("step-"):
+        raise UserError(f"tag '{tag}': use a letter, then letters, digits, '.', '_' or '-' (not latest, best or "
+                        "step-...)")
+    chosen = pick_version(storage, name, version)
+    tags = read_tags(storage, name)
+    tags[tag] = chosen
+    storage.write_json(f"{name}/{TAGS}", dict(sorted(tags.items())))
+    return chosen
+
+
+def untag(storage: Storage, name: str, tag: str) -> str:
+    tags = read_tags(storage, name)
+    if tag not in tags:
+        raise UserError(f"'{name}' has no tag '{tag}' (tags: {', '.join(sorted(tags)) or 'none'})")
+    version = tags.pop(tag)
+    storage.write_json(f"{name}/{TAGS}", tags)
+    return version
+
+
+def version_table(storage: Storage, name: str) -> list[dict]:
+    """One row per committed version: step, its own validation scores, size, tags, and what the registry calls it."""
+    versions = committed_versions(storage, name)
+    if not versions:
+        raise UserError(f"no committed version of '{name}' in {storage.describe(name)}")
+    reg = storage.read_json(f"{name}/registry.json") or {}
+    tags = read_tags(storage, name)
+    rows = []
+    for version in versions:
+        marks = [f"best:{t}" for t, b in sorted(reg.get("best", {}).items()) if b["version"] == version]
+        if (reg.get("overall") or {}).get("version") == version:
+            marks.insert(0, "best")
+        if version == versions[-1]:
+            marks.insert(0, "latest")
+        rows.append({"version": version, "step": int(version.split("-")[1]),
+                     "scores": {t: s["value"] for t, s in (reg.get("scores") or {}).get(version, {}).items()},
+                     "bytes": storage.size(f"{name}/{version}"),
+                     "tags": sorted(t for t, v in tags.items() if v == version), "marks": marks})
+    return rows
+
+
+def format_versions(rows: list[dict]) -> str:
+    tasks = sorted({t for r in rows for t in r["scores"]})
+    head = f"{'version':<13}{'step':>6}" + "".join(f"{t[:12]:>13}" for t in tasks) + f"{'size':>10}  tags"
+    lines = [head]
+    for r in rows:
+        scores = "".join(f"{r['scores'][t]:>13.4f}" if t in r["scores"] else f"{'-':>13}" for t in tasks)
+        names = ", ".join([*r["marks"], *r["tags"]])
+        lines.append(f"{r['version']:<13}{r['step']:>6}{scores}{r['bytes'] / 1e6:>8.1f}MB  {names}")
+    return "\n".join(lines)

@@ -237,7 +237,8 @@ def test_a_mistake_only_the_workers_see_is_reported_as_theirs(ray_cluster, data_
     assert out.err.count(message) == 1 and "Training failed due to worker errors" not in out.err
 
 
-def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_cluster, data_dir, model_dir, tmp_path):
+def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_cluster, data_dir, model_dir, tmp_path,
+                                                                         capsys):
     """Pruned versions used to stay in Ray's checkpoint record, and the next run of the name refused to start."""
     import shutil
 
@@ -251,9 +252,18 @@ def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_clu
     # A write cut short (files, no marker) after the latest version: never loaded, removed on resume.
     shutil.copytree(run / "step-000002", run / "step-000009")
     (run / "step-000009" / "COMMITTED").unlink()
+    from launcher.cli import main
+
+    assert main(["tag", str(run), "latest", "keep-me"]) == 0  # by the experiment's folder; retention spares it
     job["train"]["steps"] = 3
     run_job(job)
-    assert sorted(p.name for p in run.glob("step-*")) == ["step-000003"]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002", "step-000003"]
+    capsys.readouterr()
+    assert main(["versions", str(run)]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[1].startswith("step-000002") and listing[1].endswith("keep-me")
+    assert listing[2].startswith("step-000003") and listing[2].endswith("latest")
+    assert main(["untag", str(run), "keep-me"]) == 0 and "keep-me" not in (run / "tags.json").read_text()
     state = json.loads((run / "step-000003" / "trainer_state.json").read_text())
     assert state["step"] == 3
     registry = json.loads((run / "registry.json").read_text())

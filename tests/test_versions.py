@@ -115,3 +115,23 @@ def test_the_registry_ranks_only_versions_scored_at_their_own_step():
     assert reg["best"]["a"]["version"] == "step-000004" and "step-000008" not in json.dumps(reg)
     assert protected(scores, ["step-000004", "step-000008", "step-000012"]) == \
         {"step-000004", "step-000008", "step-000012"}
+
+
+def test_tags_name_versions_and_resolve_like_them(storage):
+    from launcher.versions import format_versions, tag_version, untag, version_table
+
+    assert tag_version(storage, "exp", "best:b", "prod") == "step-000004"
+    assert pick_version(storage, "exp", "prod") == "step-000004"
+    for bad in ("latest", "best", "step-000002", "9lives", "has space"):
+        with pytest.raises(UserError, match=f"tag '{bad}': use a letter"):
+            tag_version(storage, "exp", "latest", bad)
+    with pytest.raises(UserError, match="'step-000006' of 'exp' not found"):
+        tag_version(storage, "exp", "step-000006", "unfinished")
+    rows = version_table(storage, "exp")
+    assert [(r["version"], r["marks"], r["tags"]) for r in rows] == [
+        ("step-000002", ["best", "best:a"], []), ("step-000004", ["latest", "best:b"], ["prod"])]
+    assert rows[0]["scores"] == {"a": 0.9, "b": 0.4}
+    assert "latest, best:b, prod" in format_versions(rows)
+    assert untag(storage, "exp", "prod") == "step-000004"
+    with pytest.raises(UserError, match="'exp' has no tag 'prod' \\(tags: none\\)"):
+        untag(storage, "exp", "prod")

@@ -198,6 +198,13 @@ def version_folders(storage, experiment: str = "") -> dict[str, bool]:
             if v.startswith("step-")}
 
 
+TAGS = "tags.json"  # tag -> version, beside the versions; retention never deletes a tagged version
+
+
+def read_tags(storage, experiment: str = "") -> dict[str, str]:
+    return storage.read_json(f"{experiment}/{TAGS}".lstrip("/")) or {}
+
+
 def committed_versions(storage, experiment: str = "") -> list[str]:
     """The versions under `experiment` whose marker is on storage, oldest first (the one record)."""
     return [v for v, committed in version_folders(storage, experiment).items() if committed]

@@ -412,12 +412,13 @@ def commit_version(run: Run) -> None:
 
 
 def prune_versions(run: Run) -> list[str]:
-    """train.keep_last newest versions stay, and with train.keep_best the best version of each task.
+    """train.keep_last newest versions stay, tagged ones, and with train.keep_best the best of each task.
 
     Returns the committed versions that remain.
     """
     committed = ckpt.committed_versions(run.storage)
     protected = registry.protected(run.version_scores, committed) if run.spec.train.keep_best else set()
+    protected |= set(ckpt.read_tags(run.storage).values())  # `mtl tag`: kept until untagged
     doomed = ckpt.versions_to_delete(committed, run.spec.train.keep_last, protected)
     for name in doomed:
         ckpt.delete_version(run.storage, name)

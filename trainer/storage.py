@@ -92,6 +92,14 @@ class Storage:
         infos = self.retried("list", relative, lambda: self.fs.get_file_info(selector))
         return sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
+    def size(self, relative: str) -> int:
+        """Bytes of all files under `relative`."""
+        import pyarrow.fs as pafs
+
+        selector = pafs.FileSelector(self.path(relative), recursive=True, allow_not_found=True)
+        infos = self.retried("list", relative, lambda: self.fs.get_file_info(selector))
+        return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
+
     def download(self, relative: str, local: str) -> None:
         import pyarrow.fs as pafs
 

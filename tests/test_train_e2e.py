@@ -80,7 +80,7 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
     evals = json.loads((straight / "evals" / "step-000004" / "validation.json").read_text())
     assert set(evals) == {"sentiment", "qa", "summary"}
     assert set(evals["sentiment"]["metrics"]) == {"accuracy", "macro_f1"}
-    assert set(evals["summary"]["metrics"]) == {"rouge1", "rouge2", "rougeL"}
+    assert set(evals["summary"]["metrics"]) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
     registry = json.loads((straight / "registry.json").read_text())
     assert registry["latest"] == "step-000004" and set(registry["best"]) == {"sentiment", "qa", "summary"}
 

@@ -145,6 +145,15 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import export_version
+
+    storage, name = experiment(args)
+    version = export_version(storage, name, args.version, args.out, adapter=args.adapter)
+    print(f"[mtl] {name}/{version} exported to {args.out} (transformers loads it; see its README.md)")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     """Per-task data report: rows, bad rows, truncation, micro-batches, real vs. padded tokens."""
     from launcher.jobfile import load_job
@@ -275,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("tag", help="the tag to remove")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
     p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("export", help="write a version as a Hugging Face folder (safetensors, tokenizer, "
+                                      "heads, task map, model card) that transformers loads without mtl")
+    p.add_argument("target", metavar="JOB|EXP", help=where)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
+    p.add_argument("--version", default="latest", help="latest (default), best, best:TASK, a tag or step-N")
+    p.add_argument("--out", required=True, help="a new (or empty) folder")
+    p.add_argument("--adapter", action="store_true", help="LoRA: keep the adapter apart instead of merging it")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="per-task data report: bad rows, truncation, micro-batches, padding")
     p.add_argument("job", help="job YAML file")

@@ -14,6 +14,7 @@ from pathlib import Path
 from launcher.jobfile import parse_job
 from trainer.storage import open_storage
 from launcher.versions import pick_version
+from trainer.checkpoint import model_needs
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:
     from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task
@@ -24,8 +25,10 @@ def evaluate_version(spec, *, version: str = "latest", split: str = "test", base
     chosen = pick_version(storage, spec.name, version)
     with tempfile.TemporaryDirectory(prefix="mtl-eval-") as tmp:
         local = Path(tmp) / chosen
-        storage.download(f"{spec.name}/{chosen}", str(local))
-        loaded = load_version(local)
+        # The model's files only, never the optimizer shards (most of a version's bytes).
+        storage.download_files(f"{spec.name}/{chosen}", str(local), keep=model_needs)
+        loaded = load_version(local, fetch_optimizer_shards=lambda: storage.download_files(
+            f"{spec.name}/{chosen}", str(local), keep=lambda f: f.endswith("optim_states.pt")))
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where the command runs has one

@@ -48,6 +48,34 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
     return out
 
 
+def export_and_compare(run: Path, out: Path, text: str = "great fun") -> None:
+    """`mtl export` of the run's latest version loads with transformers alone and computes what
+    the version computes (the LM's logits, or each head's logits on the encoder's output)."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.cli import main
+    from trainer.version_io import load_version
+
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    version = load_version(sorted(run.glob("step-*"))[-1])
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    batch = tokenizer([text], return_tensors="pt")
+    with torch.no_grad():
+        if version.model.lm is not None:
+            exported = AutoModelForCausalLM.from_pretrained(out).eval()
+            assert torch.allclose(exported(**batch).logits, version.model.lm(**batch).logits, atol=1e-5)
+            return
+        hidden = AutoModel.from_pretrained(out).eval()(**batch).last_hidden_state
+        for task in version.manifest["tasks"]:
+            head = load_file(str(out / "heads" / f"{task}.safetensors"))
+            ours = version.model.head_outputs(task, dict(batch))[1]
+            theirs = (hidden[:, 0] if ours.dim() == 2 else hidden) @ head["out.weight"].T + head["out.bias"]
+            assert torch.allclose(theirs, ours, atol=1e-5), task
+    assert "heads/" in (out / "README.md").read_text() or version.model.lm is not None
+
+
 def three_task_job(data_dir, model_dir, tmp_path, name, **train):
     job = job_dict(data_dir, str(model_dir), "text2text")
     job["name"] = name
@@ -118,7 +146,8 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
 
 
 @pytest.mark.parametrize("ds_config", ["zero0", "zero1", "zero3", "zero2_offload"])
-def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_dir, tmp_path, ds_config):
+def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_dir, tmp_path, ds_config,
+                                                 monkeypatch):
     job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
     job["name"] = f"heads-{ds_config}"
     job["deepspeed"] = ds_config
@@ -134,11 +163,20 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
     assert set(evals["qa"]["metrics"]) == {"exact_match", "f1"}
     loss = scalars(tmp_path / "runs" / job["name"] / "tensorboard", "loss/sentiment")
     assert loss and all(0 < v < 10 for v in loss.values())
-    if ds_config == "zero3":
+    if ds_config == "zero3":  # whole weights gathered at the version, exported without optimizer shards
+        export_and_compare(tmp_path / "runs" / job["name"], tmp_path / "exported")
         state = json.loads((version / "trainer_state.json").read_text())
         assert set(state["weights"]) == {"sentiment", "qa"} and state["weights"]["qa"] != 1.0  # learned
-    if ds_config in ("zero0", "zero3"):  # whole weights vs. partitions gathered by DeepSpeed's reader
+    if ds_config in ("zero0", "zero3"):  # whole weights as they are vs. gathered at the version
+        from trainer.storage import Storage
+
+        fetched = []
+        download_files = Storage.download_files
+        monkeypatch.setattr(Storage, "download_files",
+                            lambda self, *a, **k: fetched.extend(download_files(self, *a, **k)) or fetched)
         report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
+        assert fetched and not [f for f in fetched if "optim_states" in f or f.startswith("rng/")], fetched
+        assert (version / "weights" / "model.pt").exists() == (ds_config == "zero3")
         assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]  # same weights, fp32
         assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
 
@@ -179,6 +217,7 @@ def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path):
     weights = scalars(tmp_path / "runs" / "causal" / "tensorboard", "weight/qa")
     assert sorted(weights) == [1, 2, 3] and weights[1] == pytest.approx(1.0)  # learned weights start at static
     assert weights[3] != weights[1]  # and they are learned
+    export_and_compare(tmp_path / "runs" / "causal", tmp_path / "exported")
 
 
 def test_shipped_ds_configs_are_all_exercised():
@@ -385,7 +424,7 @@ def test_a_version_resumes_on_another_number_of_workers(ray_cluster, data_dir, m
     import torch
 
     from launcher.run import train
-    from trainer.version_io import consolidated_state_dict
+    from trainer.version_io import whole_weights
 
     def job(workers: int, steps: int, lr: float) -> dict:
         j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
@@ -402,8 +441,8 @@ def test_a_version_resumes_on_another_number_of_workers(ray_cluster, data_dir, m
     state = json.loads((run / "step-000004" / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["world_size"] == 1
     assert (run / "step-000002" / "deepspeed" / "state_universal" / "zero").is_dir()
-    before = consolidated_state_dict(run / "step-000002" / "deepspeed")
-    after = consolidated_state_dict(run / "step-000004" / "deepspeed")
+    before = whole_weights(run / "step-000002")
+    after = whole_weights(run / "step-000004")
     assert before.keys() == after.keys()
     for name, weight in before.items():
         assert torch.allclose(weight, after[name], atol=1e-6), name  # loaded, not initialised afresh

@@ -83,6 +83,7 @@ def test_a_rank_downloads_only_its_own_shards_and_rng():
     assert not rank_needs("deepspeed/state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", 1)
     assert rank_needs("deepspeed/state/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", 0)
     assert rank_needs("rng/rank-1.json", 1) and not rank_needs("rng/rank-0.json", 1)
+    assert not rank_needs("weights/model.pt", 0)
     assert rank_needs("trainer_state.json", 1) and rank_needs("tokenizer/tokenizer.json", 3)
 
 

@@ -2,6 +2,7 @@
 
     step-000060/
       deepspeed/state/     engine.save_checkpoint (model, optimizer, scheduler; every rank's shards)
+      weights/model.pt     ZeRO-3 only: the whole weights, gathered (ZeRO 0-2: in the model-states file)
       trainer_state.json   step, planner + weighting state, per-task counters, last metrics (rank 0)
       rng/rank-<k>.json    rank k's RNG states (python, numpy, torch) and data stream positions
       job.yaml             the resolved job this version was trained with
@@ -42,6 +43,10 @@ import numpy as np
 import torch
 
 DS_TAG = "state"
+# The model's whole weights in their training dtype, for reading a version without its optimizer
+# state: ZeRO 0-2 keep them in DeepSpeed's model-states file, ZeRO-3 versions get this file.
+WHOLE_WEIGHTS = "weights/model.pt"
+MODEL_STATES = f"deepspeed/{DS_TAG}/mp_rank_00_model_states.pt"
 COMMITTED = "COMMITTED"
 
 
@@ -77,6 +82,8 @@ def write_pending(pending: list[tuple[object, str]]) -> None:
 def write_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
     """What every rank writes: its DeepSpeed shards (a collective call) and its RNG + data positions."""
     engine.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
+    if engine.zero_optimization_partition_weights():  # ZeRO-3: gathered (a collective), written by rank 0
+        engine.save_16bit_model(str(folder / "weights"), WHOLE_WEIGHTS.split("/")[-1])
     (folder / "rng").mkdir(parents=True, exist_ok=True)
     part = {"rng": capture_rng(), "streams": {t: s.state_dict() for t, s in streams.items()}}
     (folder / "rng" / f"rank-{rank}.json").write_text(json.dumps(part))
@@ -160,7 +167,10 @@ _RANK_SHARD = re.compile(r"zero_pp_rank_(\d+)_")
 
 
 def rank_needs(relative: str, rank: int) -> bool:
-    """Whether rank `rank` reads this file of a version to resume: not the other ranks' shards or RNG."""
+    """Whether rank `rank` reads this file of a version to resume: not the other ranks' shards or RNG,
+    nor the whole weights (DeepSpeed's own files restore the model)."""
+    if relative.startswith("weights/"):
+        return False
     name = relative.rsplit("/", 1)[-1]
     shard = _RANK_SHARD.search(name)
     if shard:
@@ -168,6 +178,12 @@ def rank_needs(relative: str, rank: int) -> bool:
     if relative.startswith("rng/"):
         return name == f"rank-{rank}.json"
     return True
+
+
+def model_needs(relative: str) -> bool:
+    """Whether using a version's model (eval, predict, export) reads this file: never optimizer
+    state, another rank's RNG or the universal checkpoint."""
+    return not (relative.endswith("optim_states.pt") or relative.startswith(("rng/", "deepspeed/state_universal/")))
 
 
 def download_part(storage, version: str, local: Path, rank: int) -> Path:

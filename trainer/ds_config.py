@@ -61,6 +61,9 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
     if precision in ("fp16", "bf16"):
         config[precision] = {"enabled": True}
     config.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
+    zero = config.get("zero_optimization", {})
+    if zero.get("stage") == 3:  # a version then holds whole weights (weights/), read without optimizer shards
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return config
 
 

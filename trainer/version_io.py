@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from trainer.checkpoint import COMMITTED, DS_TAG
+from trainer.checkpoint import COMMITTED, DS_TAG, MODEL_STATES, WHOLE_WEIGHTS
 from trainer.safe_load import weights_only_loads
 from trainer.errors import UserError
 from trainer.models import HeadSpec, MultiTaskModel, build_model_from_config
@@ -33,24 +33,33 @@ class LoadedVersion:
     folder: Path
 
 
-def consolidated_state_dict(ds_folder: Path) -> dict[str, torch.Tensor]:
-    state_dir = ds_folder / DS_TAG
-    if any(state_dir.glob("*optim_states.pt")) and _zero_stage(state_dir) > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+def whole_weights(folder: Path, fetch_optimizer_shards=None) -> dict[str, torch.Tensor]:
+    """The model's weights (fp32) from a version folder, without its optimizer state.
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
-            return get_fp32_state_dict_from_zero_checkpoint(str(ds_folder), tag=DS_TAG)
-    module = torch.load(state_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)["module"]
-    return {k: v.float() for k, v in module.items()}
+    ZeRO-3 versions hold them gathered (`weights/model.pt`); ZeRO 0-2 keep them whole in
+    DeepSpeed's model-states file. Both are the weights the run evaluated with, so `mtl eval`
+    agrees with the in-training validation. Only a ZeRO-3 version from before `weights/`
+    existed needs the optimizer shards (`fetch_optimizer_shards()` brings them when they are
+    not in the folder), consolidated by DeepSpeed's zero_to_fp32.
+    """
+    if (folder / WHOLE_WEIGHTS).exists():
+        weights = torch.load(folder / WHOLE_WEIGHTS, map_location="cpu", weights_only=True)
+        return {k: v.float() for k, v in weights.items()}
+    module = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
+    if not any(v.numel() == 0 for v in module.values()):
+        return {k: v.float() for k, v in module.items()}
+    # ZeRO-3 placeholders in the model-states file: the partitions are in the optimizer shards.
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    if not any((folder / "deepspeed" / DS_TAG).glob("*optim_states.pt")):
+        if fetch_optimizer_shards is None:
+            raise UserError(f"{folder}: a ZeRO-3 version without weights/ needs its optimizer shards")
+        fetch_optimizer_shards()
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
 
 
-def _zero_stage(state_dir: Path) -> int:
-    first = sorted(state_dir.glob("*optim_states.pt"))[0]
-    state = torch.load(first, map_location="cpu", weights_only=True)
-    return int(state["optimizer_state_dict"].get("zero_stage", 0))
-
-
-def load_version(folder: str | Path) -> LoadedVersion:
+def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersion:
     from transformers import AutoConfig, AutoTokenizer
 
     weights_only_loads()  # DeepSpeed's consolidation loads the shards itself
@@ -70,7 +79,7 @@ def load_version(folder: str | Path) -> LoadedVersion:
         kind=manifest["kind"], encoding=manifest["encoding"], config=config,
         heads=[HeadSpec(t, m["type"], len(m["labels"])) for t, m in manifest["tasks"].items()],
         loss_weighting=weighting, lora=job["model"].get("lora"))
-    missing, unexpected = model.load_state_dict(consolidated_state_dict(folder / "deepspeed"), strict=False)
+    missing, unexpected = model.load_state_dict(whole_weights(folder, fetch_optimizer_shards), strict=False)
     # Tied weights (e.g. an LM head tied to its embeddings) are stored once; anything else is a mismatch.
     tied = {k for k in missing if k.endswith(("lm_head.weight", "decoder.weight", "cls.predictions.decoder.weight"))}
     if set(missing) - tied or unexpected:

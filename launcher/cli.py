@@ -97,11 +97,11 @@ def cmd_multinode(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from launcher.evaluate import evaluate_version, format_table
-    from launcher.jobfile import load_job
+    from launcher.evaluate import evaluate_experiment, format_table
 
-    spec = load_job(args.job, args.overrides)
-    report = evaluate_version(spec, version=args.version, split=args.split, baselines=not args.no_baselines)
+    storage, name = experiment(args)
+    report = evaluate_experiment(storage, name, version=args.version, split=args.split,
+                                 baselines=not args.no_baselines)
     print(format_table(report))
     return 0
 
@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_multinode)
 
     p = sub.add_parser("eval", help="evaluate a committed version per task on a held-out split, beside baselines")
-    p.add_argument("job", help="job YAML file (names the experiment and its storage)")
+    p.add_argument("target", metavar="JOB|EXP", help="a job file (its experiment and storage) or an experiment "
+                                                      "folder / URI (./runs/demo); the data is the version's own job's")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. storage.path=s3://b/p")
     p.add_argument("--version", default="latest", help="latest (default), best (overall), best:TASK, a tag, or a version name like step-000200")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="held-out split (default: test)")

@@ -17,18 +17,26 @@ from launcher.versions import pick_version
 from trainer.checkpoint import model_needs
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:
+    """The job's experiment (its storage and name) evaluated; see evaluate_experiment."""
+    return evaluate_experiment(open_storage(spec.storage), spec.name, version=version, split=split,
+                               baselines=baselines)
+
+
+def evaluate_experiment(storage, name: str, *, version: str = "latest", split: str = "test",
+                        baselines: bool = True) -> dict:
+    """Scores a version of experiment `name` on `split` of the data its own job names (labels,
+    prompts and options as it was trained), beside the trivial baselines."""
     from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task
     from trainer.task_data import prepare_tasks
     from trainer.version_io import load_version
 
-    storage = open_storage(spec.storage)
-    chosen = pick_version(storage, spec.name, version)
+    chosen = pick_version(storage, name, version)
     with tempfile.TemporaryDirectory(prefix="mtl-eval-") as tmp:
         local = Path(tmp) / chosen
         # The model's files only, never the optimizer shards (most of a version's bytes).
-        storage.download_files(f"{spec.name}/{chosen}", str(local), keep=model_needs)
+        storage.download_files(f"{name}/{chosen}", str(local), keep=model_needs)
         loaded = load_version(local, fetch_optimizer_shards=lambda: storage.download_files(
-            f"{spec.name}/{chosen}", str(local), keep=lambda f: f.endswith("optim_states.pt")))
+            f"{name}/{chosen}", str(local), keep=lambda f: f.endswith("optim_states.pt")))
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where the command runs has one
@@ -48,9 +56,9 @@ def evaluate_version(spec, *, version: str = "latest", split: str = "test", base
         if baselines and es.task_type.baseline is not None:
             base[name] = {"baseline": es.task_type.baseline_name,
                           "metrics": baseline_metrics(es, data.checked.splits["train"])}
-    storage.write_json(f"{spec.name}/evals/{chosen}/{split}.json", results)
+    storage.write_json(f"{name}/evals/{chosen}/{split}.json", results)
     if base:
-        storage.write_json(f"{spec.name}/evals/baselines/{split}.json", base)
+        storage.write_json(f"{name}/evals/baselines/{split}.json", base)
     return {"version": chosen, "split": split, "results": results, "baselines": base}
 
 

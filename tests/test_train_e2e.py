@@ -302,6 +302,10 @@ def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_clu
     listing = capsys.readouterr().out.splitlines()
     assert listing[1].startswith("step-000002") and listing[1].endswith("keep-me")
     assert listing[2].startswith("step-000003") and listing[2].endswith("latest")
+    # eval takes the experiment's folder and a tag too, and scores the version's own job's data
+    assert main(["eval", str(run), "--version", "keep-me", "--split", "validation", "--no-baselines"]) == 0
+    assert "validation split, version step-000002" in capsys.readouterr().out
+    assert (run / "evals" / "step-000002" / "validation.json").exists()
     assert main(["untag", str(run), "keep-me"]) == 0 and "keep-me" not in (run / "tags.json").read_text()
     state = json.loads((run / "step-000003" / "trainer_state.json").read_text())
     assert state["step"] == 3

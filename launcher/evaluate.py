@@ -14,7 +14,6 @@ from pathlib import Path
 from launcher.jobfile import parse_job
 from trainer.storage import open_storage
 from launcher.versions import pick_version
-from trainer.checkpoint import model_needs
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:
     """The job's experiment (its storage and name) evaluated; see evaluate_experiment."""
@@ -28,15 +27,12 @@ def evaluate_experiment(storage, name: str, *, version: str = "latest", split: s
     prompts and options as it was trained), beside the trivial baselines."""
     from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task
     from trainer.task_data import prepare_tasks
-    from trainer.version_io import load_version
+    from trainer.version_io import load_from_storage
 
     chosen = pick_version(storage, name, version)
     with tempfile.TemporaryDirectory(prefix="mtl-eval-") as tmp:
         local = Path(tmp) / chosen
-        # The model's files only, never the optimizer shards (most of a version's bytes).
-        storage.download_files(f"{name}/{chosen}", str(local), keep=model_needs)
-        loaded = load_version(local, fetch_optimizer_shards=lambda: storage.download_files(
-            f"{name}/{chosen}", str(local), keep=lambda f: f.endswith("optim_states.pt")))
+        loaded = load_from_storage(storage, name, chosen, local)
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where the command runs has one

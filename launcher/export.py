@@ -12,12 +12,10 @@
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from pathlib import Path
 
 from launcher.versions import pick_version
-from trainer.checkpoint import model_needs
 from trainer.errors import UserError
 
 HEAD_SNIPPET = {
@@ -28,7 +26,7 @@ HEAD_SNIPPET = {
 
 def export_version(storage, name: str, version: str, out: Path, *, adapter: bool = False) -> str:
     """Writes the version into `out` (which must not exist or be empty); returns the version's name."""
-    from trainer.version_io import load_version
+    from trainer.version_io import load_from_storage
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
@@ -36,9 +34,7 @@ def export_version(storage, name: str, version: str, out: Path, *, adapter: bool
     chosen = pick_version(storage, name, version)
     with tempfile.TemporaryDirectory(prefix="mtl-export-") as tmp:
         local = Path(tmp) / chosen
-        storage.download_files(f"{name}/{chosen}", str(local), keep=model_needs)
-        loaded = load_version(local, fetch_optimizer_shards=lambda: storage.download_files(
-            f"{name}/{chosen}", str(local), keep=lambda f: f.endswith("optim_states.pt")))
+        loaded = load_from_storage(storage, name, chosen, local)
         out.mkdir(parents=True, exist_ok=True)
         core = loaded.model.lm if loaded.model.lm is not None else loaded.model.backbone
         if hasattr(core, "merge_and_unload"):  # a peft LoRA wrapper

@@ -89,3 +89,14 @@ def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersi
         (model.lm or model.backbone).tie_weights()
     model.eval()
     return LoadedVersion(model, tokenizer, manifest, job, folder)
+
+
+def load_from_storage(storage, experiment: str, version: str, local: Path) -> LoadedVersion:
+    """A committed version's model, downloaded into `local`: the model's files only, never the
+    optimizer shards (most of a version's bytes), unless an old ZeRO-3 version needs them."""
+    from trainer.checkpoint import model_needs
+
+    where = f"{experiment}/{version}"
+    storage.download_files(where, str(local), keep=model_needs)
+    return load_version(local, fetch_optimizer_shards=lambda: storage.download_files(
+        where, str(local), keep=lambda f: f.endswith("optim_states.pt")))

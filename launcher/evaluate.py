@@ -41,16 +41,16 @@ def evaluate_experiment(storage, name: str, *, version: str = "latest", split: s
     encoding = loaded.manifest["encoding"]
     tasks = prepare_tasks(trained, loaded.tokenizer, encoding, splits=(split,))
     results, base = {}, {}
-    for name, data in tasks.items():
+    for task, data in tasks.items():
         if split not in data.encoded:
             continue
-        es = build_eval_set(trained, name, data, loaded.tokenizer, encoding, split)
+        es = build_eval_set(trained, task, data, loaded.tokenizer, encoding, split)
         result = evaluate_task(loaded.model, es, rank=0, world=1, pad_id=loaded.tokenizer.pad_token_id,
                                batch_size=trained.train.eval_batch_size or trained.train.micro_batch_size,
                                encoding=encoding, synced=False, device=device)
-        results[name] = {"metrics": result.metrics, "samples": result.samples}
+        results[task] = {"metrics": result.metrics, "samples": result.samples}
         if baselines and es.task_type.baseline is not None:
-            base[name] = {"baseline": es.task_type.baseline_name,
+            base[task] = {"baseline": es.task_type.baseline_name,
                           "metrics": baseline_metrics(es, data.checked.splits["train"])}
     storage.write_json(f"{name}/evals/{chosen}/{split}.json", results)
     if base:

@@ -40,7 +40,7 @@ def export_version(storage, name: str, version: str, out: Path, *, adapter: bool
         if hasattr(core, "merge_and_unload"):  # a peft LoRA wrapper
             if adapter:
                 core.save_pretrained(str(out / "adapter"))
-            core = core.get_base_model() if adapter else core.merge_and_unload()
+            core = core.unload() if adapter else core.merge_and_unload()  # unload: the base weights, LoRA layers out
         core.save_pretrained(str(out), safe_serialization=True)
         loaded.tokenizer.save_pretrained(str(out))
         _save_heads(loaded.model, out)

@@ -237,6 +237,15 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
     assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]
     assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
+    export_and_compare(tmp_path / "runs" / "lora", tmp_path / "merged")  # LoRA merged into the encoder
+
+    from launcher.cli import main
+    from transformers import AutoModel
+
+    assert main(["export", str(tmp_path / "runs" / "lora"), "--out", str(tmp_path / "apart"), "--adapter"]) == 0
+    assert (tmp_path / "apart" / "adapter" / "adapter_config.json").exists()
+    base = AutoModel.from_pretrained(tmp_path / "apart")  # the base weights alone, no LoRA layer left in them
+    assert not [n for n, _ in base.named_parameters() if "lora" in n]
 
 
 def test_an_impossible_request_stops_before_ray_train_waits(ray_cluster, data_dir, model_dir, tmp_path):
@@ -303,9 +312,9 @@ def test_keep_last_then_resume_and_an_unfinished_version_is_never_loaded(ray_clu
     assert listing[1].startswith("step-000002") and listing[1].endswith("keep-me")
     assert listing[2].startswith("step-000003") and listing[2].endswith("latest")
     # eval takes the experiment's folder and a tag too, and scores the version's own job's data
-    assert main(["eval", str(run), "--version", "keep-me", "--split", "validation", "--no-baselines"]) == 0
-    assert "validation split, version step-000002" in capsys.readouterr().out
-    assert (run / "evals" / "step-000002" / "validation.json").exists()
+    assert main(["eval", str(run), "--version", "keep-me", "--split", "test", "--no-baselines"]) == 0
+    assert "test split, version step-000002" in capsys.readouterr().out
+    assert (run / "evals" / "step-000002" / "test.json").exists()  # training never writes a test split's
     assert main(["untag", str(run), "keep-me"]) == 0 and "keep-me" not in (run / "tags.json").read_text()
     state = json.loads((run / "step-000003" / "trainer_state.json").read_text())
     assert state["step"] == 3

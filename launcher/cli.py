@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from launcher.console import quiet_driver_libraries
 from trainer.errors import RunStopped, UserError
@@ -145,6 +146,42 @@ def cmd_tag(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from trainer.pipeline import MultitaskPipeline
+    from trainer.tasks import registry
+
+    if (args.text is None) == (args.input is None):
+        raise UserError("give --text \"...\" or --input rows.jsonl (one of them)")
+    storage, name = experiment(args)
+    pipe = MultitaskPipeline.from_version((storage, name), version=args.version)
+    if args.task not in pipe.tasks:
+        raise UserError(f"unknown task '{args.task}'; {name}/{pipe.version} knows: {', '.join(pipe.tasks)}")
+    if args.text is not None:
+        fields = registry.get(pipe.manifest["tasks"][args.task]["type"]).prompt_fields
+        if len([f for f in fields if f != "text_pair"]) > 1:
+            raise UserError(f"{args.task} reads {', '.join(fields)}: give them as rows with --input rows.jsonl")
+        rows = [{fields[0]: args.text}]
+    else:
+        rows = []
+        with open(args.input) as fh:
+            for number, line in enumerate(fh, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except ValueError as exc:
+                        raise UserError(f"--input {args.input} line {number}: {exc}") from None
+    results = pipe(args.task, rows)
+    lines = [json.dumps({**({"id": row["id"]} if "id" in row else {}), **result}) for row, result in zip(rows, results)]
+    if args.output:
+        Path(args.output).write_text("".join(line + "\n" for line in lines))
+        print(f"[mtl] {len(lines)} predictions of {name}/{pipe.version} in {args.output}", file=sys.stderr)
+    else:
+        print("\n".join(lines))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_version
 
@@ -267,33 +304,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines")
     p.set_defaults(func=cmd_eval)
 
-    where = "a job file (its experiment and storage) or an experiment folder / URI (./runs/demo)"
-    p = sub.add_parser("versions", help="list an experiment's versions: step, validation scores, size, tags")
-    p.add_argument("target", metavar="JOB|EXP", help=where)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
-    p.set_defaults(func=cmd_versions)
-
-    p = sub.add_parser("tag", help="name a version (prod, sentiment-best, ...); retention never deletes it")
-    p.add_argument("target", metavar="JOB|EXP", help=where)
+    experiment_command(sub, "versions", "list an experiment's versions: step, validation scores, size, tags",
+                       cmd_versions)
+    p = experiment_command(sub, "tag", "name a version (prod, sentiment-best, ...); retention never deletes it",
+                           cmd_tag)
     p.add_argument("version", help="latest, best, best:TASK, step-N or an existing tag")
     p.add_argument("tag", help="the new name")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
-    p.set_defaults(func=cmd_tag)
-
-    p = sub.add_parser("untag", help="remove a tag (the version may then be pruned by train.keep_last)")
-    p.add_argument("target", metavar="JOB|EXP", help=where)
+    p = experiment_command(sub, "untag", "remove a tag (the version may then be pruned by train.keep_last)", cmd_tag)
     p.add_argument("tag", help="the tag to remove")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
-    p.set_defaults(func=cmd_tag)
-
-    p = sub.add_parser("export", help="write a version as a Hugging Face folder (safetensors, tokenizer, "
-                                      "heads, task map, model card) that transformers loads without mtl")
-    p.add_argument("target", metavar="JOB|EXP", help=where)
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
-    p.add_argument("--version", default="latest", help="latest (default), best, best:TASK, a tag or step-N")
+    p = experiment_command(sub, "predict", "a version's predictions for one task: label and score, answer span "
+                                           "and offsets, or generated text (JSON Lines)", cmd_predict, version=True)
+    p.add_argument("--task", required=True, help="the task to run")
+    p.add_argument("--text", help="one input, for tasks that read one field (classification, generation)")
+    p.add_argument("--input", help="rows as JSON Lines, with the task's fields (an `id` is copied to the output)")
+    p.add_argument("--output", help="write the predictions here (JSON Lines) instead of printing them")
+    p = experiment_command(sub, "export", "write a version as a Hugging Face folder (safetensors, tokenizer, heads, "
+                                          "task map, model card) that transformers loads without mtl", cmd_export,
+                           version=True)
     p.add_argument("--out", required=True, help="a new (or empty) folder")
     p.add_argument("--adapter", action="store_true", help="LoRA: keep the adapter apart instead of merging it")
-    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("data", help="per-task data report: bad rows, truncation, micro-batches, padding")
     p.add_argument("job", help="job YAML file")
@@ -313,6 +342,18 @@ def _training_failed() -> type[Exception]:
     from ray.train import TrainingFailedError
 
     return TrainingFailedError
+
+
+def experiment_command(sub, name: str, help: str, func, *, version: bool = False):
+    """A command on an experiment's versions: JOB|EXP, the job file's overrides, and --version."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("target", metavar="JOB|EXP", help="a job file (its experiment and storage) or an experiment "
+                                                      "folder / URI (./runs/demo)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
+    if version:
+        p.add_argument("--version", default="latest", help="latest (default), best, best:TASK, a tag or step-N")
+    p.set_defaults(func=func)
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:

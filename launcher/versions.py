@@ -5,49 +5,12 @@ from __future__ import annotations
 import re
 
 from trainer.checkpoint import TAGS, committed_versions, read_tags
+from trainer.registry import pick_version
 from trainer.errors import UserError
 from trainer.storage import Storage
 
 TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 RESERVED = ("latest", "best")
-
-
-def pick_version(storage: Storage, name: str, version: str) -> str:
-    versions = committed_versions(storage, name)
-    if not versions:
-        raise UserError(f"no committed version of '{name}' in {storage.describe(name)}")
-    if version == "latest":
-        return versions[-1]
-    if version == "best" or version.startswith("best:"):
-        return _best(storage, name, version, versions)
-    tags = read_tags(storage, name)
-    if version in tags:
-        if tags[version] not in versions:
-            raise UserError(f"tag '{version}' names {tags[version]}, which is not a committed version of '{name}'")
-        return tags[version]
-    if version not in versions:
-        raise UserError(f"version '{version}' of '{name}' not found; committed: {', '.join(versions)}")
-    return version
-
-
-def _best(storage: Storage, name: str, version: str, versions: list[str]) -> str:
-    """`best` (overall) or `best:<task>`, through registry.json (trainer.registry)."""
-    reg = storage.read_json(f"{name}/registry.json") or {}
-    if version == "best":
-        chosen = (reg.get("overall") or {}).get("version")
-        if chosen is None:
-            raise UserError(f"'{name}' has no version evaluated on every task at its own step (train.eval_every "
-                            f"and train.checkpoint_every in step); use --version latest or best:<task>")
-    else:
-        task = version.split(":", 1)[1]
-        best = reg.get("best", {})
-        if task not in best:
-            known = ", ".join(sorted(best)) or "none yet"
-            raise UserError(f"no best version for task '{task}' in '{name}' (tasks with one: {known})")
-        chosen = best[task]["version"]
-    if chosen not in versions:  # the registry only names committed versions; a deleted folder is not one
-        raise UserError(f"registry.json names {chosen}, which is no longer a committed version of '{name}'")
-    return chosen
 
 
 def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> tuple[str | None, str | None]:

@@ -76,6 +76,33 @@ def export_and_compare(run: Path, out: Path, text: str = "great fun") -> None:
     assert "heads/" in (out / "README.md").read_text() or version.model.lm is not None
 
 
+def predictions_match_eval(run: Path, job: dict, capsys) -> None:
+    """MultitaskPipeline (and `mtl predict`) give `mtl eval`'s predictions on the same rows."""
+    from launcher.cli import main
+    from trainer.errors import UserError
+    from trainer.pipeline import MultitaskPipeline
+
+    report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
+    pipe = MultitaskPipeline.from_version(run)
+    key = {"classification": "label", "extractive_qa": "answer", "generation": "text"}
+    for task, result in report["results"].items():
+        lines = Path(job["tasks"][task]["data"]["validation"]).read_text().splitlines()
+        rows = [json.loads(lines[sample["id"] - 1]) for sample in result["samples"]]
+        got = pipe(task, rows)
+        kind = job["tasks"][task]["type"]
+        assert [g[key[kind]] for g in got] == [sample["prediction"] for sample in result["samples"]], task
+        if kind == "extractive_qa":
+            spans = [(r["context"][g["start"]:g["end"]], g["answer"]) for r, g in zip(rows, got) if g["start"] >= 0]
+            assert all(cut == answer for cut, answer in spans)
+            if job["model"]["kind"] == "heads":  # heads always answer with a span of the context
+                assert len(spans) == len(got)
+    with pytest.raises(UserError, match="unknown task 'nope'; this version knows: sentiment"):
+        pipe("nope", [{"text": "x"}])
+    capsys.readouterr()
+    assert main(["predict", str(run), "--task", "sentiment", "--text", "great fun"]) == 0
+    assert json.loads(capsys.readouterr().out)["label"] in ("negative", "positive")
+
+
 def three_task_job(data_dir, model_dir, tmp_path, name, **train):
     job = job_dict(data_dir, str(model_dir), "text2text")
     job["name"] = name
@@ -204,7 +231,7 @@ def test_zero3_resume_is_exact_with_dropout(ray_cluster, data_dir, model_dir, tm
             scalars(runs / "z3-resumed" / "tensorboard", f"weight/{task}")
 
 
-def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path):
+def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys):
     job = job_dict(data_dir, str(causal_dir), "text2text")
     job.update(name="causal", storage={"path": str(tmp_path / "runs")})
     job["train"].update({"steps": 3, "checkpoint_every": 1, "eval_every": 0, "keep_last": 1, "keep_best": False})
@@ -218,6 +245,7 @@ def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path):
     assert sorted(weights) == [1, 2, 3] and weights[1] == pytest.approx(1.0)  # learned weights start at static
     assert weights[3] != weights[1]  # and they are learned
     export_and_compare(tmp_path / "runs" / "causal", tmp_path / "exported")
+    predictions_match_eval(tmp_path / "runs" / "causal", job, capsys)  # rank classification and generation
 
 
 def test_shipped_ds_configs_are_all_exercised():
@@ -226,7 +254,7 @@ def test_shipped_ds_configs_are_all_exercised():
     assert shipped - exercised == {"zero3_offload"}  # aborts at exit on CPU once in four runs (see README)
 
 
-def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, model_dir, tmp_path):
+def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, model_dir, tmp_path, capsys):
     job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
     job.update(name="lora", storage={"path": str(tmp_path / "runs")})
     job["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
@@ -238,6 +266,7 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]
     assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
     export_and_compare(tmp_path / "runs" / "lora", tmp_path / "merged")  # LoRA merged into the encoder
+    predictions_match_eval(tmp_path / "runs" / "lora", job, capsys)  # heads: labels and QA spans
 
     from launcher.cli import main
     from transformers import AutoModel

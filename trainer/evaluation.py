@@ -66,28 +66,42 @@ def _my_indices(n: int, rank: int, world: int) -> list[int]:
 @torch.no_grad()
 def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int, pad_id: int,
                   encoding: str, synced: bool, device="cpu") -> EvalResult:
-    was_training = model.training
-    model.eval()
-    try:
-        indices = _my_indices(len(es.features), rank, world)
-        candidates: list[tuple] = []
-        for start in range(0, len(indices), batch_size):
-            chunk = es.features[indices[start:start + batch_size]]
-            candidates.extend(_predict(model, es, chunk, pad_id, encoding, synced, device))
-    finally:
-        model.train(was_training)
+    candidates = predict_features(model, es, _my_indices(len(es.features), rank, world), batch_size=batch_size,
+                                  pad_id=pad_id, encoding=encoding, synced=synced, device=device)
     if world > 1:
         candidates = [c for part in all_gather_objects(candidates) for c in part]
-    best: dict[int, tuple[float, str]] = {}
-    for example_id, score, prediction in candidates:
-        if example_id not in best or score > best[example_id][0]:
-            best[example_id] = (score, prediction)
+    best = best_per_example(candidates)
     ids = sorted(best)
     preds = [best[i][1] for i in ids]
     refs = [es.task_type.reference(es.rows_by_id[i]) for i in ids]
     values = metrics.compute(es.metric_names, preds, refs)
     samples = [{"id": i, "prediction": p, "reference": r} for i, p, r in list(zip(ids, preds, refs))[:SAMPLES]]
     return EvalResult(values, samples, dict(zip(ids, preds)))
+
+
+@torch.no_grad()
+def predict_features(model, es: EvalSet, indices: list[int], *, batch_size: int, pad_id: int, encoding: str,
+                     synced: bool = False, device="cpu") -> list[tuple]:
+    """(example_id, score, prediction) for the features at `indices`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        candidates: list[tuple] = []
+        for start in range(0, len(indices), batch_size):
+            chunk = es.features[indices[start:start + batch_size]]
+            candidates.extend(_predict(model, es, chunk, pad_id, encoding, synced, device))
+        return candidates
+    finally:
+        model.train(was_training)
+
+
+def best_per_example(candidates: list[tuple]) -> dict[int, tuple[float, str]]:
+    """An example's best-scoring prediction over its features (a long QA context has several windows)."""
+    best: dict[int, tuple[float, str]] = {}
+    for example_id, score, prediction in candidates:
+        if example_id not in best or score > best[example_id][0]:
+            best[example_id] = (score, prediction)
+    return best
 
 
 def _predict(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:

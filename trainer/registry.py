@@ -9,6 +9,9 @@ versions appear, so nothing in the registry names a version that does not exist.
 
 from __future__ import annotations
 
+from trainer.checkpoint import committed_versions, read_tags
+from trainer.errors import UserError
+
 
 def scores_of(last_eval: dict, step: int) -> dict | None:
     """{task: {"metric", "value"}} from the evaluation at `step`, or None if there was none."""
@@ -46,3 +49,42 @@ def protected(version_scores: dict[str, dict], committed: list[str]) -> set[str]
     """The versions retention keeps with train.keep_best: each task's best and the best overall."""
     per_task, overall = best_versions(version_scores, committed)
     return {b["version"] for b in per_task.values()} | ({overall["version"]} if overall else set())
+
+
+def pick_version(storage, name: str, version: str) -> str:
+    """A committed version of experiment `name` by what a user calls it: latest, best, best:TASK, a tag or step-N."""
+    versions = committed_versions(storage, name)
+    if not versions:
+        raise UserError(f"no committed version of '{name}' in {storage.describe(name)}")
+    if version == "latest":
+        return versions[-1]
+    if version == "best" or version.startswith("best:"):
+        return _best(storage, name, version, versions)
+    tags = read_tags(storage, name)
+    if version in tags:
+        if tags[version] not in versions:
+            raise UserError(f"tag '{version}' names {tags[version]}, which is not a committed version of '{name}'")
+        return tags[version]
+    if version not in versions:
+        raise UserError(f"version '{version}' of '{name}' not found; committed: {', '.join(versions)}")
+    return version
+
+
+def _best(storage, name: str, version: str, versions: list[str]) -> str:
+    """`best` (overall) or `best:<task>`, through registry.json (trainer.registry)."""
+    reg = storage.read_json(f"{name}/registry.json") or {}
+    if version == "best":
+        chosen = (reg.get("overall") or {}).get("version")
+        if chosen is None:
+            raise UserError(f"'{name}' has no version evaluated on every task at its own step (train.eval_every "
+                            f"and train.checkpoint_every in step); use --version latest or best:<task>")
+    else:
+        task = version.split(":", 1)[1]
+        best = reg.get("best", {})
+        if task not in best:
+            known = ", ".join(sorted(best)) or "none yet"
+            raise UserError(f"no best version for task '{task}' in '{name}' (tasks with one: {known})")
+        chosen = best[task]["version"]
+    if chosen not in versions:  # the registry only names committed versions; a deleted folder is not one
+        raise UserError(f"registry.json names {chosen}, which is no longer a committed version of '{name}'")
+    return chosen

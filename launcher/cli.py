@@ -109,22 +109,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def experiment(args: argparse.Namespace):
     """(storage, name) from a job file (its storage and name, with overrides) or an experiment's
-    folder or URI (`./runs/demo`, `s3://bucket/runs/demo`; $AWS_ENDPOINT_URL for other S3 servers)."""
-    from trainer.spec import StorageSpec
-    from trainer.storage import open_storage
+    folder or URI (trainer.storage.open_experiment)."""
+    from trainer.storage import open_experiment, open_storage
 
     target = args.target
-    if target.endswith((".yaml", ".yml")) and os.path.isfile(target):
+    if target.endswith((".yaml", ".yml")):
         from launcher.jobfile import load_job
 
-        spec = load_job(target, args.overrides)
+        spec = load_job(target, args.overrides)  # a missing file is named there
         return open_storage(spec.storage), spec.name
     if args.overrides:
         raise UserError(f"overrides ({' '.join(args.overrides)}) apply to a job file, not to an experiment folder")
-    parent, name = target.rstrip("/").rsplit("/", 1) if "/" in target.rstrip("/") else (".", target)
-    if "://" not in target and not os.path.isdir(target):
-        raise UserError(f"'{target}' is neither a job file nor an experiment folder")
-    return open_storage(StorageSpec(path=parent, endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))), name
+    return open_experiment(target)
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -150,16 +146,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
     from trainer.pipeline import MultitaskPipeline
-    from trainer.tasks import registry
 
     if (args.text is None) == (args.input is None):
         raise UserError("give --text \"...\" or --input rows.jsonl (one of them)")
     storage, name = experiment(args)
     pipe = MultitaskPipeline.from_version((storage, name), version=args.version)
-    if args.task not in pipe.tasks:
-        raise UserError(f"unknown task '{args.task}'; {name}/{pipe.version} knows: {', '.join(pipe.tasks)}")
     if args.text is not None:
-        fields = registry.get(pipe.manifest["tasks"][args.task]["type"]).prompt_fields
+        fields = pipe.task_type(args.task).prompt_fields
         if len([f for f in fields if f != "text_pair"]) > 1:
             raise UserError(f"{args.task} reads {', '.join(fields)}: give them as rows with --input rows.jsonl")
         rows = [{fields[0]: args.text}]

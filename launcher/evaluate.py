@@ -13,7 +13,7 @@ from pathlib import Path
 
 from launcher.jobfile import parse_job
 from trainer.storage import open_storage
-from launcher.versions import pick_version
+from trainer.registry import pick_version
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:
     """The job's experiment (its storage and name) evaluated; see evaluate_experiment."""

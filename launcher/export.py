@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from launcher.versions import pick_version
+from trainer.registry import pick_version
 from trainer.errors import UserError
 
 HEAD_SNIPPET = {

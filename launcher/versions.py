@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from trainer.checkpoint import TAGS, committed_versions, read_tags
-from trainer.registry import pick_version
+from trainer.registry import existing_versions, pick_version
 from trainer.errors import UserError
 from trainer.storage import Storage
 
@@ -55,9 +55,7 @@ def untag(storage: Storage, name: str, tag: str) -> str:
 
 def version_table(storage: Storage, name: str) -> list[dict]:
     """One row per committed version: step, its own validation scores, size, tags, and what the registry calls it."""
-    versions = committed_versions(storage, name)
-    if not versions:
-        raise UserError(f"no committed version of '{name}' in {storage.describe(name)}")
+    versions = existing_versions(storage, name)
     reg = storage.read_json(f"{name}/registry.json") or {}
     tags = read_tags(storage, name)
     rows = []

@@ -56,7 +56,6 @@ class Run:
     storage: Storage  # rooted at this experiment's folder
     step: int = 0
     seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
-    best: dict = field(default_factory=dict)  # task -> {metric, value, step}: the best evaluation so far
     version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.registry)
     last_eval: dict = field(default_factory=dict)
     board: Board | None = None
@@ -216,7 +215,7 @@ def restore_latest(run: Run) -> bool:
     run.planner.load_state_dict(state["planner"])
     if not isinstance(run.weighting, UncertaintyWeighting):  # learned weights came back with the model
         run.weighting.load_state_dict(state["weighting"])
-    run.seen, run.best, run.last_eval = state["seen"], state["best"], state.get("last_eval", {})
+    run.seen, run.last_eval = state["seen"], state.get("last_eval", {})
     run.version_scores = state.get("version_scores", {})
     if run.rank == 0:
         say(f"[mtl] resumed from {ckpt.version_name(run.step)} (step {run.step} of {run.spec.train.steps})")
@@ -333,7 +332,6 @@ def evaluate_all(run: Run, split: str) -> dict:
         report[name] = {"metrics": result.metrics, "samples": result.samples}
         primary[name] = primary_metric(es.metric_names)
         out.update({f"{split}/{name}/{k}": v for k, v in result.metrics.items()})
-        update_best(run, name, es.metric_names, result.metrics)
     run.last_eval = {"step": run.step, "split": split, "tasks": {t: r["metrics"] for t, r in report.items()},
                      "primary": primary}
     if run.rank == 0:
@@ -349,12 +347,6 @@ def evaluate_all(run: Run, split: str) -> dict:
 
 def primary_metric(names: list[str]) -> str:
     return "rougeL" if names[0] == "rouge" else names[0]
-
-
-def update_best(run: Run, task: str, names: list[str], values: dict) -> None:
-    key = primary_metric(names)
-    if key in values and (task not in run.best or values[key] > run.best[task]["value"]):
-        run.best[task] = {"metric": key, "value": values[key], "step": run.step}
 
 
 def save_version(run: Run, metrics: dict) -> None:
@@ -430,7 +422,7 @@ def trainer_state(run: Run) -> dict:
     weighting = {} if isinstance(run.weighting, UncertaintyWeighting) else run.weighting.state_dict()
     return {"step": run.step, "planner": run.planner.state_dict(), "weighting": weighting,
             "weights": run.weighting.weights(), "rates": run.planner.expected_rates(),
-            "seen": run.seen, "best": run.best, "last_eval": run.last_eval, "world_size": run.world,
+            "seen": run.seen, "last_eval": run.last_eval, "world_size": run.world,
             "version_scores": run.version_scores}
 
 

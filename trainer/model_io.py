@@ -10,6 +10,12 @@ from trainer.task_data import model_encoding
 
 def load_tokenizer_and_encoding(name_or_path: str, kind: str):
     """(tokenizer, encoding) where encoding is heads | causal | seq2seq, read from the model config."""
+    _, tokenizer, encoding = load_model_files(name_or_path, kind)
+    return tokenizer, encoding
+
+
+def load_model_files(name_or_path: str, kind: str):
+    """(config, tokenizer, encoding) of a model folder or hub id, or a UserError naming it."""
     from transformers import AutoConfig, AutoTokenizer
 
     try:
@@ -26,7 +32,7 @@ def load_tokenizer_and_encoding(name_or_path: str, kind: str):
     encoding = model_encoding(kind, bool(getattr(config, "is_encoder_decoder", False)))
     if encoding == "causal" and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only tokenizers often ship without a pad token
-    return tokenizer, encoding
+    return config, tokenizer, encoding
 
 
 # What from_pretrained reads a model's weights from (one file, or the index of a sharded one).
@@ -38,12 +44,10 @@ def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int]) -> li
     """What the workers would only find out after Ray started: the config or tokenizer does not
     load, a local folder has no weights, a `max_length` (keyed by the job field that sets it)
     is beyond the model's positions, or heads are put on a model without a bidirectional encoder."""
-    from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     try:
-        tokenizer, _ = load_tokenizer_and_encoding(name_or_path, kind)
-        config = AutoConfig.from_pretrained(name_or_path)
+        config, tokenizer, _ = load_model_files(name_or_path, kind)
     except UserError as exc:
         return [str(exc)]
     problems = []

@@ -47,16 +47,11 @@ class MultitaskPipeline:
     @classmethod
     def from_version(cls, location, version: str = "latest") -> "MultitaskPipeline":
         """`location`: an experiment on storage (a trainer.storage.Storage and a name, as a tuple)
-        or its folder / URI (`runs/demo`, `s3://bucket/runs/demo`)."""
+        or its folder / URI (trainer.storage.open_experiment)."""
         from trainer.registry import pick_version
-        from trainer.spec import StorageSpec
-        from trainer.storage import open_storage
+        from trainer.storage import open_experiment
 
-        if isinstance(location, tuple):
-            storage, name = location
-        else:
-            parent, _, name = str(location).rstrip("/").rpartition("/")
-            storage = open_storage(StorageSpec(path=parent or "."))
+        storage, name = location if isinstance(location, tuple) else open_experiment(location)
         chosen = pick_version(storage, name, version)
         with tempfile.TemporaryDirectory(prefix="mtl-predict-") as tmp:
             return cls(load_from_storage(storage, name, chosen, Path(tmp) / chosen), version=chosen)
@@ -65,11 +60,15 @@ class MultitaskPipeline:
     def tasks(self) -> list[str]:
         return list(self.manifest["tasks"])
 
-    def __call__(self, task: str, inputs: dict | list[dict], batch_size: int = 8) -> list[dict]:
+    def task_type(self, task: str):
+        """The registered type of one of this version's tasks; an unknown task is refused with the known ones."""
         if task not in self.manifest["tasks"]:
             raise UserError(f"unknown task '{task}'; this version knows: {', '.join(self.tasks)}")
+        return registry.get(self.manifest["tasks"][task]["type"])
+
+    def __call__(self, task: str, inputs: dict | list[dict], batch_size: int = 8) -> list[dict]:
+        task_type = self.task_type(task)
         rows = [inputs] if isinstance(inputs, dict) else list(inputs)
-        task_type = registry.get(self.manifest["tasks"][task]["type"])
         labels = tuple(self.manifest["tasks"][task]["labels"])
         ctx = task_context(self.spec, task, self.tokenizer, self.encoding, labels)
         needed = [f for f in task_type.prompt_fields if f in task_type.required]

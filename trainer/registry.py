@@ -51,11 +51,17 @@ def protected(version_scores: dict[str, dict], committed: list[str]) -> set[str]
     return {b["version"] for b in per_task.values()} | ({overall["version"]} if overall else set())
 
 
-def pick_version(storage, name: str, version: str) -> str:
-    """A committed version of experiment `name` by what a user calls it: latest, best, best:TASK, a tag or step-N."""
+def existing_versions(storage, name: str) -> list[str]:
+    """The committed versions of experiment `name`, oldest first; none is an error a user reads."""
     versions = committed_versions(storage, name)
     if not versions:
         raise UserError(f"no committed version of '{name}' in {storage.describe(name)}")
+    return versions
+
+
+def pick_version(storage, name: str, version: str) -> str:
+    """A committed version of experiment `name` by what a user calls it: latest, best, best:TASK, a tag or step-N."""
+    versions = existing_versions(storage, name)
     if version == "latest":
         return versions[-1]
     if version == "best" or version.startswith("best:"):

@@ -174,6 +174,18 @@ def open_storage(spec) -> Storage:
     return Storage(pafs.LocalFileSystem(), path, path)
 
 
+def open_experiment(location: str) -> tuple[Storage, str]:
+    """(storage, name) of an experiment given by its folder or URI: `runs/demo`,
+    `s3://bucket/runs/demo` ($AWS_ENDPOINT_URL for other S3-compatible servers)."""
+    from trainer.spec import StorageSpec
+
+    location = str(location).rstrip("/")
+    if "://" not in location and not os.path.isdir(location):
+        raise UserError(f"'{location}' is not an experiment folder")
+    parent, _, name = location.rpartition("/")
+    return open_storage(StorageSpec(path=parent or ".", endpoint_url=os.environ.get("AWS_ENDPOINT_URL"))), name
+
+
 PROBE_TIMEOUT_S = 15.0
 
 

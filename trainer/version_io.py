@@ -1,9 +1,9 @@
 """Using a version on its own, in one process: rebuild the model from the version's files.
 
 A version holds the model's config (`config/`), the tokenizer, `tasks.json` and the
-DeepSpeed state. The weights are consolidated to fp32 with DeepSpeed's own ZeRO reader
-(stages 1-3; stage 0 keeps whole weights in its model file), so a version trained on N
-workers can be evaluated or exported anywhere.
+DeepSpeed state. The model's whole weights are read without the optimizer state (see
+`whole_weights`), so a version trained on N workers can be evaluated, used or exported
+anywhere, in one process.
 """
 
 from __future__ import annotations

@@ -101,8 +101,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from launcher.evaluate import evaluate_experiment, format_table
 
     storage, name = experiment(args)
-    report = evaluate_experiment(storage, name, version=args.version, split=args.split,
-                                 baselines=not args.no_baselines)
+    versions = [v.strip() for v in args.compare.split(",") if v.strip()] if args.compare else [args.version]
+    if args.limit is not None and args.limit < 1:
+        raise UserError(f"--limit: {args.limit} rows; give 1 or more")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    report = evaluate_experiment(storage, name, versions=versions, split=args.split,
+                                 baselines=not args.no_baselines, tasks=tasks, limit=args.limit)
     print(format_table(report))
     return 0
 
@@ -292,8 +296,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", metavar="JOB|EXP", help="a job file (its experiment and storage) or an experiment "
                                                       "folder / URI (./runs/demo); the data is the version's own job's")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. storage.path=s3://b/p")
-    p.add_argument("--version", default="latest", help="latest (default), best (overall), best:TASK, a tag, or a version name like step-000200")
+    p.add_argument("--version", default="latest", help="latest (default), best (overall), best:TASK, a tag, a version "
+                                                       "name like step-000200, or untrained (the model the run started from)")
+    p.add_argument("--compare", metavar="V1,V2,...", help="evaluate several versions (named as for --version) and "
+                                                           "print them side by side, e.g. untrained,latest")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="held-out split (default: test)")
+    p.add_argument("--tasks", metavar="A,B", help="only these tasks (default: all of the version's)")
+    p.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the split per task (a quick look; "
+                                                          "saved as <split>-partial.json)")
     p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines")
     p.set_defaults(func=cmd_eval)
 

@@ -1,4 +1,4 @@
-"""`mtl eval`: evaluate a committed version on a held-out split, beside trivial baselines.
+"""`mtl eval`: evaluate committed versions on a held-out split, side by side, beside trivial baselines.
 
 Evaluation reads versions, never a live run. Results are written per version and split
 (`<experiment>/evals/<version>/<split>.json`), baselines once per split
@@ -12,59 +12,97 @@ import tempfile
 from pathlib import Path
 
 from launcher.jobfile import parse_job
+from trainer.errors import UserError
 from trainer.storage import open_storage
 from trainer.registry import pick_version
 
+UNTRAINED = "untrained"  # not a version: the model a run started from (trainer.version_io.load_untrained)
+
+
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:
-    """The job's experiment (its storage and name) evaluated; see evaluate_experiment."""
-    return evaluate_experiment(open_storage(spec.storage), spec.name, version=version, split=split,
-                               baselines=baselines)
+    """One version of the job's experiment (its storage and name) evaluated; see evaluate_experiment."""
+    report = evaluate_experiment(open_storage(spec.storage), spec.name, versions=[version], split=split,
+                                 baselines=baselines)
+    chosen = report["versions"][0]
+    return {"version": chosen, "split": split, "results": report["results"][chosen], "baselines": report["baselines"]}
 
 
-def evaluate_experiment(storage, name: str, *, version: str = "latest", split: str = "test",
-                        baselines: bool = True) -> dict:
-    """Scores a version of experiment `name` on `split` of the data its own job names (labels,
-    prompts and options as it was trained), beside the trivial baselines."""
+def evaluate_experiment(storage, name: str, *, versions: list[str], split: str = "test", baselines: bool = True,
+                        tasks: list[str] | None = None, limit: int | None = None) -> dict:
+    """Scores versions of experiment `name` on `split` of the data their own job names (labels,
+    prompts and options as each was trained), beside the trivial baselines. A version is named
+    as `pick_version` reads it, or `untrained`: the run's starting model, with the settings of
+    the latest version. `tasks` and `limit` (the first N rows of the split) make a quicker look;
+    each version's results go to evals/<version>/<split>.json, a partial look's to
+    evals/<version>/<split>-partial.json so it never passes for the whole split's."""
+    report = {"split": split, "versions": [], "results": {}, "baselines": {}}
+    suffix = "-partial" if tasks or limit is not None else ""
+    for asked in dict.fromkeys(versions):
+        chosen = pick_version(storage, name, "latest" if asked == UNTRAINED else asked)
+        results, base = _evaluate_one(storage, name, chosen, split, untrained=asked == UNTRAINED,
+                                      baselines=baselines and not report["baselines"], tasks=tasks, limit=limit)
+        label = UNTRAINED if asked == UNTRAINED else chosen
+        storage.write_json(f"{name}/evals/{label}/{split}{suffix}.json", results)
+        report["versions"].append(label)
+        report["results"][label] = results
+        if base:
+            storage.write_json(f"{name}/evals/baselines/{split}{suffix}.json", base)
+            report["baselines"] = base
+    return report
+
+
+def _evaluate_one(storage, name: str, chosen: str, split: str, *, untrained: bool, baselines: bool,
+                  tasks: list[str] | None, limit: int | None):
     from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task
     from trainer.task_data import prepare_tasks
     from trainer.version_io import load_from_storage
 
-    chosen = pick_version(storage, name, version)
     with tempfile.TemporaryDirectory(prefix="mtl-eval-") as tmp:
-        local = Path(tmp) / chosen
-        loaded = load_from_storage(storage, name, chosen, local)
+        loaded = load_from_storage(storage, name, chosen, Path(tmp) / chosen, untrained=untrained)
     import torch
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where the command runs has one
     loaded.model.to(device)
     trained = parse_job(loaded.job, source=f"{chosen}/job.yaml")
+    known = loaded.manifest["tasks"]
+    unknown = [t for t in tasks or () if t not in known]
+    if unknown:
+        raise UserError(f"unknown task(s) {', '.join(unknown)}; {chosen} knows: {', '.join(known)}")
+    for task, meta in known.items():  # the label set and order the version was trained with, not today's file's
+        if meta.get("labels"):
+            trained.tasks[task].labels = list(meta["labels"])
     encoding = loaded.manifest["encoding"]
-    tasks = prepare_tasks(trained, loaded.tokenizer, encoding, splits=(split,))
+    prepared = prepare_tasks(trained, loaded.tokenizer, encoding, splits=(split,), tasks=tasks, limit=limit)
     results, base = {}, {}
-    for task, data in tasks.items():
+    for task, data in prepared.items():
         if split not in data.encoded:
             continue
         es = build_eval_set(trained, task, data, loaded.tokenizer, encoding, split)
         result = evaluate_task(loaded.model, es, rank=0, world=1, pad_id=loaded.tokenizer.pad_token_id,
                                batch_size=trained.train.eval_batch_size or trained.train.micro_batch_size,
                                encoding=encoding, synced=False, device=device)
-        results[task] = {"metrics": result.metrics, "samples": result.samples}
+        results[task] = {"metrics": result.metrics, "rows": len(result.predictions), "samples": result.samples}
         if baselines and es.task_type.baseline is not None:
             base[task] = {"baseline": es.task_type.baseline_name,
                           "metrics": baseline_metrics(es, data.checked.splits["train"])}
-    storage.write_json(f"{name}/evals/{chosen}/{split}.json", results)
-    if base:
-        storage.write_json(f"{name}/evals/baselines/{split}.json", base)
-    return {"version": chosen, "split": split, "results": results, "baselines": base}
+    return results, base
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{report['split']} split, version {report['version']}",
-             f"{'task':<12}{'metric':<13}{'model':>8}{'baseline':>10}  baseline is"]
-    for task, r in report["results"].items():
+    """One row per task and metric; one column per version, then the baseline."""
+    versions = report["versions"]
+    width = max(10, *(len(v) + 2 for v in versions))
+    lines = [f"{report['split']} split",
+             f"{'task':<12}{'metric':<13}" + "".join(f"{v:>{width}}" for v in versions) + f"{'baseline':>10}  baseline is"]
+    first = report["results"][versions[0]]
+    for task, r in first.items():
         base = report["baselines"].get(task, {})
-        for metric, value in r["metrics"].items():
+        for metric in r["metrics"]:
+            cells = ""
+            for v in versions:
+                value = report["results"][v].get(task, {}).get("metrics", {}).get(metric)
+                cells += f"{'-' if value is None else f'{value:.3f}':>{width}}"
             b = base.get("metrics", {}).get(metric)
-            lines.append(f"{task:<12}{metric:<13}{value:>8.3f}{'' if b is None else f'{b:>10.3f}':>10}"
+            lines.append(f"{task:<12}{metric:<13}{cells}{'' if b is None else f'{b:>10.3f}':>10}"
                          f"  {base.get('baseline', '')}")
     return "\n".join(lines)

@@ -110,4 +110,5 @@ def _check_model(spec: JobSpec, report: Report) -> None:
         return
     lengths = {"model.max_length": spec.model.max_length}
     lengths.update({f"tasks.{n}.max_length": t.max_length for n, t in spec.tasks.items() if t.max_length})
-    report.errors.extend(check_model(path, spec.model.kind, lengths))
+    lora = spec.model.lora
+    report.errors.extend(check_model(path, spec.model.kind, lengths, lora.layers_to_transform if lora else None))

@@ -10,7 +10,7 @@ from trainer.errors import UserError
 from trainer.storage import Storage
 
 TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-RESERVED = ("latest", "best")
+RESERVED = ("latest", "best", "untrained")
 
 
 def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> tuple[str | None, str | None]:
@@ -35,8 +35,8 @@ def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> t
 def tag_version(storage: Storage, name: str, version: str, tag: str) -> str:
     """Names a committed version (latest, best, best:TASK, step-N or another tag); returns the version."""
     if not TAG_NAME.match(tag) or tag in RESERVED or tag.startswith("step-"):
-        raise UserError(f"tag '{tag}': use a letter, then letters, digits, '.', '_' or '-' (not latest, best or "
-                        "step-...)")
+        raise UserError(f"tag '{tag}': use a letter, then letters, digits, '.', '_' or '-' (not latest, best, "
+                        "untrained or step-...)")
     chosen = pick_version(storage, name, version)
     tags = read_tags(storage, name)
     tags[tag] = chosen

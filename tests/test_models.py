@@ -56,6 +56,28 @@ def test_text2text_forward_uses_the_lm_loss(seq2seq_dir, tokenizer):
     assert weighted.item() == pytest.approx(0.5 * loss.item()) and loss.item() > 0
 
 
+def test_causal_loss_projects_only_the_target_positions_and_equals_the_full_loss(causal_dir, tokenizer):
+    """The decoder's logits start at the batch's first target; loss and gradients are the full ones."""
+    model = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[])
+    assert model._keeps_logits
+    ids = torch.randint(5, 100, (3, 12))
+    labels = torch.full((3, 12), -100)
+    labels[0, 7:10], labels[1, 9:12], labels[2, 5:8] = ids[0, 7:10], ids[1, 9:12], ids[2, 5:8]
+    b = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    seen = []
+    hook = model.lm.lm_head.register_forward_hook(lambda m, i, o: seen.append(i[0].shape[1]))
+    loss, _ = model("t", b)
+    hook.remove()
+    assert seen == [12 - 4]  # positions 4..11: position 4 predicts row 2's first target, token 5
+    loss.backward()
+    ours = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    full = model.lm(input_ids=ids, attention_mask=b["attention_mask"], labels=labels).loss
+    full.backward()
+    assert loss.item() == pytest.approx(full.item(), rel=1e-5)
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(ours, model.parameters()))
+
+
 def test_lr_schedules():
     linear, cosine, constant = (lr_factor(s, 2, 10) for s in ("linear", "cosine", "constant"))
     assert [linear(s) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.5, 0.0])

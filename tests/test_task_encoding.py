@@ -130,3 +130,32 @@ def test_rank_score_counts_label_tokens_but_not_the_end_token():
     labels = torch.tensor([[-100, 2, 3, -100]])  # label token 2, then end token 3, then padding
     nll = _sequence_nll(logits, labels, causal=False)
     assert nll.item() == pytest.approx(-torch.log_softmax(logits[0, 1], -1)[2].item())  # the end token is not ranked
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_rank_classification_runs_the_prompt_once_and_scores_as_one_pass_per_label(causal_dir, lora):
+    """The shared-prompt path (a cache, left padding, labels of one and several tokens) gives the
+    scores of one full forward per label, which ZeRO-3 evaluation still uses."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from trainer.evaluation import EvalSet, _rank_labels
+    from trainer.models import build_model
+
+    tok = AutoTokenizer.from_pretrained(causal_dir)
+    torch.manual_seed(0)
+    lora_cfg = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["c_attn"]} if lora else None
+    model = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[], lora=lora_cfg)
+    model.eval()
+    labels = ("bad", "very good indeed", "so so")
+    c = ctx(tok, "classification", "causal", labels=labels)
+    texts = ["a fine film", "dull", "the plot goes nowhere and the actors know it", "warm and clever and long"]
+    rows = {i: {"text": t, "label": labels[i % 3]} for i, t in enumerate(texts)}
+    es = EvalSet("t", registry.get("classification"), c, None, rows, ["accuracy"])
+    ids = list(rows)
+    with torch.no_grad():
+        shared = _rank_labels(model, es, ids, tok.pad_token_id, "causal", synced=False, device="cpu")
+        per_label = _rank_labels(model, es, ids, tok.pad_token_id, "causal", synced=True, device="cpu")
+    assert [p for _, _, p in shared] == [p for _, _, p in per_label]
+    assert [s for _, s, _ in shared] == pytest.approx([s for _, s, _ in per_label], abs=1e-4)
+    assert len({len(tok(" " + label, add_special_tokens=False)["input_ids"]) for label in labels}) > 1

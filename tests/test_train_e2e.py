@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import tempfile
 from pathlib import Path
@@ -247,6 +248,25 @@ def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys
     export_and_compare(tmp_path / "runs" / "causal", tmp_path / "exported")
     predictions_match_eval(tmp_path / "runs" / "causal", job, capsys)  # rank classification and generation
 
+    # The model the run started from, scored beside the version (what fine-tuning added).
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from launcher.cli import main
+
+    from trainer.version_io import load_untrained
+
+    run = tmp_path / "runs" / "causal"
+    assert main(["eval", str(run), "--split", "validation", "--compare", "untrained,latest", "--no-baselines"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[1].split()[2:4] == ["untrained", "step-000003"] and len(table) == 2 + 2 + 2 + 4
+    untrained = json.loads((run / "evals" / "untrained" / "validation.json").read_text())
+    assert set(untrained) == {"sentiment", "qa", "summary"}
+    start = GPT2LMHeadModel.from_pretrained(causal_dir).transformer.h[0].mlp.c_fc.weight
+    assert torch.equal(load_untrained(run / "step-000003").model.lm.transformer.h[0].mlp.c_fc.weight, start)
+    assert main(["tag", str(run), "latest", "untrained"]) == 2  # a name eval reads as the starting model
+    assert "tag 'untrained'" in capsys.readouterr().err
+
 
 def test_shipped_ds_configs_are_all_exercised():
     exercised = {"zero0", "zero1", "zero2", "zero3", "zero2_offload"}
@@ -257,6 +277,9 @@ def test_shipped_ds_configs_are_all_exercised():
 def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, model_dir, tmp_path, capsys):
     job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
     job.update(name="lora", storage={"path": str(tmp_path / "runs")})
+    shutil.copytree(data_dir / "sentiment", tmp_path / "sentiment")  # its train file changes below
+    job["tasks"]["sentiment"]["data"] = {s: str(tmp_path / "sentiment" / f"{s}.jsonl")
+                                         for s in ("train", "validation", "test")}
     job["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
     job["tasks"]["qa"]["options"] = {"doc_stride": 16}
     job["train"].update({"steps": 2, "checkpoint_every": 0, "eval_every": 0, "lr": 1e-3})
@@ -265,6 +288,22 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
     assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]
     assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
+
+    # Today's train file no longer holds every label (nor in their order): the version's own labels still decide.
+    train = tmp_path / "sentiment" / "train.jsonl"
+    rows = [json.loads(line) for line in train.read_text().splitlines()]
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] == rows[0]["label"]))
+    again = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
+    assert again["results"]["sentiment"] == report["results"]["sentiment"]
+    from launcher.cli import main
+
+    assert main(["eval", str(tmp_path / "runs" / "lora"), "--split", "validation", "--tasks", "sentiment",
+                 "--limit", "3", "--no-baselines"]) == 0
+    partial = json.loads((tmp_path / "runs" / "lora" / "evals" / "step-000002" / "validation-partial.json").read_text())
+    assert list(partial) == ["sentiment"] and partial["sentiment"]["rows"] == 3
+    assert report["results"]["sentiment"]["rows"] > 3
+    assert main(["eval", str(tmp_path / "runs" / "lora"), "--tasks", "nope"]) == 2
+    assert "unknown task(s) nope" in capsys.readouterr().err
     export_and_compare(tmp_path / "runs" / "lora", tmp_path / "merged")  # LoRA merged into the encoder
     predictions_match_eval(tmp_path / "runs" / "lora", job, capsys)  # heads: labels and QA spans
 

@@ -204,6 +204,9 @@ FILE_MISTAKES = {
         ["model.name_or_path", "no-weights' has no weights", "model.safetensors"]),
     "max_length beyond the model's positions": (lambda d, j: j["tasks"]["qa"].update(max_length=512),
                                                 ["tasks.qa.max_length: 512 is more than the model's 128 positions"]),
+    "LoRA on layers the model lacks": (
+        lambda d, j: j["model"].update(lora={"layers_to_transform": [1, 2, 7]}),
+        ["model.lora.layers_to_transform: [2, 7] are not layers of the model (0 to 1)"]),
     "fp16 on cpu": (lambda d, j: j["train"].update(precision="fp16"), ["train.precision", "fp16 needs GPUs"]),
     "fewer rows than workers": (lambda d, j: j["scaling"].update(num_workers=41),
                                 ["tasks.sentiment", "40 train rows", "num_workers=41"]),

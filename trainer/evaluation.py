@@ -110,7 +110,7 @@ def _predict(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced
         _, logits = model.head_outputs(es.task, batch)
         return es.task_type.decode(logits.float().cpu(), batch, es.rows_by_id, es.ctx)  # collate made ids a tensor
     if es.task_type.text2text_eval == "rank":
-        return _rank_labels(model, es, chunk["example_id"], pad_id, encoding, device)
+        return _rank_labels(model, es, chunk["example_id"], pad_id, encoding, synced, device)
     return _generate(model, es, chunk, pad_id, encoding, synced, device)
 
 
@@ -131,19 +131,80 @@ def _sequence_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> t
     return -(picked * mask).sum(-1)
 
 
-def _rank_labels(model, es: EvalSet, ids: list[int], pad_id: int, encoding: str, device) -> list[tuple]:
+def _rank_labels(model, es: EvalSet, ids: list[int], pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:
     """Rank classification: the label whose words the model finds most likely as the target."""
     rows = [es.rows_by_id[i] for i in ids]
-    scores = []
-    for label in es.ctx.labels:
-        feats, _ = es.task_type.encode([{**r, "label": label} for r in rows], es.ctx)
-        batch = to_device(collate({k: feats[k] for k in ("input_ids", "attention_mask", "labels")}, pad_id), device)
-        logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                          labels=batch["labels"]).logits
-        scores.append(-_sequence_nll(logits, batch["labels"], causal=encoding == "causal").cpu())
-    stacked = torch.stack(scores, dim=-1)
+    encoded = [es.task_type.encode([{**r, "label": label} for r in rows], es.ctx)[0] for label in es.ctx.labels]
+    if encoding == "causal" and not synced and _prompts_agree(encoded):
+        stacked = _rank_causal_shared_prompt(model.lm, encoded, pad_id, device)
+    else:  # ZeRO-3 ranks must make the same forward calls, whatever their rows: one per label
+        scores = []
+        for feats in encoded:
+            batch = to_device(collate({k: feats[k] for k in ("input_ids", "attention_mask", "labels")}, pad_id),
+                              device)
+            logits = model.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              labels=batch["labels"]).logits
+            scores.append(-_sequence_nll(logits, batch["labels"], causal=encoding == "causal").cpu())
+        stacked = torch.stack(scores, dim=-1)
     best, index = stacked.max(-1)
     return [(i, float(s), es.ctx.labels[int(k)]) for i, s, k in zip(ids, best.tolist(), index.tolist())]
+
+
+def _prompts_agree(encoded: list[dict]) -> bool:
+    """Every label's rows start with the same prompt (truncation for a longer label could cut it)."""
+    first = encoded[0]
+    return all(f["prompt_length"] == first["prompt_length"]
+               and all(a[:n] == b[:n] for a, b, n in zip(f["input_ids"], first["input_ids"], f["prompt_length"]))
+               for f in encoded[1:])
+
+
+def _rank_causal_shared_prompt(lm, encoded: list[dict], pad_id: int, device) -> torch.Tensor:
+    """Each label's log-likelihood with the prompt run once for all labels (a decoder's cache).
+
+    The same scores as one forward per label (up to float rounding), at the cost of one prompt
+    pass plus, for labels longer than one token, a pass over the label's own tokens; only the
+    last prompt position's logits are computed where the model allows it. Prompts are padded on
+    the left so every label continues right after its prompt.
+    """
+    import copy
+
+    lengths = encoded[0]["prompt_length"]
+    width = max(lengths)
+    prompts = [ids[:n] for ids, n in zip(encoded[0]["input_ids"], lengths)]
+    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    extra = {"logits_to_keep": 1} if _accepts(lm, "logits_to_keep") else {}
+    cache_arg = "cache" if _accepts(lm, "cache") else "past_key_values"  # transformers 5 renamed it
+    out = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = []
+    for feats in encoded:
+        # The label's tokens; the closing end token is trained but not ranked (see _sequence_nll).
+        targets = [ids[n:] for ids, n in zip(feats["input_ids"], lengths)]
+        targets = [t[:-1] if len(t) > 1 else t for t in targets]
+        score = first.gather(-1, torch.tensor([[t[0]] for t in targets], device=device)).squeeze(-1)
+        longest = max(len(t) for t in targets)
+        if longest > 1:  # the rest of the label, read on from the prompt's cache
+            rest = [t[:-1] + [pad_id] * (longest - len(t)) for t in targets]
+            rest_mask = torch.tensor([[1] * (len(t) - 1) + [0] * (longest - len(t)) for t in targets], device=device)
+            step = lm(input_ids=torch.tensor(rest, device=device), attention_mask=torch.cat([mask, rest_mask], 1),
+                      position_ids=positions[:, -1:] + 1 + torch.arange(longest - 1, device=device),
+                      use_cache=True, **{cache_arg: copy.deepcopy(cache)})
+            logp = torch.log_softmax(step.logits.float(), dim=-1)
+            following = torch.tensor([t[1:] + [0] * (longest - len(t)) for t in targets], device=device)
+            picked = logp.gather(-1, following.unsqueeze(-1)).squeeze(-1)
+            score = score + (picked * rest_mask).sum(-1)
+        scores.append(score.cpu())
+    return torch.stack(scores, dim=-1)
+
+
+def _accepts(lm, name: str) -> bool:
+    import inspect
+
+    base = getattr(lm, "get_base_model", lambda: lm)()  # through a peft wrapper
+    return name in inspect.signature(base.forward).parameters
 
 
 def _generate(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:

@@ -40,10 +40,12 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 
 
-def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int]) -> list[str]:
+def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int],
+                lora_layers: list[int] | None = None) -> list[str]:
     """What the workers would only find out after Ray started: the config or tokenizer does not
     load, a local folder has no weights, a `max_length` (keyed by the job field that sets it)
-    is beyond the model's positions, or heads are put on a model without a bidirectional encoder."""
+    is beyond the model's positions, LoRA names layers the model lacks, or heads are put on a
+    model without a bidirectional encoder."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     try:
@@ -57,6 +59,10 @@ def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int]) -> li
     for field, length in max_lengths.items():
         if limit is not None and length > limit:
             problems.append(f"{field}: {length} is more than the model's {limit} positions")
+    depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    beyond = [i for i in lora_layers or () if depth and not 0 <= i < depth]
+    if beyond:
+        problems.append(f"model.lora.layers_to_transform: {beyond} are not layers of the model (0 to {depth - 1})")
     if kind == "heads" and (config.is_encoder_decoder or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
         problems.append(f"model.kind: heads needs an encoder that reads the whole text ({config.model_type} is not "
                         "one: its first token, which a head reads, sees nothing after it); use kind: text2text")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from trainer.batching import IGNORE_INDEX
 from trainer.errors import UserError
 from trainer.tasks import registry
 
@@ -38,6 +39,9 @@ class MultiTaskModel(nn.Module):
         base = getattr(backbone, "get_base_model", lambda: backbone)()  # through a peft wrapper
         accepted = inspect.signature(base.forward).parameters if backbone is not None else {}
         self._encoder_inputs = [k for k in ENCODER_INPUTS if k in accepted]
+        lm_base = getattr(lm, "get_base_model", lambda: lm)()
+        self._keeps_logits = (lm is not None and not lm_base.config.is_encoder_decoder
+                              and "logits_to_keep" in inspect.signature(lm_base.forward).parameters)
 
     def _encode(self, batch: dict) -> torch.Tensor:
         return self.backbone(**{k: batch[k] for k in self._encoder_inputs if k in batch}).last_hidden_state
@@ -47,14 +51,32 @@ class MultiTaskModel(nn.Module):
 
     def forward(self, task: str, batch: dict, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         if self.lm is not None:
-            loss = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                           labels=batch["labels"]).loss
+            loss = self._lm_loss(batch)
             weighted = self._weighted(task, loss, weight)
         else:
             hidden = self._encode(batch)
             loss, _ = self.heads[task](hidden, batch)
             weighted = self._weighted(task, loss, weight) + self._touch_other_heads(task, hidden, batch)
         return loss, weighted
+
+    def _lm_loss(self, batch: dict) -> torch.Tensor:
+        """The LM's mean loss over the target tokens.
+
+        A decoder computes the vocabulary logits only from the first target position on: a
+        prompt's logits are never scored, and projecting them onto a large vocabulary (and back,
+        in the backward pass) is a large share of a small model's work when targets are short
+        (measured on the demo's 135M model: see benchmarks/README.md). Seq2seq models and
+        decoders without `logits_to_keep` compute the loss in full.
+        """
+        labels = batch["labels"]
+        if not self._keeps_logits:
+            return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        first = int((targets != IGNORE_INDEX).any(0).int().argmax())  # the first column holding a target
+        logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         logits_to_keep=labels.shape[1] - first).logits  # positions first .. end
+        return nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets[:, first:].flatten(),
+                                           ignore_index=IGNORE_INDEX)
 
     def _weighted(self, task: str, loss: torch.Tensor, weight: float) -> torch.Tensor:
         return self.loss_weighting(task, loss) if self.loss_weighting is not None else loss * weight
@@ -127,7 +149,7 @@ def _with_lora(model: nn.Module, lora: dict) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora.get("target_modules"))
+                        target_modules=lora.get("target_modules"), layers_to_transform=lora.get("layers_to_transform"))
     return get_peft_model(model, config)
 
 

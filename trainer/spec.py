@@ -28,6 +28,9 @@ class LoraSpec(_Strict):
     target_modules: list[str] | None = Field(
         None, description="Module names to adapt; null lets peft pick for the architecture."
     )
+    layers_to_transform: list[int] | None = Field(
+        None, description="Indices of the transformer layers to adapt (peft's option); null adapts all. Adapting "
+                          "only the top layers also skips the backward pass through the layers below them.")
 
 
 class ModelSpec(_Strict):

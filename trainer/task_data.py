@@ -56,14 +56,20 @@ def check_task_data(spec, name: str) -> CheckedTask:
                       task_context(spec, name), task.bad_rows)
 
 
-def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation", "test")) -> dict[str, TaskData]:
+def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation", "test"), *,
+                  tasks: list[str] | None = None, limit: int | None = None) -> dict[str, TaskData]:
+    """Each task's rows checked and encoded. `tasks`: only these; `limit`: the first N rows of
+    each held-out split (train is never cut: baselines and label sets read it)."""
     out = {}
-    for name, task in spec.tasks.items():
+    for name in tasks or spec.tasks:
+        task = spec.tasks[name]
         checked = check_task_data(spec, name)
         ctx = task_context(spec, name, tokenizer, encoding, checked.labels)
         data = TaskData(name, task.type, checked.labels, checked)
         for split in splits:
             if split in checked.splits:
+                if limit is not None and split != "train":
+                    checked.splits[split] = checked.splits[split][:limit]
                 data.encoded[split] = encode_split(checked.splits[split], registry.get(task.type), ctx)
         out[name] = data
     return out

@@ -59,26 +59,36 @@ def whole_weights(folder: Path, fetch_optimizer_shards=None) -> dict[str, torch.
         return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
 
 
-def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersion:
-    from transformers import AutoConfig, AutoTokenizer
+def _settings(folder: Path) -> tuple[dict, dict, object]:
+    """A committed version's tasks.json, job and tokenizer: how its model reads and writes text."""
+    from transformers import AutoTokenizer
 
-    weights_only_loads()  # DeepSpeed's consolidation loads the shards itself
-    folder = Path(folder)
     if not (folder / COMMITTED).exists():
         raise UserError(f"{folder} is not a committed version (no COMMITTED marker)")
     manifest = json.loads((folder / "tasks.json").read_text())
     job = yaml.safe_load((folder / "job.yaml").read_text())
-    config = AutoConfig.from_pretrained(folder / "config")
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True  # we truncate
     if manifest["encoding"] == "causal" and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return manifest, job, tokenizer
+
+
+def _heads(manifest: dict) -> list[HeadSpec]:
+    return [HeadSpec(t, m["type"], len(m["labels"])) for t, m in manifest["tasks"].items()]
+
+
+def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersion:
+    from transformers import AutoConfig
+
+    weights_only_loads()  # DeepSpeed's consolidation loads the shards itself
+    folder = Path(folder)
+    manifest, job, tokenizer = _settings(folder)
+    config = AutoConfig.from_pretrained(folder / "config")
     static = {t: spec.get("weight", 1.0) for t, spec in job["tasks"].items()}
     weighting = UncertaintyWeighting(static) if job.get("loss_weighting", {}).get("strategy") == "uncertainty" else None
-    model = build_model_from_config(
-        kind=manifest["kind"], encoding=manifest["encoding"], config=config,
-        heads=[HeadSpec(t, m["type"], len(m["labels"])) for t, m in manifest["tasks"].items()],
-        loss_weighting=weighting, lora=job["model"].get("lora"))
+    model = build_model_from_config(kind=manifest["kind"], encoding=manifest["encoding"], config=config,
+                                    heads=_heads(manifest), loss_weighting=weighting, lora=job["model"].get("lora"))
     missing, unexpected = model.load_state_dict(whole_weights(folder, fetch_optimizer_shards), strict=False)
     # Tied weights (e.g. an LM head tied to its embeddings) are stored once; anything else is a mismatch.
     tied = {k for k in missing if k.endswith(("lm_head.weight", "decoder.weight", "cls.predictions.decoder.weight"))}
@@ -91,12 +101,36 @@ def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersi
     return LoadedVersion(model, tokenizer, manifest, job, folder)
 
 
-def load_from_storage(storage, experiment: str, version: str, local: Path) -> LoadedVersion:
+def load_untrained(folder: str | Path) -> LoadedVersion:
+    """The model a run started from, with a version's settings (tasks, labels, tokenizer): the
+    job's pretrained weights, and heads initialised as the run initialised them (train.seed).
+    What fine-tuning added is the difference between this model's scores and the version's."""
+    from trainer.models import build_model
+
+    folder = Path(folder)
+    manifest, job, tokenizer = _settings(folder)
+    torch.manual_seed(job.get("train", {}).get("seed", 0))  # as trainer.loop seeds it before building
+    where = job["model"]["name_or_path"]
+    try:
+        model = build_model(kind=manifest["kind"], encoding=manifest["encoding"], name_or_path=where,
+                            heads=_heads(manifest), lora=job["model"].get("lora"))
+    except OSError as e:  # a folder that is not here, or a hub name without the hub
+        raise UserError(f"the untrained model: model.name_or_path '{where}' of the run's job cannot be "
+                        f"loaded here ({str(e).splitlines()[0]})") from e
+    model.eval()
+    return LoadedVersion(model, tokenizer, manifest, job, folder)
+
+
+def load_from_storage(storage, experiment: str, version: str, local: Path, untrained: bool = False) -> LoadedVersion:
     """A committed version's model, downloaded into `local`: the model's files only, never the
-    optimizer shards (most of a version's bytes), unless an old ZeRO-3 version needs them."""
+    optimizer shards (most of a version's bytes), unless an old ZeRO-3 version needs them.
+    `untrained`: the model the run started from, with this version's settings (load_untrained)."""
     from trainer.checkpoint import model_needs
 
     where = f"{experiment}/{version}"
+    if untrained:  # the version's settings only; the weights are the job's pretrained ones
+        storage.download_files(where, str(local), keep=lambda f: not f.startswith(("deepspeed/", "weights/", "rng/")))
+        return load_untrained(local)
     storage.download_files(where, str(local), keep=model_needs)
     return load_version(local, fetch_optimizer_shards=lambda: storage.download_files(
         where, str(local), keep=lambda f: f.endswith("optim_states.pt")))

@@ -59,10 +59,11 @@ demo-data: setup
 	$(PY) -m pip install -q -c $(LOCK) "gguf==0.19.0"
 	$(PY) scripts/demo_data.py --out data/demo
 
-# Train the demo job (2 workers, embedded Ray, CPU), then score its last version on the test split.
+# Train the demo job (2 workers, embedded Ray, CPU), then score its last version on the test split
+# beside the model it started from and the trivial baselines.
 demo: demo-data
 	$(VENV)/bin/mtl train jobs/demo.yaml $(ARGS)
-	$(VENV)/bin/mtl eval jobs/demo.yaml --split test
+	$(VENV)/bin/mtl eval jobs/demo.yaml --split test --compare untrained,latest
 
 # A job on several Ray nodes. With RAY_ADDRESS (a cluster's dashboard, http://HEAD:8265) it is
 # submitted there; otherwise NODES local nodes are started on this machine and torn down after.

@@ -135,6 +135,14 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from launcher.report import write_report
+
+    storage, name = experiment(args)
+    print(f"[mtl] report of '{name}': {write_report(storage, name)}")
+    return 0
+
+
 def cmd_tag(args: argparse.Namespace) -> int:
     from launcher.versions import tag_version, untag
 
@@ -307,6 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines")
     p.set_defaults(func=cmd_eval)
 
+    experiment_command(sub, "report", "write report/report.md and report/curves.png into the experiment: per-task "
+                                      "curves, versions, every evaluation, single-task baselines", cmd_report)
     experiment_command(sub, "versions", "list an experiment's versions: step, validation scores, size, tags",
                        cmd_versions)
     p = experiment_command(sub, "tag", "name a version (prod, sentiment-best, ...); retention never deletes it",

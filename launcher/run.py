@@ -117,14 +117,22 @@ def stop_on_signals(run_id: str, grace_s: float):
 
     from trainer.stopping import request_stop
 
+    def ask() -> None:
+        try:
+            request_stop(run_id)
+        except Exception as exc:  # Ray itself going down (a Ctrl-C reaches its processes too)
+            print(f"[mtl] could not ask the workers to stop: {exc}", file=sys.stderr, flush=True)
+
     def handle(signum, frame):
         if asked:
             raise KeyboardInterrupt
         asked.append(signal.Signals(signum))
         print(f"[mtl] {asked[0].name}: writing a version at the next step, then stopping (up to {grace_s:g}s; "
               f"Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-        request_stop(run_id)
         deadline.start()
+        # Asked from a thread: with the local raylet gone (Ctrl-C in a terminal signals it too), Ray's
+        # key-value put never returns, and a handler blocked in it would ignore every later signal.
+        threading.Thread(target=ask, name="mtl-request-stop", daemon=True).start()
 
     previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

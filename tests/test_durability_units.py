@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -245,6 +246,24 @@ def test_the_driver_asks_once_then_stops_at_once(monkeypatch):
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_stop_request_that_never_returns_does_not_deafen_the_driver(monkeypatch):
+    """With the local raylet killed by the same Ctrl-C, Ray's key-value put blocks for good: the
+    first signal must still return at once, and the second must still stop the driver."""
+    from launcher.run import stop_on_signals
+
+    forever = threading.Event()
+    monkeypatch.setattr(stopping, "request_stop", lambda run_id: forever.wait())
+    with stop_on_signals("run-1", grace_s=60) as asked:
+        started = time.monotonic()
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.1)
+        assert asked == [signal.SIGINT] and time.monotonic() - started < 1
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    forever.set()
 
 
 PICKLE_BOMB = """

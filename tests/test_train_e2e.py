@@ -49,6 +49,23 @@ def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
     return out
 
 
+def hparams(tb_dir: Path) -> tuple[dict, list[str]]:
+    """The HParams plugin's settings and metric tags from the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        content = acc.PluginTagToContent("hparams")
+        if "_hparams_/session_start_info" in content:
+            start = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+            experiment = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/experiment"])
+            return (dict(start.session_start_info.hparams),
+                    [m.name.tag for m in experiment.experiment.metric_infos])
+    raise AssertionError(f"no HParams in {tb_dir}")
+
+
 def export_and_compare(run: Path, out: Path, text: str = "great fun") -> None:
     """`mtl export` of the run's latest version loads with transformers alone and computes what
     the version computes (the LM's logits, or each head's logits on the encoder's output)."""
@@ -147,6 +164,12 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
         assert sorted(scalars(tb, f"validation/{task}/" + ("accuracy" if task == "sentiment" else
                                                            "f1" if task == "qa" else "rougeL"))) == [2, 4]
     assert sorted(scalars(tb, "lr")) == [1, 2, 3, 4]
+    settings, metric_tags = hparams(tb)  # TensorBoard's HParams tab: the resolved job beside each task's metric
+    assert settings["train.steps"].number_value == 4 and settings["model.kind"].string_value == "text2text"
+    assert settings["tasks.sentiment.type"].string_value == "classification" and "storage.path" not in settings
+    assert sorted(metric_tags) == ["validation/qa/exact_match", "validation/sentiment/accuracy",
+                                   "validation/summary/rougeL"]
+    assert all(sorted(scalars(tb, tag)) == [2, 4] for tag in metric_tags)
 
     # ... any committed version evaluates on its own on a held-out split, beside baselines,
     spec = resolve(parse_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "straight")))
@@ -159,6 +182,21 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
     assert evaluate_version(spec, version="best", split="validation")["version"] in ("step-000002", "step-000004")
     with pytest.raises(UserError, match="step-000009.*not found"):
         evaluate_version(spec, version="step-000009")
+
+    # ... the experiment's report: per-task curves, versions, every evaluation on record,
+    from launcher.cli import main
+    from launcher.report import curves
+
+    assert main(["report", str(straight)]) == 0
+    page = (straight / "report" / "report.md").read_text()
+    assert "### validation split" in page and "### test split" in page and "| step-000002 | step-000004 |" in page
+    assert all(f"| {task} |" in page for task in ("sentiment", "qa", "summary"))
+    png = (straight / "report" / "curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    drawn = curves(tb)
+    assert set(drawn["loss"]) == {"sentiment", "qa", "summary"}  # a task's loss at the steps it trained
+    assert set().union(*drawn["loss"].values()) == {1, 2, 3, 4}
+    assert sorted(drawn["validation"]["summary rougeL"]) == [2, 4] and set(drawn["rate"]) == {"sentiment", "qa", "summary"}
 
     # ... and a run stopped at step 2, then run again under the same name with more steps,
     run_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "resumed", steps=2))

@@ -28,7 +28,7 @@ from trainer.precision import agreed_precision
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
 from trainer import registry
-from trainer.reporting import Board, StepStats, quiet_libraries, say, step_line
+from trainer.reporting import Board, StepStats, flat_hparams, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
 from trainer.safe_load import weights_only_loads
 from trainer.scratch import remove_orphans, scratch, scratch_dir
@@ -136,6 +136,8 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         follow_job_hyperparameters(engine, job_groups)
     if rank == 0:
         run.board = Board(run.storage)
+        metrics = [f"validation/{t}/{primary_metric(task_metrics(spec, t))}" for t in tasks]
+        run.board.hparams(flat_hparams(spec.model_dump(mode="json", exclude={"storage"})), metrics)
     return run
 
 

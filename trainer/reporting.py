@@ -120,6 +120,15 @@ class Board:
             if value is not None and not (isinstance(value, float) and math.isnan(value)):
                 self.writer.add_scalar(tag, value, step)
 
+    def hparams(self, values: dict, metric_tags: list[str]) -> None:
+        """The run's settings for TensorBoard's HParams tab, in this run's own event file (torch's
+        add_hparams would open a sub-run per call). The metrics are scalar tags the run writes
+        anyway (validation/<task>/<metric>); the tab shows their latest values beside the settings."""
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(values, {tag: 0.0 for tag in metric_tags}):
+            self.writer.file_writer.add_summary(summary)
+
     def text(self, tag: str, text: str, step: int) -> None:
         self.writer.add_text(tag, text, step)
 
@@ -143,3 +152,19 @@ class Board:
         self.writer.close()
         self.sync()
         shutil.rmtree(self.local, ignore_errors=True)
+
+
+def flat_hparams(job: dict, prefix: str = "") -> dict[str, float | int | str | bool]:
+    """A job as HParams: dotted keys, scalar values (lists as text; unset values left out)."""
+    import json
+
+    out = {}
+    for key, value in job.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flat_hparams(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            out[name] = json.dumps(value)
+        elif isinstance(value, (bool, int, float, str)):
+            out[name] = value
+    return out

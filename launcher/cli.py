@@ -135,6 +135,15 @@ def cmd_versions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_baselines(args: argparse.Namespace) -> int:
+    from launcher.baselines import format_table, run_baselines
+    from launcher.jobfile import load_job
+
+    spec = load_job(args.job, args.overrides)
+    print(format_table(run_baselines(spec, split=args.split, address=args.address)), end="")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from launcher.report import write_report
 
@@ -273,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     dashboard = "Ray dashboard address of the cluster, e.g. http://HOST:8265 (default: $RAY_ADDRESS)"
+    p = sub.add_parser("baselines", help="one single-task run per task (same model, settings and examples seen), "
+                                         "scored beside the multitask version: the table and the cost of N models")
+    p.add_argument("job", help="the multitask job YAML file (train it first)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
+    p.add_argument("--split", default="test", choices=["validation", "test"], help="held-out split (default: test)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="Ray cluster address for the single-task runs (default: $RAY_ADDRESS, else embedded)")
+    p.set_defaults(func=cmd_baselines)
+
     p = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API (validated here first)")
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")

@@ -35,13 +35,15 @@ def evaluate_experiment(storage, name: str, *, versions: list[str], split: str =
     the latest version. `tasks` and `limit` (the first N rows of the split) make a quicker look;
     each version's results go to evals/<version>/<split>.json, a partial look's to
     evals/<version>/<split>-partial.json so it never passes for the whole split's."""
-    report = {"split": split, "versions": [], "results": {}, "baselines": {}}
+    report = {"split": split, "versions": [], "results": {}, "baselines": {}, "parameters": {}}
     suffix = "-partial" if tasks or limit is not None else ""
     for asked in dict.fromkeys(versions):
         chosen = pick_version(storage, name, "latest" if asked == UNTRAINED else asked)
-        results, base = _evaluate_one(storage, name, chosen, split, untrained=asked == UNTRAINED,
-                                      baselines=baselines and not report["baselines"], tasks=tasks, limit=limit)
+        results, base, parameters = _evaluate_one(storage, name, chosen, split, untrained=asked == UNTRAINED,
+                                                  baselines=baselines and not report["baselines"], tasks=tasks,
+                                                  limit=limit)
         label = UNTRAINED if asked == UNTRAINED else chosen
+        report["parameters"][label] = parameters
         storage.write_json(f"{name}/evals/{label}/{split}{suffix}.json", results)
         report["versions"].append(label)
         report["results"][label] = results
@@ -85,7 +87,7 @@ def _evaluate_one(storage, name: str, chosen: str, split: str, *, untrained: boo
         if baselines and es.task_type.baseline is not None:
             base[task] = {"baseline": es.task_type.baseline_name,
                           "metrics": baseline_metrics(es, data.checked.splits["train"])}
-    return results, base
+    return results, base, sum(p.numel() for p in loaded.model.parameters())
 
 
 def format_table(report: dict) -> str:

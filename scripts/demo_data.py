@@ -43,7 +43,7 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LEGACY_PIP = "pip==23.2.1"
 QUOREF = "bigbench/benchmark_tasks/natural_instructions/subtask002_quoref_answer_generation/task.json"
 # train, validation, test rows; held-out splits are kept small so the demo's evaluation stays short on CPU
-SIZES = {"sentiment": (2000, 60, 200), "qa": (1500, 20, 80), "summary": (100, 8, 20)}
+SIZES = {"sentiment": (2000, 40, 160), "qa": (1500, 10, 70), "summary": (100, 4, 12)}
 SEED = 0
 
 

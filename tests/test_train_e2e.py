@@ -312,7 +312,8 @@ def test_shipped_ds_configs_are_all_exercised():
     assert shipped - exercised == {"zero3_offload"}  # aborts at exit on CPU once in four runs (see README)
 
 
-def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, model_dir, tmp_path, capsys):
+def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, model_dir, tmp_path, capsys,
+                                                       write_job):
     job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
     job.update(name="lora", storage={"path": str(tmp_path / "runs")})
     shutil.copytree(data_dir / "sentiment", tmp_path / "sentiment")  # its train file changes below
@@ -327,13 +328,33 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]
     assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
 
+    # Single-task runs with the same settings and as many of their task's examples, beside the multitask model.
+    from launcher.cli import main
+
+    run = tmp_path / "runs" / "lora"
+    capsys.readouterr()
+    assert main(["baselines", write_job(job), "--split", "validation"]) == 0
+    printed = capsys.readouterr().out
+    table = json.loads((run / "baselines" / "table.json").read_text())
+    assert set(table["tasks"]) == {"sentiment", "qa"} and "| average | primary metrics |" in printed
+    multi_seen = json.loads((run / "step-000002" / "trainer_state.json").read_text())["seen"]
+    for task in ("sentiment", "qa"):
+        single = table["single"][task]
+        state = json.loads((tmp_path / "runs" / f"lora--{task}" / single["version"] / "trainer_state.json").read_text())
+        assert list(state["seen"]) == [task]
+        per_step = 4 * 3 * 2  # rows × micro-batches × workers
+        assert multi_seen[task]["examples"] <= state["seen"][task]["examples"] < multi_seen[task]["examples"] + per_step
+        assert table["tasks"][task][table["primary"][task]]["single"] >= 0.0
+    # one backbone for both tasks, against one per task
+    assert table["multitask"]["parameters"] < sum(s["parameters"] for s in table["single"].values())
+    assert "| parameters |" in (run / "baselines" / "table.md").read_text()
+
     # Today's train file no longer holds every label (nor in their order): the version's own labels still decide.
     train = tmp_path / "sentiment" / "train.jsonl"
     rows = [json.loads(line) for line in train.read_text().splitlines()]
     train.write_text("".join(json.dumps(r) + "\n" for r in rows if r["label"] == rows[0]["label"]))
     again = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
     assert again["results"]["sentiment"] == report["results"]["sentiment"]
-    from launcher.cli import main
 
     assert main(["eval", str(tmp_path / "runs" / "lora"), "--split", "validation", "--tasks", "sentiment",
                  "--limit", "3", "--no-baselines"]) == 0
@@ -345,7 +366,6 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     export_and_compare(tmp_path / "runs" / "lora", tmp_path / "merged")  # LoRA merged into the encoder
     predictions_match_eval(tmp_path / "runs" / "lora", job, capsys)  # heads: labels and QA spans
 
-    from launcher.cli import main
     from transformers import AutoModel
 
     assert main(["export", str(tmp_path / "runs" / "lora"), "--out", str(tmp_path / "apart"), "--adapter"]) == 0

@@ -34,7 +34,7 @@ from trainer.safe_load import weights_only_loads
 from trainer.scratch import remove_orphans, scratch, scratch_dir
 from trainer.stopping import StopRequests, agreed
 from trainer.storage import Storage
-from trainer.task_data import TaskData, prepare_tasks, task_context, task_metrics
+from trainer.task_data import TaskData, prepare_tasks, primary_metric, task_context, task_metrics
 from trainer.weighting import UncertaintyWeighting, build_weighting
 
 TRAIN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
@@ -57,6 +57,7 @@ class Run:
     step: int = 0
     seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
     version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.registry)
+    train_s: float = 0.0  # the optimizer steps' wall time so far, over resumes (a run's cost, for mtl baselines)
     last_eval: dict = field(default_factory=dict)
     board: Board | None = None
     stops: StopRequests | None = None  # set by train_loop_per_worker before fit
@@ -99,6 +100,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     if device.type == "cpu":
         # Ray reserves cpus_per_worker for this process; more threads would fight the other ranks.
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+        skip_inference_comm_op()
     say_placement(rank, world, device)
     tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
     tasks = prepare_tasks(spec, tokenizer, encoding)
@@ -150,6 +152,16 @@ def say_placement(rank: int, world: int, device: torch.device) -> None:
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     say(f"[mtl] rank {rank} of {world} on node {ray.get_runtime_context().get_node_id()} at "
         f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, {device}{threads})")
+
+
+def skip_inference_comm_op() -> None:
+    """DeepSpeed's CPU backend JIT-compiles a shared-memory all-reduce op when it starts (36 s on a
+    fresh 2-core machine, November 2026). Only its inference all-reduce (tensor-parallel serving)
+    uses that op; training all-reduces through torch.distributed (gloo), so the op is marked
+    unavailable here and DeepSpeed never builds it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def seed_everything(seed: int) -> None:
@@ -219,6 +231,7 @@ def restore_latest(run: Run) -> bool:
         run.weighting.load_state_dict(state["weighting"])
     run.seen, run.last_eval = state["seen"], state.get("last_eval", {})
     run.version_scores = state.get("version_scores", {})
+    run.train_s = state.get("train_s", 0.0)
     if run.rank == 0:
         say(f"[mtl] resumed from {ckpt.version_name(run.step)} (step {run.step} of {run.spec.train.steps})")
         if run.step >= run.spec.train.steps:
@@ -306,6 +319,7 @@ def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dic
     metrics = {"step": run.step, "lr": float(lr), "step_time": seconds, "tokens_per_s": tokens / seconds,
                "grad_norm": float(norm) if norm is not None else None}
     run.recent_step_s = [*run.recent_step_s[-19:], seconds]
+    run.train_s += seconds
     for task, v in per_task.items():
         metrics.update({f"loss/{task}": v["loss"], f"weight/{task}": weights[task], f"rate/{task}": float(rates[task]),
                         f"micro_batches/{task}": v["micro_batches"],
@@ -345,10 +359,6 @@ def evaluate_all(run: Run, split: str) -> dict:
                   + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
         run.storage.write_json(f"evals/{ckpt.version_name(run.step)}/{split}.json", report)
     return out
-
-
-def primary_metric(names: list[str]) -> str:
-    return "rougeL" if names[0] == "rouge" else names[0]
 
 
 def save_version(run: Run, metrics: dict) -> None:
@@ -425,7 +435,7 @@ def trainer_state(run: Run) -> dict:
     return {"step": run.step, "planner": run.planner.state_dict(), "weighting": weighting,
             "weights": run.weighting.weights(), "rates": run.planner.expected_rates(),
             "seen": run.seen, "last_eval": run.last_eval, "world_size": run.world,
-            "version_scores": run.version_scores}
+            "version_scores": run.version_scores, "train_s": run.train_s}
 
 
 def tasks_manifest(run: Run) -> dict:

@@ -49,6 +49,11 @@ def task_metrics(spec, name: str) -> list[str]:
     return list(task.metrics or registry.get(task.type).default_metrics)
 
 
+def primary_metric(names: list[str]) -> str:
+    """The metric that ranks a task's versions: the first of its list."""
+    return "rougeL" if names[0] == "rouge" else names[0]
+
+
 def check_task_data(spec, name: str) -> CheckedTask:
     task = spec.tasks[name]
     raw = read_splits(name, task.data)

@@ -121,4 +121,4 @@ def _bytes(value) -> str:
 
 
 def _seconds(value) -> str:
-    return "?" if value is None else f"{value:.0f} s"
+    return "?" if value is None else f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"

@@ -97,7 +97,8 @@ class TaskSpec(_Strict):
         None, description="Instruction template over the task fields, e.g. 'sentiment: {text}' (text2text models)."
     )
     weight: float = Field(1.0, ge=0.0, description="Static loss weight (the starting point of adaptive weighting).")
-    metrics: list[str] | None = Field(None, description="Metric names; default: the task type's defaults.")
+    metrics: list[str] | None = Field(None, description="Metric names, the primary first (it ranks versions: "
+                                                        "best:<task>, keep_best); default: the task type's defaults.")
     labels: list[str] | None = Field(None, description="Classification label set and order; default: inferred from train.")
     rate: float | None = Field(None, gt=0.0, description="Sampling rate under `mixture.strategy: explicit`.")
     accumulation: int | None = Field(

@@ -72,3 +72,38 @@ def test_same_seed_same_plans_on_every_rank():
     for _ in range(20):
         plans = [r.plan() for r in ranks]
         assert plans[0] == plans[1] == plans[2]
+
+
+def test_early_stopping_freezes_a_task_after_patience_validations_without_a_gain():
+    from trainer.early_stopping import EarlyStopping
+
+    es = EarlyStopping(["a", "b"], patience=2, min_delta=0.01)
+    assert es.update(10, {"a": 0.50, "b": 0.30}) == []
+    assert es.update(20, {"a": 0.505, "b": 0.40}) == []  # a: +0.005 is within min_delta, one without a gain
+    assert es.update(30, {"a": 0.70, "b": 0.45}) == []  # a gains: its count starts again
+    assert es.update(40, {"a": 0.69, "b": 0.50}) == []
+    assert es.update(50, {"a": 0.70, "b": 0.55}) == ["a"]  # a: two validations without a gain above 0.01
+    assert es.state["a"] == {"best": 0.70, "best_step": 30, "evals_without_gain": 2, "stopped_at": 50}
+    assert es.update(60, {"a": 0.99, "b": 0.50}) == []  # a stopped for good; b's first validation without a gain
+    again = EarlyStopping(["a", "b", "new"], patience=2, min_delta=0.01)
+    again.load_state_dict(es.state_dict())  # a resumed run goes on where it was; a new task starts afresh
+    assert again.update(70, {"a": 0.99, "b": 0.55, "new": 0.1}) == ["b"] and again.stopped() == ["a", "b"]
+    assert again.state["new"]["best"] == 0.1 and again.state["b"]["best_step"] == 50
+
+
+def test_a_frozen_task_gets_no_micro_batches_and_its_slots_go_to_the_others():
+    planner = StepPlanner(["a", "b", "c"], {"a": 1.0, "b": 1.0, "c": 1.0}, {"c": 2}, micro_batches_per_step=5,
+                          seed=0)
+    planner.freeze("a")
+    plans = [planner.plan() for _ in range(20)]
+    assert all("a" not in p and sum(p.values()) == 5 and p["c"] == 2 for p in plans)
+    assert planner.expected_rates() == {"a": 0.0, "b": 0.6, "c": 0.4}
+    planner.freeze("b")  # only a fixed task is left: it takes every slot
+    assert planner.plan() == {"c": 5} and planner.expected_rates()["c"] == 1.0
+    resumed = StepPlanner(["a", "b", "c"], {"a": 1.0, "b": 1.0, "c": 1.0}, {"c": 2}, 5, seed=0)
+    resumed.load_state_dict(planner.state_dict())
+    assert resumed.frozen == {"a", "b"} and [resumed.plan() for _ in range(3)] == [planner.plan() for _ in range(3)]
+    planner.freeze("c")
+    assert planner.all_frozen()
+    with pytest.raises(RuntimeError, match="every task is frozen"):
+        planner.plan()

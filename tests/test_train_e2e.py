@@ -374,6 +374,27 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     assert not [n for n, _ in base.named_parameters() if "lora" in n]
 
 
+def test_early_stopping_freezes_tasks_and_ends_the_run_when_all_have_stopped(ray_cluster, data_dir, model_dir,
+                                                                              tmp_path, capsys):
+    """A gain above min_delta=1.0 is impossible for metrics in [0, 1]: each task freezes at its
+    second validation, the run writes a version there and ends; the same command then resumes
+    into a run with nothing left to train."""
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
+    job.update(name="early", storage={"path": str(tmp_path / "runs")})
+    job["train"].update({"steps": 6, "eval_every": 1, "early_stopping": {"patience": 1, "min_delta": 1.0}})
+    run_job(job)
+    run = tmp_path / "runs" / "early"
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002"]
+    state = json.loads((run / "step-000002" / "trainer_state.json").read_text())
+    assert {t: s["stopped_at"] for t, s in state["early_stopping"].items()} == {"sentiment": 2, "qa": 2}
+    assert all(s["best_step"] == 1 for s in state["early_stopping"].values())
+    assert sorted(state["planner"]["frozen"]) == ["qa", "sentiment"]
+    assert "every task has stopped; the run ends at step 2" in capsys.readouterr().out
+    run_job(job)
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002"]
+    assert "every task had stopped early; nothing is left to train" in capsys.readouterr().out
+
+
 def test_an_impossible_request_stops_before_ray_train_waits(ray_cluster, data_dir, model_dir, tmp_path):
     from launcher.resources import InsufficientResources
 

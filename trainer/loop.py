@@ -25,6 +25,7 @@ from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.job_env import load_job_env
 from trainer.model_io import load_tokenizer_and_encoding
 from trainer.precision import agreed_precision
+from trainer.early_stopping import EarlyStopping
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
 from trainer import registry
@@ -58,6 +59,7 @@ class Run:
     seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
     version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.registry)
     train_s: float = 0.0  # the optimizer steps' wall time so far, over resumes (a run's cost, for mtl baselines)
+    early: EarlyStopping | None = None  # per-task early stopping (train.early_stopping)
     last_eval: dict = field(default_factory=dict)
     board: Board | None = None
     stops: StopRequests | None = None  # set by train_loop_per_worker before fit
@@ -133,6 +135,8 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine,
               Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path),
               seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
+    if spec.train.early_stopping is not None:
+        run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
     job_groups = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in engine.optimizer.param_groups]
     if restore_latest(run):
         follow_job_hyperparameters(engine, job_groups)
@@ -232,11 +236,15 @@ def restore_latest(run: Run) -> bool:
     run.seen, run.last_eval = state["seen"], state.get("last_eval", {})
     run.version_scores = state.get("version_scores", {})
     run.train_s = state.get("train_s", 0.0)
+    if run.early is not None and state.get("early_stopping"):
+        run.early.load_state_dict(state["early_stopping"])
     if run.rank == 0:
         say(f"[mtl] resumed from {ckpt.version_name(run.step)} (step {run.step} of {run.spec.train.steps})")
         if run.step >= run.spec.train.steps:
             say(f"[mtl] '{run.spec.name}' already reached train.steps={run.spec.train.steps}; "
                 f"raise train.steps to train further")
+        elif run.planner.all_frozen():
+            say(f"[mtl] '{run.spec.name}': every task had stopped early; nothing is left to train")
     return True
 
 
@@ -248,7 +256,7 @@ def fit(run: Run) -> None:
     spec, engine = run.spec, run.engine
     names = list(run.tasks)
     stops = run.stops
-    while run.step < spec.train.steps:
+    while run.step < spec.train.steps and not run.planner.all_frozen():
         started = time.perf_counter()
         plan = run.planner.plan()
         weights = run.weighting.weights()
@@ -269,6 +277,9 @@ def fit(run: Run) -> None:
         stopping = reasons["driver"] or reasons["sigterm"]
         if final or (spec.train.eval_every and run.step % spec.train.eval_every == 0):
             metrics.update(evaluate_all(run, "validation"))
+            if run.early is not None:
+                stop_lagging_tasks(run)
+                final = final or run.planner.all_frozen()
         preempted = reasons["preemption"] and not stops.preemption_seen  # one version per notice
         if preempted:
             stops.preemption_seen = True
@@ -283,6 +294,21 @@ def fit(run: Run) -> None:
     finish_upload(run)
     if run.board is not None:
         run.board.close()
+
+
+def stop_lagging_tasks(run: Run) -> None:
+    """Early stopping after a validation: freeze the tasks that stopped improving."""
+    last = run.last_eval
+    scores = {t: m[last["primary"][t]] for t, m in last["tasks"].items() if last["primary"].get(t) in m}
+    for task in run.early.update(run.step, scores):
+        run.planner.freeze(task)
+        s = run.early.state[task]
+        if run.rank == 0:
+            say(f"[mtl] early stopping: {task} froze at step {run.step} (best {last['primary'][task]} "
+                f"{s['best']:.4f} at step {s['best_step']}, then {s['evals_without_gain']} validations without a "
+                f"gain above {run.early.min_delta:g})")
+    if run.planner.all_frozen() and run.rank == 0:
+        say(f"[mtl] early stopping: every task has stopped; the run ends at step {run.step}")
 
 
 def stop_early(run: Run, reasons: dict[str, bool]) -> None:
@@ -435,7 +461,8 @@ def trainer_state(run: Run) -> dict:
     return {"step": run.step, "planner": run.planner.state_dict(), "weighting": weighting,
             "weights": run.weighting.weights(), "rates": run.planner.expected_rates(),
             "seen": run.seen, "last_eval": run.last_eval, "world_size": run.world,
-            "version_scores": run.version_scores, "train_s": run.train_s}
+            "version_scores": run.version_scores, "train_s": run.train_s,
+            "early_stopping": run.early.state_dict() if run.early is not None else None}
 
 
 def tasks_manifest(run: Run) -> dict:

@@ -48,28 +48,54 @@ class StepPlanner:
         if self.free and self.slots < 1:
             raise ValueError("no micro-batches left for tasks without a fixed accumulation")
         probs = np.array([rates[t] for t in self.free], dtype=float)
-        self.probs = probs / probs.sum() if self.free else probs
+        self.rates = dict(zip(self.free, probs / probs.sum())) if self.free else {}
+        self.frozen: set[str] = set()  # tasks early stopping took out (trainer.early_stopping)
         self.rng = np.random.default_rng(seed)
         self.step = 0
 
+    def freeze(self, task: str) -> None:
+        """No more micro-batches for `task`; a step keeps its size (DeepSpeed's accumulation is
+        fixed), so the slots go to the tasks still training."""
+        self.frozen.add(task)
+
+    def all_frozen(self) -> bool:
+        return set(self.tasks) <= self.frozen
+
+    def _layout(self) -> tuple[dict[str, int], list[str], np.ndarray, int]:
+        """(fixed counts, free tasks, their probabilities, free slots) among the tasks not frozen."""
+        fixed = {t: n for t, n in self.fixed.items() if t not in self.frozen}
+        free = [t for t in self.free if t not in self.frozen]
+        slots = self.slots + sum(n for t, n in self.fixed.items() if t in self.frozen)
+        if free:
+            probs = np.array([self.rates[t] for t in free])
+            return fixed, free, probs / probs.sum() if self.frozen else probs, slots
+        for i in range(slots if fixed else 0):  # only fixed tasks are left: they share the slots in turn
+            task = list(fixed)[i % len(fixed)]
+            fixed[task] += 1
+        return fixed, [], np.zeros(0), 0
+
     def plan(self) -> dict[str, int]:
-        counts = dict(self.fixed)
-        if self.free:
-            drawn = self.rng.multinomial(self.slots, self.probs)
-            counts.update({t: int(n) for t, n in zip(self.free, drawn)})
+        if self.all_frozen():
+            raise RuntimeError("every task is frozen: nothing left to train")
+        counts, free, probs, slots = self._layout()
+        if free:
+            drawn = self.rng.multinomial(slots, probs)
+            counts.update({t: int(n) for t, n in zip(free, drawn)})
         self.step += 1
         return {t: counts[t] for t in self.tasks if counts.get(t, 0) > 0}
 
     def expected_rates(self) -> dict[str, float]:
         """Each task's expected share of a step's micro-batches (what the logs call its rate)."""
-        total = self.slots + sum(self.fixed.values()) if self.free else sum(self.fixed.values())
-        rates = {t: n / total for t, n in self.fixed.items()}
-        rates.update({t: p * self.slots / total for t, p in zip(self.free, self.probs)})
-        return {t: rates[t] for t in self.tasks}
+        fixed, free, probs, slots = self._layout()
+        total = sum(fixed.values()) + slots
+        rates = {t: n / total for t, n in fixed.items()}
+        rates.update({t: p * slots / total for t, p in zip(free, probs)})
+        return {t: rates.get(t, 0.0) for t in self.tasks}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "rng": self.rng.bit_generator.state}
+        return {"step": self.step, "rng": self.rng.bit_generator.state, "frozen": sorted(self.frozen)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.rng.bit_generator.state = state["rng"]
+        self.frozen = set(state.get("frozen", ())) & set(self.tasks)

@@ -202,6 +202,12 @@ class WeightingSpec(_Strict):
     lr: float = Field(1e-2, gt=0.0, description="Uncertainty: learning rate of the log-variances.")
 
 
+class EarlyStoppingSpec(_Strict):
+    patience: int = Field(3, ge=1, description="Validations in a row without a gain in a task's primary metric "
+                                               "before the task is frozen (no more micro-batches).")
+    min_delta: float = Field(0.0, ge=0.0, description="A gain of this much or less does not count.")
+
+
 class TrainSpec(_Strict):
     steps: int = Field(200, ge=1, description="Optimizer steps in total (raise it to train a finished run further).")
     micro_batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per worker) unless a task sets its own.")
@@ -230,11 +236,17 @@ class TrainSpec(_Strict):
     eval_batch_size: int | None = Field(None, ge=1, description="Rows per evaluation batch (default: micro_batch_size).")
     length_grouping: bool = Field(True, description="Group examples of similar length into micro-batches.")
     pool_micro_batches: int = Field(50, ge=1, description="Micro-batches per length-sorting pool.")
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="Per-task early stopping on the validation split (every eval_every steps): a task that "
+                          "stopped improving is frozen while the others go on, its best version kept (keep_best); "
+                          "when every task has stopped, the run writes a version and ends. null: off.")
 
     @model_validator(mode="after")
     def _warmup(self) -> TrainSpec:
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.early_stopping is not None and not self.eval_every:
+            raise ValueError("early_stopping needs eval_every (validations during the run to compare)")
         return self
 
 

@@ -49,8 +49,8 @@ def run_baselines(spec: JobSpec, *, split: str = "test", address: str | None = N
         raise UserError(f"{spec.name}/{latest} saw no examples of {', '.join(missing)}: train the multitask job "
                         f"further before comparing it with single-task runs")
     multi = evaluate_experiment(storage, spec.name, versions=[latest], split=split)
-    table = {"split": split, "multitask": {"experiment": spec.name, "version": latest, **_cost(storage, spec.name,
-                                                                                                  latest, multi)},
+    table = {"split": split, "multitask": {"experiment": spec.name, "version": latest,
+                                           **_cost(storage, spec.name, latest, multi, state)},
              "tasks": {}, "single": {}, "baselines": multi["baselines"]}
     for task in spec.tasks:
         single = single_task_spec(spec, task, seen[task]["examples"])
@@ -59,8 +59,9 @@ def run_baselines(spec: JobSpec, *, split: str = "test", address: str | None = N
         train(single, address=address, on_change="allow")  # a longer multitask run asks for more steps
         version = pick_version(storage, single.name, "latest")
         report = evaluate_experiment(storage, single.name, versions=[version], split=split, baselines=False)
+        single_state = storage.read_json(f"{single.name}/{version}/trainer_state.json") or {}
         table["single"][task] = {"experiment": single.name, "version": version, "steps": single.train.steps,
-                                 **_cost(storage, single.name, version, report)}
+                                 **_cost(storage, single.name, version, report, single_state)}
         ours = multi["results"][latest].get(task, {}).get("metrics", {})
         theirs = report["results"][version].get(task, {}).get("metrics", {})
         table["tasks"][task] = {m: {"multitask": ours[m], "single": theirs[m], "difference": ours[m] - theirs[m]}
@@ -72,8 +73,8 @@ def run_baselines(spec: JobSpec, *, split: str = "test", address: str | None = N
     return table
 
 
-def _cost(storage: Storage, name: str, version: str, report: dict) -> dict:
-    state = storage.read_json(f"{name}/{version}/trainer_state.json") or {}
+def _cost(storage: Storage, name: str, version: str, report: dict, state: dict) -> dict:
+    """Parameters (from the evaluation), bytes on storage and training time (trainer_state) of a version."""
     return {"parameters": report.get("parameters", {}).get(version), "bytes": storage.size(f"{name}/{version}"),
             "train_s": state.get("train_s")}
 

@@ -14,9 +14,7 @@ from pathlib import Path
 from launcher.jobfile import parse_job
 from trainer.errors import UserError
 from trainer.storage import open_storage
-from trainer.registry import pick_version
-
-UNTRAINED = "untrained"  # not a version: the model a run started from (trainer.version_io.load_untrained)
+from trainer.registry import UNTRAINED, pick_version
 
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 
 from trainer.checkpoint import TAGS, committed_versions, read_tags
-from trainer.registry import existing_versions, pick_version
+from trainer.registry import UNTRAINED, existing_versions, pick_version
 from trainer.errors import UserError
 from trainer.storage import Storage
 
 TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
-RESERVED = ("latest", "best", "untrained")
+RESERVED = ("latest", "best", UNTRAINED)
 
 
 def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> tuple[str | None, str | None]:

@@ -186,6 +186,12 @@ def model_needs(relative: str) -> bool:
     return not (relative.endswith("optim_states.pt") or relative.startswith(("rng/", "deepspeed/state_universal/")))
 
 
+def settings_needs(relative: str) -> bool:
+    """Whether reading a version's settings alone (job, tasks.json, tokenizer, config) reads this
+    file: no weights, DeepSpeed state or RNG (the untrained model takes the job's own weights)."""
+    return not relative.startswith(("deepspeed/", "weights/", "rng/"))
+
+
 def download_part(storage, version: str, local: Path, rank: int) -> Path:
     """What rank `rank` needs of a version, in `local` (the version's layout); returns `local`."""
     storage.download_files(version, str(local), keep=lambda relative: rank_needs(relative, rank))

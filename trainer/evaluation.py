@@ -16,6 +16,7 @@ import torch
 from trainer import metrics
 from trainer.batching import IGNORE_INDEX, collate
 from trainer.collectives import all_gather_objects, to_device
+from trainer.models import forward_accepts
 from trainer.tasks.registry import TaskContext, TaskType
 
 SAMPLES = 3  # predictions kept per task for logs and TensorBoard
@@ -174,8 +175,8 @@ def _rank_causal_shared_prompt(lm, encoded: list[dict], pad_id: int, device) -> 
     input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    extra = {"logits_to_keep": 1} if _accepts(lm, "logits_to_keep") else {}
-    cache_arg = "cache" if _accepts(lm, "cache") else "past_key_values"  # transformers 5 renamed it
+    extra = {"logits_to_keep": 1} if forward_accepts(lm, "logits_to_keep") else {}
+    cache_arg = "cache" if forward_accepts(lm, "cache") else "past_key_values"  # transformers 5 renamed it
     out = lm(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
     cache = getattr(out, "cache", None) or out.past_key_values
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1)
@@ -198,13 +199,6 @@ def _rank_causal_shared_prompt(lm, encoded: list[dict], pad_id: int, device) -> 
             score = score + (picked * rest_mask).sum(-1)
         scores.append(score.cpu())
     return torch.stack(scores, dim=-1)
-
-
-def _accepts(lm, name: str) -> bool:
-    import inspect
-
-    base = getattr(lm, "get_base_model", lambda: lm)()  # through a peft wrapper
-    return name in inspect.signature(base.forward).parameters
 
 
 def _generate(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:

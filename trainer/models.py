@@ -28,6 +28,16 @@ class HeadSpec:
     num_labels: int
 
 
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (the module itself when there is none)."""
+    return getattr(module, "get_base_model", lambda: module)()
+
+
+def forward_accepts(module: nn.Module, name: str) -> bool:
+    """Whether a transformers model's forward takes argument `name`."""
+    return name in inspect.signature(unwrapped(module).forward).parameters
+
+
 class MultiTaskModel(nn.Module):
     def __init__(self, *, backbone: nn.Module | None = None, heads: dict[str, nn.Module] | None = None,
                  lm: nn.Module | None = None, loss_weighting: nn.Module | None = None):
@@ -36,12 +46,9 @@ class MultiTaskModel(nn.Module):
         self.heads = nn.ModuleDict(heads or {})
         self.lm = lm
         self.loss_weighting = loss_weighting
-        base = getattr(backbone, "get_base_model", lambda: backbone)()  # through a peft wrapper
-        accepted = inspect.signature(base.forward).parameters if backbone is not None else {}
-        self._encoder_inputs = [k for k in ENCODER_INPUTS if k in accepted]
-        lm_base = getattr(lm, "get_base_model", lambda: lm)()
-        self._keeps_logits = (lm is not None and not lm_base.config.is_encoder_decoder
-                              and "logits_to_keep" in inspect.signature(lm_base.forward).parameters)
+        self._encoder_inputs = [k for k in ENCODER_INPUTS if backbone is not None and forward_accepts(backbone, k)]
+        self._keeps_logits = (lm is not None and not unwrapped(lm).config.is_encoder_decoder
+                              and forward_accepts(lm, "logits_to_keep"))
 
     def _encode(self, batch: dict) -> torch.Tensor:
         return self.backbone(**{k: batch[k] for k in self._encoder_inputs if k in batch}).last_hidden_state
@@ -65,7 +72,7 @@ class MultiTaskModel(nn.Module):
         A decoder computes the vocabulary logits only from the first target position on: a
         prompt's logits are never scored, and projecting them onto a large vocabulary (and back,
         in the backward pass) is a large share of a small model's work when targets are short
-        (measured on the demo's 135M model: see benchmarks/README.md). Seq2seq models and
+        (measured on the demo's 135M model: see docs/demo.md). Seq2seq models and
         decoders without `logits_to_keep` compute the loss in full.
         """
         labels = batch["labels"]
@@ -140,9 +147,7 @@ def _assemble(kind: str, base: nn.Module, heads: list[HeadSpec], loss_weighting,
 
 def model_config(model: MultiTaskModel):
     """The transformers config of the backbone or LM (saved with every version)."""
-    base = model.lm if model.lm is not None else model.backbone
-    base = getattr(base, "get_base_model", lambda: base)()  # through a peft wrapper
-    return base.config
+    return unwrapped(model.lm if model.lm is not None else model.backbone).config
 
 
 def _with_lora(model: nn.Module, lora: dict) -> nn.Module:

@@ -12,6 +12,10 @@ from __future__ import annotations
 from trainer.checkpoint import committed_versions, read_tags
 from trainer.errors import UserError
 
+# Not a version: the model a run started from, which `mtl eval` scores beside versions
+# (trainer.version_io.load_untrained); no tag may take the name.
+UNTRAINED = "untrained"
+
 
 def scores_of(last_eval: dict, step: int) -> dict | None:
     """{task: {"metric", "value"}} from the evaluation at `step`, or None if there was none."""

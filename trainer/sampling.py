@@ -69,9 +69,9 @@ class StepPlanner:
         if free:
             probs = np.array([self.rates[t] for t in free])
             return fixed, free, probs / probs.sum() if self.frozen else probs, slots
+        order = list(fixed)
         for i in range(slots if fixed else 0):  # only fixed tasks are left: they share the slots in turn
-            task = list(fixed)[i % len(fixed)]
-            fixed[task] += 1
+            fixed[order[i % len(order)]] += 1
         return fixed, [], np.zeros(0), 0
 
     def plan(self) -> dict[str, int]:

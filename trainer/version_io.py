@@ -125,11 +125,11 @@ def load_from_storage(storage, experiment: str, version: str, local: Path, untra
     """A committed version's model, downloaded into `local`: the model's files only, never the
     optimizer shards (most of a version's bytes), unless an old ZeRO-3 version needs them.
     `untrained`: the model the run started from, with this version's settings (load_untrained)."""
-    from trainer.checkpoint import model_needs
+    from trainer.checkpoint import model_needs, settings_needs
 
     where = f"{experiment}/{version}"
     if untrained:  # the version's settings only; the weights are the job's pretrained ones
-        storage.download_files(where, str(local), keep=lambda f: not f.startswith(("deepspeed/", "weights/", "rng/")))
+        storage.download_files(where, str(local), keep=settings_needs)
         return load_untrained(local)
     storage.download_files(where, str(local), keep=model_needs)
     return load_version(local, fetch_optimizer_shards=lambda: storage.download_files(

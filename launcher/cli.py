@@ -196,6 +196,28 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from launcher.serve import ServeOptions, serving, wait_for_stop
+
+    storage, name = experiment(args)
+    options = ServeOptions(host=args.host, port=args.port, replicas=args.replicas,
+                           cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
+                           max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+    with serving(storage, name, args.version, options, address=args.address) as (version, url):
+        task = next(iter(_version_tasks(storage, name, version)), "TASK")
+        print(f"[mtl] serving {name}/{version} at {url} (Ctrl-C stops it)\n"
+              f"      curl {url}/tasks\n"
+              f"      curl -X POST {url}/{task} -H 'Content-Type: application/json' -d '{{\"inputs\": [...]}}'",
+              flush=True)
+        wait_for_stop()
+    print(f"[mtl] {name}/{version} no longer served")
+    return 0
+
+
+def _version_tasks(storage, name: str, version: str) -> list[str]:
+    return list((storage.read_json(f"{name}/{version}/tasks.json") or {}).get("tasks", {}))
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_version
 
@@ -349,6 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", help="one input, for tasks that read one field (classification, generation)")
     p.add_argument("--input", help="rows as JSON Lines, with the task's fields (an `id` is copied to the output)")
     p.add_argument("--output", help="write the predictions here (JSON Lines) instead of printing them")
+    p = experiment_command(sub, "serve", "serve a version over HTTP with Ray Serve: POST /TASK, POST /predict, "
+                                         "GET /tasks, GET /health", cmd_serve, version=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default: 8000)")
+    p.add_argument("--replicas", type=int, default=1, help="model replicas (default: 1)")
+    p.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default: 1)")
+    p.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default: 0)")
+    p.add_argument("--max-batch-size", type=int, default=16,
+                   help="rows of concurrent requests run through the model together (default: 16)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="how long a batch waits for more requests (default: 10 ms)")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="a Ray cluster to serve on (host:port of its GCS, or auto); default: an embedded local Ray")
     p = experiment_command(sub, "export", "write a version as a Hugging Face folder (safetensors, tokenizer, heads, "
                                           "task map, model card) that transformers loads without mtl", cmd_export,
                            version=True)

@@ -109,6 +109,11 @@ def predictions_match_eval(run: Path, job: dict, capsys) -> None:
         got = pipe(task, rows)
         kind = job["tasks"][task]["type"]
         assert [g[key[kind]] for g in got] == [sample["prediction"] for sample in result["samples"]], task
+        if kind == "classification":  # every label's probability; the label is the most likely one
+            for g in got:
+                assert set(g["scores"]) == {"negative", "positive"}
+                assert sum(g["scores"].values()) == pytest.approx(1.0, abs=1e-5)
+                assert g["score"] == max(g["scores"].values()) == g["scores"][g["label"]]
         if kind == "extractive_qa":
             spans = [(r["context"][g["start"]:g["end"]], g["answer"]) for r, g in zip(rows, got) if g["start"] >= 0]
             assert all(cut == answer for cut, answer in spans)
@@ -119,6 +124,49 @@ def predictions_match_eval(run: Path, job: dict, capsys) -> None:
     capsys.readouterr()
     assert main(["predict", str(run), "--task", "sentiment", "--text", "great fun"]) == 0
     assert json.loads(capsys.readouterr().out)["label"] in ("negative", "positive")
+
+
+def serve_and_ask(run: Path, rows: dict[str, list[dict]]) -> None:
+    """`mtl serve`'s app over loopback HTTP: each task answers as the pipeline does, bad requests get 4xx."""
+    import urllib.error
+    import urllib.request
+
+    from launcher.local_cluster import free_port
+    from launcher.serve import ServeOptions, serving
+    from trainer.pipeline import MultitaskPipeline
+    from trainer.storage import open_experiment
+
+    def call(path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    pipe = MultitaskPipeline.from_version(run)
+    options = ServeOptions(port=free_port(), max_inputs=4, max_input_chars=500)
+    with serving(*open_experiment(str(run)), "latest", options) as (version, url):
+        assert call("/health") == (200, {"status": "ok", "experiment": run.name, "version": version,
+                                         "tasks": pipe.tasks})
+        assert call("/tasks")[1]["sentiment"]["labels"] == ["negative", "positive"]
+        for task, task_rows in rows.items():
+            assert call(f"/{task}", {"inputs": task_rows}) == \
+                (200, {"task": task, "version": version, "outputs": json.loads(json.dumps(pipe(task, task_rows)))})
+        status, answer = call("/predict", {"task": "summary", "inputs": rows["summary"][0],
+                                           "options": {"max_new_tokens": 2}})
+        assert status == 200 and answer["outputs"] == pipe("summary", rows["summary"][:1], options={"max_new_tokens": 2})
+        status, answer = call("/nope", {"inputs": [{"text": "x"}]})
+        assert status == 404 and "this version knows: sentiment" in answer["error"]
+        status, answer = call("/qa", {"inputs": [{"question": "who?"}]})
+        assert status == 422 and "lacks context" in answer["error"]
+        status, answer = call("/sentiment", {"inputs": [{"text": "x" * 501}]})
+        assert status == 413 and "'text' has 501 characters; at most 500" in answer["error"]
+        assert call("/sentiment", {"inputs": [{"text": "x"}] * 5})[0] == 413
+        assert call("/summary", {"inputs": [{"source": "x"}], "options": {"max_target_length": 3}})[0] == 422
+        assert call("/sentiment", raw=b"{not json")[0] == 400
+        assert call("/predict", {"inputs": []})[0] == 400
 
 
 def three_task_job(data_dir, model_dir, tmp_path, name, **train):
@@ -285,6 +333,9 @@ def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys
     assert weights[3] != weights[1]  # and they are learned
     export_and_compare(tmp_path / "runs" / "causal", tmp_path / "exported")
     predictions_match_eval(tmp_path / "runs" / "causal", job, capsys)  # rank classification and generation
+    serve_and_ask(tmp_path / "runs" / "causal",
+                  {task: [json.loads(line) for line in Path(job["tasks"][task]["data"]["validation"]).read_text()
+                          .splitlines()[:3]] for task in ("sentiment", "qa", "summary")})
 
     # The model the run started from, scored beside the version (what fine-tuning added).
     import torch

@@ -132,8 +132,42 @@ def _sequence_nll(logits: torch.Tensor, labels: torch.Tensor, causal: bool) -> t
     return -(picked * mask).sum(-1)
 
 
+def label_probabilities(model, es: EvalSet, indices: list[int], *, batch_size: int, pad_id: int, encoding: str,
+                        device="cpu") -> dict[int, list[float]]:
+    """Classification: every label's probability per example, in the order of `es.ctx.labels`.
+
+    Heads models: the softmax of the head's logits. Text2text models: the softmax of each label's
+    log-likelihood (rank classification's scores), so the most likely label is the one eval picks.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        out: dict[int, list[float]] = {}
+        with torch.no_grad():
+            for start in range(0, len(indices), batch_size):
+                chunk = es.features[indices[start:start + batch_size]]
+                if encoding == "heads":
+                    batch = to_device(collate(chunk, pad_id), device)
+                    scores = model.head_outputs(es.task, batch)[1]
+                    ids = batch["example_id"].tolist()
+                else:
+                    ids = list(chunk["example_id"])
+                    scores = _label_loglik(model, es, ids, pad_id, encoding, False, device)
+                out.update(zip(ids, scores.float().softmax(-1).cpu().tolist()))
+        return out
+    finally:
+        model.train(was_training)
+
+
 def _rank_labels(model, es: EvalSet, ids: list[int], pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:
     """Rank classification: the label whose words the model finds most likely as the target."""
+    best, index = _label_loglik(model, es, ids, pad_id, encoding, synced, device).max(-1)
+    return [(i, float(s), es.ctx.labels[int(k)]) for i, s, k in zip(ids, best.tolist(), index.tolist())]
+
+
+def _label_loglik(model, es: EvalSet, ids: list[int], pad_id: int, encoding: str, synced: bool,
+                  device) -> torch.Tensor:
+    """[rows, labels]: each label's log-likelihood as the target of each row's prompt."""
     rows = [es.rows_by_id[i] for i in ids]
     encoded = [es.task_type.encode([{**r, "label": label} for r in rows], es.ctx)[0] for label in es.ctx.labels]
     if encoding == "causal" and not synced and _prompts_agree(encoded):
@@ -147,8 +181,7 @@ def _rank_labels(model, es: EvalSet, ids: list[int], pad_id: int, encoding: str,
                               labels=batch["labels"]).logits
             scores.append(-_sequence_nll(logits, batch["labels"], causal=encoding == "causal").cpu())
         stacked = torch.stack(scores, dim=-1)
-    best, index = stacked.max(-1)
-    return [(i, float(s), es.ctx.labels[int(k)]) for i, s, k in zip(ids, best.tolist(), index.tolist())]
+    return stacked
 
 
 def _prompts_agree(encoded: list[dict]) -> bool:

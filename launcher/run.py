@@ -20,6 +20,7 @@ from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_b
 from trainer.spec import JobSpec
 from launcher.validate import require_valid
 from launcher.versions import resume_point
+from trainer import init_from
 from trainer.ds_config import read_ds_config
 from trainer.errors import RunStopped, UserError
 from trainer.storage import Storage, open_storage
@@ -50,6 +51,9 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
         print(f"[mtl] '{spec.name}' resumes from {resume_from} in {storage.describe(spec.name)}", file=sys.stderr)
         if resized:
             print(f"[mtl] {resized}", file=sys.stderr)
+    elif spec.init_from is not None:
+        spec = init_from.pinned(spec)  # latest / best / a tag: the same version on every rank and restart
+        print(f"[mtl] '{spec.name}' starts from {spec.init_from.experiment}/{spec.init_from.version}", file=sys.stderr)
     storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
     started_here = not ray.is_initialized()
     if started_here:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from trainer import init_from
 from trainer.spec import JobSpec
 from trainer.ds_config import job_ds_config
 from trainer.errors import UserError
@@ -55,6 +56,8 @@ def validate_job(spec: JobSpec, *, check_files: bool = True) -> Report:
                 report.errors.append(str(exc))
         for name, checked in report.tasks.items():
             _describe_task(spec, name, checked, report)
+        if spec.init_from is not None and not report.errors:
+            report.errors.extend(_init_from_problems(spec))
         every, evals = spec.train.checkpoint_every, spec.train.eval_every
         if every and evals and every % evals:
             report.notes.append(f"train.checkpoint_every={every} is not a multiple of train.eval_every={evals}: "
@@ -88,6 +91,16 @@ def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Repor
     elif batch and rows // workers < batch:
         report.errors.append(f"{field}: {batch} is more than the {rows // workers} train rows each worker gets "
                              f"of task '{name}' ({rows} rows / {workers} workers)")
+
+
+def _init_from_problems(spec: JobSpec) -> list[str]:
+    """The version to start from exists and fits, unless the run has versions (it resumes from its own)."""
+    from trainer.checkpoint import committed_versions
+    from trainer.storage import open_storage
+
+    if committed_versions(open_storage(spec.storage), spec.name):
+        return []
+    return init_from.check(spec)
 
 
 def _check_deepspeed(spec: JobSpec, report: Report) -> None:

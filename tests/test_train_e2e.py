@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, job_dict
+from conftest import REPO, job_dict, write_jsonl
 from launcher.evaluate import evaluate_version
 from launcher.jobfile import parse_job, resolve
 from trainer.errors import UserError
@@ -295,7 +295,8 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
         assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
 
 
-def test_zero3_resume_is_exact_with_dropout(ray_cluster, data_dir, model_dir, tmp_path):
+def test_zero3_resume_is_exact_with_dropout_and_a_new_run_starts_from_its_version(ray_cluster, data_dir, model_dir,
+                                                                                   tmp_path, capsys):
     def job(name, steps):
         j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
         j.update(name=name, deepspeed="zero3", storage={"path": str(tmp_path / "runs")})
@@ -316,6 +317,30 @@ def test_zero3_resume_is_exact_with_dropout(ray_cluster, data_dir, model_dir, tm
         assert a == b and len(a) >= 2
         assert scalars(runs / "z3-straight" / "tensorboard", f"weight/{task}") == \
             scalars(runs / "z3-resumed" / "tensorboard", f"weight/{task}")
+
+    # A new run (ZeRO-2) from the ZeRO-3 version adds a task: old heads kept, a new one, scores before and after.
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (data_dir / "sentiment" / f"{split}.jsonl").read_text().splitlines()]
+        write_jsonl(data_dir / "mood" / f"{split}.jsonl",
+                         [{"text": r["text"], "label": {"positive": "calm", "negative": "angry"}[r["label"]]}
+                          for r in rows])
+    grown = job("grown", 2)
+    grown.update(deepspeed="zero2", init_from={"experiment": "z3-straight"})
+    grown["tasks"]["mood"] = {"type": "classification",
+                              "data": {s: str(data_dir / "mood" / f"{s}.jsonl") for s in ("train", "validation")}}
+    capsys.readouterr()
+    run_job(grown)
+    before = json.loads((runs / "grown" / "evals" / "step-000000" / "validation.json").read_text())
+    trained = json.loads((runs / "z3-straight" / "evals" / "step-000004" / "validation.json").read_text())
+    for task in ("sentiment", "qa"):  # the version's own weights, scored on the same rows
+        assert before[task]["metrics"] == pytest.approx(trained[task]["metrics"], abs=1e-6), task
+    report = json.loads((runs / "grown" / "forgetting.json").read_text())
+    assert (report["version"], report["kept"], report["added"], report["dropped"]) == \
+        ("step-000004", ["sentiment", "qa"], ["mood"], [])
+    assert set(report["before"]) == set(report["after"]) == {"sentiment", "qa", "mood"} and report["step"] == 2
+    out = capsys.readouterr().out
+    assert "started from z3-straight/step-000004" in out and "mood" in out.split("before and after this run:")[1]
+    assert yaml.safe_load((runs / "grown" / "job.yaml").read_text())["init_from"]["version"] == "step-000004"
 
 
 def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys):

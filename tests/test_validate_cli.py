@@ -347,3 +347,31 @@ def test_class_label_columns_train_on_their_names(capsys, data_dir, model_dir, w
     checked = check_task_data(resolve(parse_job(job)), "sentiment")
     assert checked.labels == ("terrible", "great", "unused")
     assert [r["label"] for r in checked.splits["train"][:3]] == ["terrible", "great", "terrible"]
+
+
+def test_init_from_is_checked_before_any_resource_starts(capsys, data_dir, model_dir, write_job, tmp_path):
+    """A version to start from must exist, be of the job's model kind and keep each kept task's type
+    (and, for heads, its labels in order: a head answers with label ids)."""
+    from trainer.init_from import label_problems, manifest_problems
+    from trainer.spec import JobSpec
+
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
+    job.update(storage={"path": str(tmp_path / "runs")}, init_from={"experiment": "gone", "version": "best"})
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "init_from: no committed version of 'gone'" in out
+    job["init_from"] = {"experiment": str(tmp_path / "nowhere")}
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "is not an experiment folder" in out
+
+    spec = JobSpec.model_validate({**job, "init_from": {"experiment": "old", "version": "step-000004"}})
+    manifest = {"kind": "heads", "encoding": "heads",
+                "tasks": {"sentiment": {"type": "classification", "labels": ["negative", "positive"]},
+                          "qa": {"type": "generation", "labels": []}}}
+    assert manifest_problems(spec, manifest) == [
+        "tasks.qa: extractive_qa here, generation in old/step-000004; a new task needs a new name"]
+    assert manifest_problems(spec, {**manifest, "kind": "text2text", "tasks": {}}) == [
+        "init_from: old/step-000004 is a text2text model; this job's model.kind is 'heads'"]
+    assert label_problems(spec, manifest, {"sentiment": ("negative", "positive"), "qa": ()}) == []
+    problem, = label_problems(spec, manifest, {"sentiment": ("positive", "negative"), "qa": ()})
+    assert problem.startswith("tasks.sentiment: labels ['positive', 'negative'] here, ['negative', 'positive'] in")
+    assert label_problems(spec, {**manifest, "encoding": "causal"}, {"sentiment": ("positive", "negative")}) == []

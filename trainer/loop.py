@@ -22,6 +22,7 @@ from trainer.collectives import barrier, to_device
 from trainer.deferred_writes import DeferredWrites
 from trainer.ds_config import job_ds_config
 from trainer.evaluation import build_eval_set, evaluate_task
+from trainer.init_from import forgetting_table, load_init_weights
 from trainer.job_env import load_job_env
 from trainer.model_io import load_tokenizer_and_encoding
 from trainer.precision import agreed_precision
@@ -66,6 +67,7 @@ class Run:
     upload: ckpt.Upload | None = None  # this rank's part of the version in flight
     blocked_s: float = 0.0  # how long the version in flight kept training waiting
     recent_step_s: list = field(default_factory=list)  # the last steps' times, for the ETA
+    init_from: dict | None = None  # what the run started from, with the tasks' scores then (trainer.init_from)
 
 
 class WorkerStopped(RuntimeError):
@@ -121,6 +123,10 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],
                         loss_weighting=weighting if isinstance(weighting, UncertaintyWeighting) else None,
                         lora=spec.model.lora.model_dump() if spec.model.lora else None)
+    storage = Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path)
+    started_from = None
+    if spec.init_from is not None and not ckpt.committed_versions(storage):  # a run with versions resumes from its own
+        started_from = load_init_weights(model, spec, {t: d.labels for t, d in tasks.items()})
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=spec.train.weight_decay,
                                                weighting_lr=spec.loss_weighting.lr),
                                   lr=spec.train.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -132,8 +138,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     engine.train()  # from_pretrained leaves the backbone in eval mode: dropout would be off
     # Dropout differs per rank (as it would on separate machines) but is reproducible.
     seed_everything(spec.train.seed * 1000 + rank + 1)
-    run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine,
-              Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path),
+    run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine, storage,
               seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
@@ -144,6 +149,15 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         run.board = Board(run.storage)
         metrics = [f"validation/{t}/{primary_metric(task_metrics(spec, t))}" for t in tasks]
         run.board.hparams(flat_hparams(spec.model_dump(mode="json", exclude={"storage"})), metrics)
+    if started_from is not None:
+        if rank == 0:
+            say(f"[mtl] started from {started_from['experiment']}/{started_from['version']} (weights; a fresh "
+                f"optimizer): kept {', '.join(started_from['kept']) or 'no task'}"
+                + "".join(f"; {what} {', '.join(started_from[what])}" for what in ("added", "dropped")
+                          if started_from[what]))
+        evaluate_all(run, "validation")  # the tasks' scores before this run: forgetting is measured against them
+        run.init_from = {**started_from, "before": run.last_eval.get("tasks", {}),
+                         "primary": run.last_eval.get("primary", {})}
     return run
 
 
@@ -236,6 +250,7 @@ def restore_latest(run: Run) -> bool:
     run.seen, run.last_eval = state["seen"], state.get("last_eval", {})
     run.version_scores = state.get("version_scores", {})
     run.train_s = state.get("train_s", 0.0)
+    run.init_from = state.get("init_from")
     if run.early is not None and state.get("early_stopping"):
         run.early.load_state_dict(state["early_stopping"])
     if run.rank == 0:
@@ -280,6 +295,8 @@ def fit(run: Run) -> None:
             if run.early is not None:
                 stop_lagging_tasks(run)
                 final = final or run.planner.all_frozen()
+            if final and run.init_from is not None:
+                report_forgetting(run)
         preempted = reasons["preemption"] and not stops.preemption_seen  # one version per notice
         if preempted:
             stops.preemption_seen = True
@@ -387,6 +404,16 @@ def evaluate_all(run: Run, split: str) -> dict:
     return out
 
 
+def report_forgetting(run: Run) -> None:
+    """At the end of a run started from a version: every task's validation metric then and now."""
+    if run.rank != 0:
+        return
+    table = forgetting_table(run.init_from, run.last_eval.get("tasks", {}), run.step)
+    say("[mtl] before and after this run:\n" + table)
+    run.storage.write_json("forgetting.json", {**run.init_from, "after": run.last_eval.get("tasks", {}),
+                                               "step": run.step})
+
+
 def save_version(run: Run, metrics: dict) -> None:
     """Every rank copies its part to memory, then writes it to local scratch and uploads it on a
     background thread.
@@ -462,7 +489,8 @@ def trainer_state(run: Run) -> dict:
             "weights": run.weighting.weights(), "rates": run.planner.expected_rates(),
             "seen": run.seen, "last_eval": run.last_eval, "world_size": run.world,
             "version_scores": run.version_scores, "train_s": run.train_s,
-            "early_stopping": run.early.state_dict() if run.early is not None else None}
+            "early_stopping": run.early.state_dict() if run.early is not None else None,
+            "init_from": run.init_from}
 
 
 def tasks_manifest(run: Run) -> dict:

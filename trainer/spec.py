@@ -279,6 +279,13 @@ class StorageSpec(_Strict):
     region: str | None = Field(None, description="S3 region.")
 
 
+class InitFromSpec(_Strict):
+    experiment: str = Field(description="The experiment to start from: a name on this job's storage, or an "
+                            "experiment folder / URI (./runs/demo, s3://bucket/runs/demo).")
+    version: str = Field("latest", description="Its version: latest, best, best:TASK, a tag or step-N "
+                         "(resolved once, when the run starts).")
+
+
 class JobSpec(_Strict):
     name: str = Field(description="Experiment name; running the same name again resumes it.", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelSpec
@@ -290,6 +297,10 @@ class JobSpec(_Strict):
                            "batch numbers, clipping and precision are filled in from the job.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    init_from: InitFromSpec | None = Field(
+        None, description="Start a new run from a version's weights (a fresh optimizer): tasks it knows keep their "
+        "heads (or prompts), new tasks get new heads; old tasks' validation metrics are reported before and "
+        "after. A run that already has versions resumes from its own.")
 
     @field_validator("tasks")
     @classmethod

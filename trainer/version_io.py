@@ -109,6 +109,10 @@ def load_untrained(folder: str | Path) -> LoadedVersion:
 
     folder = Path(folder)
     manifest, job, tokenizer = _settings(folder)
+    if job.get("init_from"):
+        start = f"{job['init_from']['experiment']}/{job['init_from']['version']}"
+        raise UserError(f"this run started from {start}, not from model.name_or_path: evaluate that version "
+                        f"for the model it started from (its validation scores then are in forgetting.json)")
     torch.manual_seed(job.get("train", {}).get("seed", 0))  # as trainer.loop seeds it before building
     where = job["model"]["name_or_path"]
     try:

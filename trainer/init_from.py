@@ -1,0 +1,135 @@
+"""Starting a new run from another run's version: its weights, this job's tasks.
+
+`init_from: {experiment, version}` loads the version's model weights into the model this job
+builds, before DeepSpeed partitions it (every rank builds the whole model, trainer.loop.setup):
+
+- a task the version knows keeps its head (text2text models: the LM that learned its prompt);
+- a task it does not know gets a new head, initialised as in any new run;
+- a task of the version that this job leaves out is dropped with its head;
+- learned loss weights (uncertainty) carry over when the tasks are the same, else start afresh.
+
+The optimizer, learning-rate schedule, step count and data order start fresh: it is a new run.
+A task that keeps its name must keep its type and, for a heads model, its labels in order, or
+the old head would answer with the wrong label ids; both are refused with what differs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from trainer.errors import UserError
+
+
+def init_location(spec):
+    """(storage, experiment name) of `init_from.experiment`: a name on the job's storage, or a folder / URI."""
+    from trainer.storage import open_experiment, open_storage
+
+    where = spec.init_from.experiment
+    if "://" in where or "/" in where or os.path.isdir(where):
+        return open_experiment(where)
+    return open_storage(spec.storage), where
+
+
+def describe(spec) -> str:
+    return f"{spec.init_from.experiment}/{spec.init_from.version}"
+
+
+def manifest_problems(spec, manifest: dict) -> list[str]:
+    """What in the job contradicts the version's tasks.json (the version already resolved)."""
+    problems = []
+    if manifest["kind"] != spec.model.kind:
+        problems.append(f"init_from: {describe(spec)} is a {manifest['kind']} model; this job's model.kind is "
+                        f"'{spec.model.kind}'")
+    for task, info in manifest["tasks"].items():
+        if task in spec.tasks and spec.tasks[task].type != info["type"]:
+            problems.append(f"tasks.{task}: {spec.tasks[task].type} here, {info['type']} in {describe(spec)}; "
+                            f"a new task needs a new name")
+    return problems
+
+
+def label_problems(spec, manifest: dict, labels: dict[str, tuple[str, ...]]) -> list[str]:
+    """Heads models: a kept classification task must have the labels its head was trained on, in order."""
+    if manifest.get("encoding") != "heads":
+        return []  # text2text models read and write the label words themselves
+    return [f"tasks.{task}: labels {list(labels[task])} here, {info['labels']} in {describe(spec)}; the head "
+            f"answers with label ids, so keep the labels (tasks.{task}.labels) or name the task anew"
+            for task, info in manifest["tasks"].items()
+            if task in labels and info.get("labels") and list(labels[task]) != list(info["labels"])]
+
+
+def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str, ...]]) -> dict:
+    """Load init_from's version into `model` (this job's, before DeepSpeed); returns what was
+    kept, added and dropped, by task."""
+    from trainer.checkpoint import model_needs
+    from trainer.scratch import scratch
+    from trainer.version_io import whole_weights
+
+    storage, name = init_location(spec)
+    where = f"{name}/{spec.init_from.version}"
+    manifest = storage.read_json(f"{where}/tasks.json")
+    if manifest is None:
+        raise UserError(f"init_from: {storage.describe(where)} is not a committed version")
+    problems = manifest_problems(spec, manifest) + label_problems(spec, manifest, labels)
+    if problems:
+        raise UserError("init_from: the version does not fit this job:\n" + "\n".join(f"  - {p}" for p in problems))
+    with scratch("init-from") as local:
+        storage.download_files(where, str(local), keep=model_needs)
+        weights = whole_weights(Path(local), fetch_optimizer_shards=lambda: storage.download_files(
+            where, str(local), keep=lambda f: f.endswith("optim_states.pt")))
+    old, new = list(manifest["tasks"]), list(spec.tasks)
+    dropped = [t for t in old if t not in new]
+    weights = {k: v for k, v in weights.items() if not any(k.startswith(f"heads.{t}.") for t in dropped)}
+    if old != new:  # one learned log-variance per task, in task order
+        weights = {k: v for k, v in weights.items() if not k.startswith("loss_weighting.")}
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes differ: another base model or LoRA rank
+        raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: "
+                        f"{str(exc).splitlines()[-1].strip()}") from None
+    expected_missing = ("lm_head.weight", "decoder.weight", "cls.predictions.decoder.weight")  # tied, stored once
+    added = [t for t in new if t not in old]
+    missing = [k for k in missing if not k.startswith("loss_weighting.") and not k.endswith(expected_missing)
+               and not any(k.startswith(f"heads.{t}.") for t in added)]
+    if missing or unexpected:
+        raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model (a different "
+                        f"base model or LoRA setting?): missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return {"experiment": spec.init_from.experiment, "version": spec.init_from.version,
+            "kept": [t for t in new if t in old], "added": added, "dropped": dropped}
+
+
+def pinned(spec):
+    """The job with init_from.version resolved to a committed version's name (latest, best, a tag
+    -> step-N), so every rank, and every restart, loads the same one."""
+    from trainer.registry import pick_version
+
+    storage, name = init_location(spec)
+    spec = spec.model_copy(deep=True)
+    spec.init_from.version = pick_version(storage, name, spec.init_from.version)
+    return spec
+
+
+def check(spec) -> list[str]:
+    """Before any resource starts: the version exists and its tasks fit the job's."""
+    try:
+        spec = pinned(spec)
+        storage, name = init_location(spec)
+        manifest = storage.read_json(f"{name}/{spec.init_from.version}/tasks.json")
+    except UserError as exc:
+        return [f"init_from: {exc}"]
+    return manifest_problems(spec, manifest)
+
+
+def forgetting_table(init: dict, after: dict, step: int) -> str:
+    """Each task's primary validation metric before (the version started from) and after this run."""
+    lines = [f"{'task':<16}{'metric':<16}{'before':>9}{'after':>9}{'change':>9}",
+             f"(validation; before: {init['experiment']}/{init['version']} with this job's tasks; after: step {step})"]
+    for task, metric in init["primary"].items():
+        was, now = init["before"].get(task, {}).get(metric), after.get(task, {}).get(metric)
+        if was is None or now is None:
+            continue
+        mark = "  (new task)" if task in init["added"] else ""
+        lines.insert(-1, f"{task:<16}{metric:<16}{was:>9.4f}{now:>9.4f}{now - was:>+9.4f}{mark}")
+    return "\n".join(lines)

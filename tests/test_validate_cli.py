@@ -352,7 +352,7 @@ def test_class_label_columns_train_on_their_names(capsys, data_dir, model_dir, w
 def test_init_from_is_checked_before_any_resource_starts(capsys, data_dir, model_dir, write_job, tmp_path):
     """A version to start from must exist, be of the job's model kind and keep each kept task's type
     (and, for heads, its labels in order: a head answers with label ids)."""
-    from trainer.init_from import label_problems, manifest_problems
+    from trainer.init_from import label_problems, manifest_problems, optimizer_problems
     from trainer.spec import JobSpec
 
     job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
@@ -375,3 +375,6 @@ def test_init_from_is_checked_before_any_resource_starts(capsys, data_dir, model
     problem, = label_problems(spec, manifest, {"sentiment": ("positive", "negative"), "qa": ()})
     assert problem.startswith("tasks.sentiment: labels ['positive', 'negative'] here, ['negative', 'positive'] in")
     assert label_problems(spec, {**manifest, "encoding": "causal"}, {"sentiment": ("positive", "negative")}) == []
+    assert optimizer_problems(spec, {"tasks": {"qa": {}, "sentiment": {}}}, {"world_size": 4}) == [
+        "init_from.resume_optimizer: the tasks must be the version's, in order (qa, sentiment); here sentiment, qa",
+        "init_from.resume_optimizer: the version was trained on 4 workers; scaling.num_workers is 2"]

@@ -9,6 +9,9 @@ builds, before DeepSpeed partitions it (every rank builds the whole model, train
 - learned loss weights (uncertainty) carry over when the tasks are the same, else start afresh.
 
 The optimizer, learning-rate schedule, step count and data order start fresh: it is a new run.
+With `resume_optimizer: true` the optimizer's state (Adam's moments and step counts) carries over
+too, which needs the very same parameters and partitions: the same tasks in the same order, the
+same model and the same number of workers.
 A task that keeps its name must keep its type and, for a heads model, its labels in order, or
 the old head would answer with the wrong label ids; both are refused with what differs.
 """
@@ -116,10 +119,45 @@ def check(spec) -> list[str]:
     try:
         spec = pinned(spec)
         storage, name = init_location(spec)
-        manifest = storage.read_json(f"{name}/{spec.init_from.version}/tasks.json")
+        where = f"{name}/{spec.init_from.version}"
+        manifest = storage.read_json(f"{where}/tasks.json")
+        state = storage.read_json(f"{where}/trainer_state.json") if spec.init_from.resume_optimizer else None
     except UserError as exc:
         return [f"init_from: {exc}"]
-    return manifest_problems(spec, manifest)
+    return manifest_problems(spec, manifest) + (optimizer_problems(spec, manifest, state) if state else [])
+
+
+def optimizer_problems(spec, manifest: dict, state: dict) -> list[str]:
+    """resume_optimizer: the optimizer's state is partitioned over the same parameters and ranks."""
+    problems = []
+    if list(manifest["tasks"]) != list(spec.tasks):
+        problems.append(f"init_from.resume_optimizer: the tasks must be the version's, in order "
+                        f"({', '.join(manifest['tasks'])}); here {', '.join(spec.tasks)}")
+    if state["world_size"] != spec.scaling.num_workers:
+        problems.append(f"init_from.resume_optimizer: the version was trained on {state['world_size']} workers; "
+                        f"scaling.num_workers is {spec.scaling.num_workers}")
+    return problems
+
+
+def load_init_optimizer(engine, spec, rank: int) -> None:
+    """resume_optimizer: this rank's optimizer partition from the version, with a fresh step
+    count and schedule (DeepSpeed's checkpoint would set them to the version's)."""
+    from trainer.checkpoint import DS_TAG, rank_needs
+    from trainer.scratch import scratch
+
+    storage, name = init_location(spec)
+    where = f"{name}/{spec.init_from.version}"
+    with scratch("init-from-optimizer") as local:
+        storage.download_files(where, str(local), keep=lambda relative: rank_needs(relative, rank))
+        try:
+            path, _ = engine.load_checkpoint(str(local / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
+                                             load_lr_scheduler_states=False)
+        except (RuntimeError, KeyError, ValueError) as exc:  # another ZeRO stage or model: DeepSpeed's own words
+            raise UserError(f"init_from.resume_optimizer: the optimizer state of {describe(spec)} does not fit "
+                            f"this job (same model, ZeRO stage and workers needed): {str(exc).splitlines()[0]}") from None
+    if path is None:
+        raise UserError(f"init_from.resume_optimizer: {describe(spec)} holds no DeepSpeed state")
+    engine.global_steps = engine.global_samples = engine.skipped_steps = 0
 
 
 def forgetting_table(init: dict, after: dict, step: int) -> str:

@@ -22,7 +22,7 @@ from trainer.collectives import barrier, to_device
 from trainer.deferred_writes import DeferredWrites
 from trainer.ds_config import job_ds_config
 from trainer.evaluation import build_eval_set, evaluate_task
-from trainer.init_from import forgetting_table, load_init_weights
+from trainer.init_from import forgetting_table, load_init_optimizer, load_init_weights
 from trainer.job_env import load_job_env
 from trainer.model_io import load_tokenizer_and_encoding
 from trainer.precision import agreed_precision
@@ -145,14 +145,17 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     job_groups = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in engine.optimizer.param_groups]
     if restore_latest(run):
         follow_job_hyperparameters(engine, job_groups)
+    elif started_from is not None and spec.init_from.resume_optimizer:
+        load_init_optimizer(engine, spec, rank)
+        follow_job_hyperparameters(engine, job_groups)
     if rank == 0:
         run.board = Board(run.storage)
         metrics = [f"validation/{t}/{primary_metric(task_metrics(spec, t))}" for t in tasks]
         run.board.hparams(flat_hparams(spec.model_dump(mode="json", exclude={"storage"})), metrics)
     if started_from is not None:
         if rank == 0:
-            say(f"[mtl] started from {started_from['experiment']}/{started_from['version']} (weights; a fresh "
-                f"optimizer): kept {', '.join(started_from['kept']) or 'no task'}"
+            say(f"[mtl] started from {started_from['experiment']}/{started_from['version']} (weights"
+                f"{', optimizer state' if spec.init_from.resume_optimizer else '; a fresh optimizer'}): kept {', '.join(started_from['kept']) or 'no task'}"
                 + "".join(f"; {what} {', '.join(started_from[what])}" for what in ("added", "dropped")
                           if started_from[what]))
         evaluate_all(run, "validation")  # the tasks' scores before this run: forgetting is measured against them

@@ -284,6 +284,9 @@ class InitFromSpec(_Strict):
                             "experiment folder / URI (./runs/demo, s3://bucket/runs/demo).")
     version: str = Field("latest", description="Its version: latest, best, best:TASK, a tag or step-N "
                          "(resolved once, when the run starts).")
+    resume_optimizer: bool = Field(False, description="Also continue the version's optimizer state (Adam moments); "
+                                   "needs the same tasks in the same order, model and number of workers. The "
+                                   "learning-rate schedule and the step count start afresh.")
 
 
 class JobSpec(_Strict):

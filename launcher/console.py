@@ -45,9 +45,12 @@ def quiet_driver_libraries() -> None:
     """The driver imports DeepSpeed too (to check its config); its CPU notice is noise there as well."""
     import logging
 
+    from trainer.reporting import quiet_library_warnings
+
     logger = logging.getLogger("DeepSpeed")
     if not any(isinstance(f, _DropNoise) for f in logger.filters):
         logger.addFilter(_DropNoise())
+    quiet_library_warnings()
 
 
 def plain_ray_logging() -> None:

@@ -103,6 +103,29 @@ def eval_tables(storage: Storage, name: str) -> list[str]:
     return lines
 
 
+def run_changes(storage: Storage, name: str, latest: str) -> list[str]:
+    """What the run changed on its own (early stopping, mixture.adapt) and, for a run started from
+    another version, each task's score before and after (forgetting)."""
+    from trainer.init_from import forgetting_table
+
+    state = storage.read_json(f"{name}/{latest}/trainer_state.json") or {}
+    lines = []
+    stopped = {t: s for t, s in (state.get("early_stopping") or {}).items() if s.get("stopped_at") is not None}
+    moves = (state.get("mixture_adapt") or {}).get("history", [])
+    if stopped or moves:
+        lines += ["## Early stopping and rebalancing", ""]
+        lines += [f"- step {s['stopped_at']}: {t} stopped (best {s['best']:.4f} at step {s['best_step']})"
+                  for t, s in sorted(stopped.items(), key=lambda kv: kv[1]["stopped_at"])]
+        lines += [f"- step {m['step']}: {m['task']} rate x{m['from']:.3g} -> x{m['to']:.3g} of its start ({m['why']})"
+                  for m in moves]
+        lines.append("")
+    forgetting = storage.read_json(f"{name}/forgetting.json")
+    if forgetting:
+        lines += ["## Before and after this run (`init_from`)", "", "```",
+                  forgetting_table(forgetting, forgetting["after"], forgetting["step"]), "```", ""]
+    return lines
+
+
 def write_report(storage: Storage, name: str) -> str:
     """Writes report/report.md and report/curves.png into the experiment; returns where."""
     from launcher.versions import format_versions, version_table
@@ -127,6 +150,7 @@ def write_report(storage: Storage, name: str) -> str:
         single = storage.read_text(f"{name}/baselines/table.md")
         if single:
             lines += ["## Multitask against single-task runs (`mtl baselines`)", "", single, ""]
+        lines += run_changes(storage, name, latest)
         lines += [f"## Job ({latest})", "", "```yaml", job.rstrip(), "```", ""]
         (out / "report.md").write_text("\n".join(lines))
         storage.upload(str(out), f"{name}/report")

@@ -28,6 +28,7 @@ from trainer.storage import Storage, open_storage
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
                  "HF_HOME", "TOKENIZERS_PARALLELISM", "MTL_SCRATCH_DIR")
+TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_")  # their settings and keys, for rank 0's trackers (trainer.trackers)
 
 
 def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse") -> dict:
@@ -201,7 +202,7 @@ def scaling_config(scaling):
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(TRACKER_ENV_PREFIXES)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ray Train turns print() into log records; dill (under datasets) prints while it captures
     # stdout, and those records would flood the console with bytecode dumps.

@@ -38,12 +38,14 @@ from trainer.job_env import JOB_ENV_FILE
 # Settings safe to show in a job's runtime_env.
 PUBLIC_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TOKENIZERS_PARALLELISM",
               "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-              "AWS_EC2_METADATA_DISABLED")
+              "AWS_EC2_METADATA_DISABLED", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE", "WANDB_BASE_URL",
+              "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 # Paths on this machine: only meaningful to a cluster on this machine.
 LOCAL_PATH_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME")
 # Never in metadata or logs: they travel in the package's .mtl/env.json.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN")
+              "AWS_SESSION_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
+              "MLFLOW_TRACKING_PASSWORD")
 ENTRYPOINT = "python -m launcher.cli train .mtl/job.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}

@@ -56,6 +56,7 @@ def validate_job(spec: JobSpec, *, check_files: bool = True) -> Report:
                 report.errors.append(str(exc))
         for name, checked in report.tasks.items():
             _describe_task(spec, name, checked, report)
+        report.errors.extend(_tracking_problems(spec))
         if spec.init_from is not None and not report.errors:
             report.errors.extend(_init_from_problems(spec))
         every, evals = spec.train.checkpoint_every, spec.train.eval_every
@@ -91,6 +92,21 @@ def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Repor
     elif batch and rows // workers < batch:
         report.errors.append(f"{field}: {batch} is more than the {rows // workers} train rows each worker gets "
                              f"of task '{name}' ({rows} rows / {workers} workers)")
+
+
+def _tracking_problems(spec: JobSpec) -> list[str]:
+    """Each named tracker is installed, and MLflow has somewhere to write."""
+    import importlib.util
+
+    from trainer.trackers import mlflow_uri
+
+    problems = [f"tracking.to: {name} is not installed here (pip install 'multitask-launcher[tracking]')"
+                for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")) if name in spec.tracking.to
+                and importlib.util.find_spec(module) is None]
+    if "mlflow" in spec.tracking.to and mlflow_uri(spec) is None:
+        problems.append("tracking.to: mlflow on remote storage needs tracking.mlflow_uri or $MLFLOW_TRACKING_URI "
+                        "(an MLflow server); without one, MLflow writes beside the experiments on local storage only")
+    return problems
 
 
 def _init_from_problems(spec: JobSpec) -> list[str]:

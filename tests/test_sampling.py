@@ -107,3 +107,51 @@ def test_a_frozen_task_gets_no_micro_batches_and_its_slots_go_to_the_others():
     assert planner.all_frozen()
     with pytest.raises(RuntimeError, match="every task is frozen"):
         planner.plan()
+
+
+def test_a_scaled_task_gets_a_share_in_proportion_and_the_scales_resume():
+    planner = StepPlanner(["a", "b", "c"], {"a": 0.5, "b": 0.25, "c": 0.25}, {}, micro_batches_per_step=4, seed=0)
+    planner.scale("a", 0.5)  # a's weight 0.25 against b's and c's 0.25: a third each
+    assert planner.expected_rates() == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    resumed = StepPlanner(["a", "b", "c"], {"a": 0.5, "b": 0.25, "c": 0.25}, {}, 4, seed=0)
+    resumed.load_state_dict(planner.state_dict())
+    assert resumed.scales == {"a": 0.5, "b": 1.0, "c": 1.0}
+    assert [resumed.plan() for _ in range(5)] == [planner.plan() for _ in range(5)]
+
+
+def test_rebalancing_moves_rates_toward_lagging_tasks_within_bounds_and_resumes_exactly():
+    from trainer.adapt_mixture import MixtureAdapter
+
+    def scripted(adapter, planner, validations):
+        moves = []
+        for step, scores in validations:
+            for task, (scale, _) in adapter.update(step, scores, planner.scales).items():
+                planner.scale(task, scale)
+            moves.append(planner.expected_rates())
+        return moves
+
+    tasks, rates = ["a", "b", "c"], {"a": 1.0, "b": 1.0, "c": 1.0}
+    options = dict(by="trend", reference=None, factor=2.0, min_scale=0.25, max_scale=4.0, min_delta=0.01)
+    adapter, planner = MixtureAdapter(**options), StepPlanner(tasks, rates, {}, 3, seed=0)
+    # a keeps gaining, b stopped gaining (+0.005 is within min_delta), c gains once and then stops.
+    validations = [(10, {"a": 0.2, "b": 0.5, "c": 0.3}), (20, {"a": 0.3, "b": 0.505, "c": 0.4}),
+                   (30, {"a": 0.4, "b": 0.505, "c": 0.4}), (40, {"a": 0.5, "b": 0.50, "c": 0.4}),
+                   (50, {"a": 0.6, "b": 0.50, "c": 0.4})]
+    moves = scripted(adapter, planner, validations[:3])
+    assert moves[0] == pytest.approx({t: 1 / 3 for t in tasks})  # the first validation only sets the start
+    assert moves[1]["a"] > 1 / 3 > moves[1]["b"] and moves[1]["a"] == pytest.approx(moves[1]["c"])
+    assert moves[2]["a"] > moves[1]["a"] and moves[2]["c"] < moves[1]["c"]
+    assert planner.scales == {"a": 4.0, "b": 0.25, "c": 1.0}
+    assert [(h["step"], h["task"], h["to"]) for h in adapter.history] == \
+        [(20, "a", 2.0), (20, "b", 0.5), (20, "c", 2.0), (30, "a", 4.0), (30, "b", 0.25), (30, "c", 1.0)]
+    assert adapter.history[1]["why"] == "gains no more: +0.0050 since the last validation"
+
+    again, replanned = MixtureAdapter(**options), StepPlanner(tasks, rates, {}, 3, seed=0)
+    again.load_state_dict(adapter.state_dict())  # saved with the version
+    replanned.load_state_dict(planner.state_dict())
+    assert scripted(again, replanned, validations[3:]) == scripted(adapter, planner, validations[3:])
+    assert planner.scales == {"a": 4.0, "b": 0.25, "c": 0.25}  # at the bounds they stay
+
+    by_reference = MixtureAdapter(**{**options, "by": "reference", "reference": {"a": 0.9, "b": 0.5, "c": 0.45}})
+    changes = by_reference.update(10, {"a": 0.6, "b": 0.6, "c": 0.445}, {"a": 1.0, "b": 1.0, "c": 1.0}, skip={"a"})
+    assert {t: s for t, (s, _) in changes.items()} == {"b": 0.5, "c": 0.5}  # a skipped (stopped early); c within 0.01

@@ -30,6 +30,17 @@ def ray_cluster():
     ray.shutdown()
 
 
+def add_mood_task(job: dict, data_dir: Path) -> None:
+    """A third classification task for heads models: the sentiment rows with labels of their own."""
+    for split in ("train", "validation"):
+        rows = [json.loads(line) for line in (data_dir / "sentiment" / f"{split}.jsonl").read_text().splitlines()]
+        write_jsonl(data_dir / "mood" / f"{split}.jsonl",
+                    [{"text": r["text"], "label": {"positive": "calm", "negative": "angry"}[r["label"]]}
+                     for r in rows])
+    job["tasks"]["mood"] = {"type": "classification",
+                            "data": {s: str(data_dir / "mood" / f"{s}.jsonl") for s in ("train", "validation")}}
+
+
 def run_job(job: dict):
     from launcher.run import train
 
@@ -124,6 +135,35 @@ def predictions_match_eval(run: Path, job: dict, capsys) -> None:
     capsys.readouterr()
     assert main(["predict", str(run), "--task", "sentiment", "--text", "great fun"]) == 0
     assert json.loads(capsys.readouterr().out)["label"] in ("negative", "positive")
+
+
+def trackers_have_the_run(tmp_path: Path, monkeypatch) -> None:
+    """W&B (offline) and MLflow (a local file store) got the job's settings, every step's losses,
+    weights and rates, and the validation metrics that evals/ holds."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.support.wandb_records import history_and_config
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # reading MLflow's file store, as the run wrote it
+    evals = json.loads((tmp_path / "runs" / "causal" / "evals" / "step-000003" / "validation.json").read_text())
+    accuracy = evals["sentiment"]["metrics"]["accuracy"]
+    client = MlflowClient(f"file://{tmp_path / 'mlruns'}")
+    run, = client.search_runs([client.get_experiment_by_name("causal").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "3"
+    assert run.data.params["loss_weighting.strategy"] == "uncertainty" and "storage.path" not in run.data.params
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/qa")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "rate/summary")] == [1, 2, 3]
+    assert client.get_metric_history(run.info.run_id, "validation/sentiment/accuracy")[-1].value == accuracy
+    wandb_file, = (tmp_path / "wandb" / "wandb").glob("offline-run-*/run-*.wandb")
+    rows, config = history_and_config(wandb_file)
+    logged = {}
+    for row in rows:
+        logged.setdefault(row["_step"], {}).update(row)
+    assert sorted(logged) == [1, 2, 3] and all("weight/qa" in logged[step] for step in (1, 2, 3))
+    assert logged[3]["validation/sentiment/accuracy"] == accuracy
+    assert "train.steps" in config and "tracking.to" not in config
+    state = json.loads((tmp_path / "runs" / "causal" / "step-000003" / "trainer_state.json").read_text())
+    assert state["trackers"] == {"wandb": wandb_file.stem[len("run-"):], "mlflow": run.info.run_id}
 
 
 def serve_and_ask(run: Path, rows: dict[str, list[dict]]) -> None:
@@ -320,15 +360,9 @@ def test_zero3_resume_is_exact_with_dropout_and_a_new_run_starts_from_its_versio
             scalars(runs / "z3-resumed" / "tensorboard", f"weight/{task}")
 
     # A new run (ZeRO-1) from the ZeRO-3 version adds a task: old heads kept, a new one, scores before and after.
-    for split in ("train", "validation"):
-        rows = [json.loads(line) for line in (data_dir / "sentiment" / f"{split}.jsonl").read_text().splitlines()]
-        write_jsonl(data_dir / "mood" / f"{split}.jsonl",
-                         [{"text": r["text"], "label": {"positive": "calm", "negative": "angry"}[r["label"]]}
-                          for r in rows])
     grown = job("grown", 2)
     grown.update(deepspeed="zero1", init_from={"experiment": "z3-straight"})
-    grown["tasks"]["mood"] = {"type": "classification",
-                              "data": {s: str(data_dir / "mood" / f"{s}.jsonl") for s in ("train", "validation")}}
+    add_mood_task(grown, data_dir)
     capsys.readouterr()
     run_job(grown)
     before = json.loads((runs / "grown" / "evals" / "step-000000" / "validation.json").read_text())
@@ -355,13 +389,16 @@ def test_zero3_resume_is_exact_with_dropout_and_a_new_run_starts_from_its_versio
     assert json.loads((runs / "more" / "step-000001" / "trainer_state.json").read_text())["step"] == 1
 
 
-def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys):
+def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys, monkeypatch):
     job = job_dict(data_dir, str(causal_dir), "text2text")
     job.update(name="causal", storage={"path": str(tmp_path / "runs")})
     job["train"].update({"steps": 3, "checkpoint_every": 1, "eval_every": 0, "keep_last": 1, "keep_best": False})
     job["loss_weighting"] = {"strategy": "uncertainty"}
+    job["tracking"] = {"to": ["tensorboard", "wandb", "mlflow"], "wandb_mode": "offline",
+                       "wandb_dir": str(tmp_path / "wandb"), "mlflow_uri": f"file://{tmp_path / 'mlruns'}"}
     run_job(job)
     assert [p.name for p in (tmp_path / "runs" / "causal").glob("step-*")] == ["step-000003"]  # keep_last: 1
+    trackers_have_the_run(tmp_path, monkeypatch)
     evals = json.loads((tmp_path / "runs" / "causal" / "evals" / "step-000003" / "validation.json").read_text())
     assert set(evals) == {"sentiment", "qa", "summary"}
     assert all(len(r["samples"]) > 0 for r in evals.values())
@@ -462,24 +499,43 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     assert not [n for n, _ in base.named_parameters() if "lora" in n]
 
 
-def test_early_stopping_freezes_tasks_and_ends_the_run_when_all_have_stopped(ray_cluster, data_dir, model_dir,
-                                                                              tmp_path, capsys):
-    """A gain above min_delta=1.0 is impossible for metrics in [0, 1]: each task freezes at its
-    second validation, the run writes a version there and ends; the same command then resumes
-    into a run with nothing left to train."""
+def test_rates_adapt_and_early_stopping_ends_the_run_when_every_task_has_stopped(ray_cluster, data_dir, model_dir,
+                                                                                  tmp_path, capsys):
+    """mixture.adapt by reference: sentiment's unreachable reference makes it lag (its rate grows at
+    each validation), mood's reached one shrinks its rate; qa has a fixed accumulation and is left
+    alone. A gain above min_delta=1.0 is impossible for metrics in [0, 1]: at the third validation
+    every task stops (down-weighted; qa, fixed, is frozen), the run writes a version and ends; the
+    same command then resumes into a run with nothing left to train."""
     job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
+    add_mood_task(job, data_dir)
     job.update(name="early", storage={"path": str(tmp_path / "runs")})
-    job["train"].update({"steps": 6, "eval_every": 1, "early_stopping": {"patience": 1, "min_delta": 1.0}})
+    job["tasks"]["qa"]["accumulation"] = 1
+    job["mixture"] = {"adapt": {"by": "reference", "reference": {"sentiment": 2.0, "mood": -1.0, "qa": 0.0}}}
+    job["train"].update({"steps": 6, "eval_every": 1, "early_stopping": {"patience": 2, "min_delta": 1.0,
+                                                                         "action": "downweight"}})
     run_job(job)
     run = tmp_path / "runs" / "early"
-    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002"]
-    state = json.loads((run / "step-000002" / "trainer_state.json").read_text())
-    assert {t: s["stopped_at"] for t, s in state["early_stopping"].items()} == {"sentiment": 2, "qa": 2}
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000003"]
+    state = json.loads((run / "step-000003" / "trainer_state.json").read_text())
+    assert {t: s["stopped_at"] for t, s in state["early_stopping"].items()} == {"sentiment": 3, "qa": 3, "mood": 3}
     assert all(s["best_step"] == 1 for s in state["early_stopping"].values())
-    assert sorted(state["planner"]["frozen"]) == ["qa", "sentiment"]
-    assert "every task has stopped; the run ends at step 2" in capsys.readouterr().out
+    assert state["planner"]["frozen"] == ["qa"]  # fixed: frozen; the others down-weighted, x0.25
+    assert state["planner"]["scales"] == pytest.approx({"sentiment": 1.5 ** 2 * 0.25, "mood": 1.5 ** -2 * 0.25})
+    assert [(h["step"], h["task"], round(h["to"], 4)) for h in state["mixture_adapt"]["history"]] == \
+        [(1, "sentiment", 1.5), (1, "mood", 0.6667), (2, "sentiment", 2.25), (2, "mood", 0.4444)]
+    rates = scalars(run / "tensorboard", "rate/sentiment")
+    assert rates[3] > rates[2] > rates[1]  # a step's rate is the one its plan was drawn with
+    out = capsys.readouterr().out
+    assert "mixture: sentiment rate" in out and "below its reference 2.0000" in out
+    assert "early stopping: sentiment rate x0.25" in out and "early stopping: qa froze at step 3" in out
+    assert "every task has stopped; the run ends at step 3" in out
+    from launcher.cli import main
+
+    assert main(["report", str(run)]) == 0
+    page = (run / "report" / "report.md").read_text()
+    assert "- step 3: sentiment stopped (best" in page and "- step 2: mood rate x0.667 -> x0.444 of its start" in page
     run_job(job)
-    assert sorted(p.name for p in run.glob("step-*")) == ["step-000002"]
+    assert sorted(p.name for p in run.glob("step-*")) == ["step-000003"]
     assert "every task had stopped early; nothing is left to train" in capsys.readouterr().out
 
 

@@ -109,6 +109,10 @@ SPEC_MISTAKES = [
     ("model.name_or_path", DELETE, ["model.name_or_path", "required field is missing"]),
     ("mixture", {"strategy": "explicit", "rates": {"sentiment": 1.0}}, ["explicit", "missing: qa, summary"]),
     ("mixture", {"strategy": "capped"}, ["mixture", "needs `cap`"]),
+    ("mixture", {"adapt": {"by": "reference"}}, ["mixture.adapt", "by: reference needs `reference`"]),
+    ("mixture", {"adapt": {"by": "reference", "reference": {"sentiment": 0.9, "qs": 0.5}}},
+     ["mixture.adapt.reference needs a score for every task and no other: unknown qs; missing qa, summary"]),
+    ("train.early_stopping", {"action": "drop"}, ["train.early_stopping.action", "'drop' is not one of freeze, downweight"]),
     ("tasks.sentiment.accumulation", 3, ["accumulation", "nothing is left for qa, summary"]),
     ("tasks.sentiment.prompt", "rate: {txt}", ["tasks.sentiment", "'{txt}' cannot be used", "did you mean 'text'"]),
     # the answer in the prompt: validated before, then a KeyError inside every Ray worker

@@ -26,16 +26,18 @@ from trainer.init_from import forgetting_table, load_init_optimizer, load_init_w
 from trainer.job_env import load_job_env
 from trainer.model_io import load_tokenizer_and_encoding
 from trainer.precision import agreed_precision
+from trainer.adapt_mixture import MixtureAdapter
 from trainer.early_stopping import EarlyStopping
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
 from trainer import registry
-from trainer.reporting import Board, StepStats, flat_hparams, quiet_libraries, say, step_line
+from trainer.reporting import StepStats, flat_hparams, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
 from trainer.safe_load import weights_only_loads
 from trainer.scratch import remove_orphans, scratch, scratch_dir
 from trainer.stopping import StopRequests, agreed
 from trainer.storage import Storage
+from trainer.trackers import Trackers, open_trackers
 from trainer.task_data import TaskData, prepare_tasks, primary_metric, task_context, task_metrics
 from trainer.weighting import UncertaintyWeighting, build_weighting
 
@@ -61,8 +63,10 @@ class Run:
     version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.registry)
     train_s: float = 0.0  # the optimizer steps' wall time so far, over resumes (a run's cost, for mtl baselines)
     early: EarlyStopping | None = None  # per-task early stopping (train.early_stopping)
+    adapter: MixtureAdapter | None = None  # validation-driven rates (mixture.adapt)
     last_eval: dict = field(default_factory=dict)
-    board: Board | None = None
+    trackers: Trackers | None = None  # rank 0's TensorBoard / W&B / MLflow (tracking.to)
+    tracker_ids: dict = field(default_factory=dict)  # the W&B / MLflow runs a resumed run continues
     stops: StopRequests | None = None  # set by train_loop_per_worker before fit
     upload: ckpt.Upload | None = None  # this rank's part of the version in flight
     blocked_s: float = 0.0  # how long the version in flight kept training waiting
@@ -142,6 +146,8 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
               seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
+    if spec.mixture.adapt is not None:
+        run.adapter = MixtureAdapter(**spec.mixture.adapt.model_dump())
     job_groups = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in engine.optimizer.param_groups]
     if restore_latest(run):
         follow_job_hyperparameters(engine, job_groups)
@@ -149,9 +155,9 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         load_init_optimizer(engine, spec, rank)
         follow_job_hyperparameters(engine, job_groups)
     if rank == 0:
-        run.board = Board(run.storage)
+        run.trackers = open_trackers(spec, run.storage, run.tracker_ids)
         metrics = [f"validation/{t}/{primary_metric(task_metrics(spec, t))}" for t in tasks]
-        run.board.hparams(flat_hparams(spec.model_dump(mode="json", exclude={"storage"})), metrics)
+        run.trackers.hparams(flat_hparams(spec.model_dump(mode="json", exclude={"storage", "tracking"})), metrics)
     if started_from is not None:
         if rank == 0:
             say(f"[mtl] started from {started_from['experiment']}/{started_from['version']} (weights"
@@ -254,14 +260,17 @@ def restore_latest(run: Run) -> bool:
     run.version_scores = state.get("version_scores", {})
     run.train_s = state.get("train_s", 0.0)
     run.init_from = state.get("init_from")
+    run.tracker_ids = state.get("trackers") or {}
     if run.early is not None and state.get("early_stopping"):
         run.early.load_state_dict(state["early_stopping"])
+    if run.adapter is not None and state.get("mixture_adapt"):
+        run.adapter.load_state_dict(state["mixture_adapt"])
     if run.rank == 0:
         say(f"[mtl] resumed from {ckpt.version_name(run.step)} (step {run.step} of {run.spec.train.steps})")
         if run.step >= run.spec.train.steps:
             say(f"[mtl] '{run.spec.name}' already reached train.steps={run.spec.train.steps}; "
                 f"raise train.steps to train further")
-        elif run.planner.all_frozen():
+        elif all_stopped(run):
             say(f"[mtl] '{run.spec.name}': every task had stopped early; nothing is left to train")
     return True
 
@@ -274,7 +283,7 @@ def fit(run: Run) -> None:
     spec, engine = run.spec, run.engine
     names = list(run.tasks)
     stops = run.stops
-    while run.step < spec.train.steps and not run.planner.all_frozen():
+    while run.step < spec.train.steps and not all_stopped(run):
         started = time.perf_counter()
         plan = run.planner.plan()
         weights = run.weighting.weights()
@@ -297,7 +306,9 @@ def fit(run: Run) -> None:
             metrics.update(evaluate_all(run, "validation"))
             if run.early is not None:
                 stop_lagging_tasks(run)
-                final = final or run.planner.all_frozen()
+                final = final or all_stopped(run)
+            if run.adapter is not None and not final:
+                adapt_rates(run)
             if final and run.init_from is not None:
                 report_forgetting(run)
         preempted = reasons["preemption"] and not stops.preemption_seen  # one version per notice
@@ -312,23 +323,53 @@ def fit(run: Run) -> None:
             stop_early(run, reasons)
             break
     finish_upload(run)
-    if run.board is not None:
-        run.board.close()
+    if run.trackers is not None:
+        run.trackers.close()
+
+
+def primary_scores(last_eval: dict) -> dict[str, float]:
+    """Task -> its primary metric in a validation's results."""
+    primary = last_eval["primary"]
+    return {t: m[primary[t]] for t, m in last_eval["tasks"].items() if primary.get(t) in m}
+
+
+def adapt_rates(run: Run) -> None:
+    """mixture.adapt after a validation: more micro-batches for lagging tasks, fewer for saturated ones."""
+    skip = set(run.early.stopped()) if run.early is not None else set()
+    before = run.planner.expected_rates()
+    changes = run.adapter.update(run.step, primary_scores(run.last_eval), run.planner.scales, skip | run.planner.frozen)
+    for task, (scale, _) in changes.items():
+        run.planner.scale(task, scale)
+    if changes and run.rank == 0:
+        after = run.planner.expected_rates()
+        for task, (scale, why) in changes.items():
+            say(f"[mtl] mixture: {task} rate {before[task]:.3f} -> {after[task]:.3f} (x{scale:.3g} of its start; {why})")
 
 
 def stop_lagging_tasks(run: Run) -> None:
-    """Early stopping after a validation: freeze the tasks that stopped improving."""
+    """Early stopping after a validation: freeze or down-weight the tasks that stopped improving."""
     last = run.last_eval
-    scores = {t: m[last["primary"][t]] for t, m in last["tasks"].items() if last["primary"].get(t) in m}
+    scores = primary_scores(last)
+    options = run.spec.train.early_stopping
     for task in run.early.update(run.step, scores):
-        run.planner.freeze(task)
+        if options.action == "freeze" or task in run.planner.fixed:
+            run.planner.freeze(task)
+            what = "froze"
+        else:
+            run.planner.scale(task, run.planner.scales[task] * options.factor)
+            what = f"rate x{options.factor:g}, now {run.planner.expected_rates()[task]:.3f}"
         s = run.early.state[task]
         if run.rank == 0:
-            say(f"[mtl] early stopping: {task} froze at step {run.step} (best {last['primary'][task]} "
+            say(f"[mtl] early stopping: {task} {what} at step {run.step} (best {last['primary'][task]} "
                 f"{s['best']:.4f} at step {s['best_step']}, then {s['evals_without_gain']} validations without a "
                 f"gain above {run.early.min_delta:g})")
-    if run.planner.all_frozen() and run.rank == 0:
+    if all_stopped(run) and run.rank == 0:
         say(f"[mtl] early stopping: every task has stopped; the run ends at step {run.step}")
+
+
+def all_stopped(run: Run) -> bool:
+    """Nothing is left to train: every task is frozen, or has stopped early (down-weighted ones too)."""
+    return run.planner.all_frozen() or (run.early is not None and len(run.early.stopped()) == len(run.tasks))
 
 
 def stop_early(run: Run, reasons: dict[str, bool]) -> None:
@@ -376,7 +417,7 @@ def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dic
             eta = (run.spec.train.steps - run.step) * sum(run.recent_step_s) / len(run.recent_step_s)
             say(step_line(run.step, run.spec.train.steps, per_task, lr, seconds, metrics["tokens_per_s"],
                           grad_norm=metrics["grad_norm"], eta_s=eta))
-        run.board.scalars({k: v for k, v in metrics.items() if k != "step"}, run.step)
+        run.trackers.scalars({k: v for k, v in metrics.items() if k != "step"}, run.step)
     return metrics
 
 
@@ -397,9 +438,9 @@ def evaluate_all(run: Run, split: str) -> dict:
     run.last_eval = {"step": run.step, "split": split, "tasks": {t: r["metrics"] for t, r in report.items()},
                      "primary": primary}
     if run.rank == 0:
-        run.board.scalars(out, run.step)
+        run.trackers.scalars(out, run.step)
         for name, r in report.items():
-            run.board.text(f"samples/{name}", "\n\n".join(f"**{s['id']}** pred: {s['prediction']} | ref: {s['reference']}"
+            run.trackers.text(f"samples/{name}", "\n\n".join(f"**{s['id']}** pred: {s['prediction']} | ref: {s['reference']}"
                                                         for s in r["samples"]), run.step)
             say(f"[mtl] eval {split} step {run.step} {name}: "
                   + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
@@ -465,9 +506,9 @@ def commit_version(run: Run) -> None:
     kept = prune_versions(run)
     run.storage.write_json("registry.json", registry.registry(upload.version, kept, run.version_scores))
     written = run.blocked_s + (upload.seconds or 0.0)
-    run.board.scalars({"version/blocked_s": run.blocked_s, "version/write_s": written,
-                       "version/stall": run.blocked_s / written if written else 0.0}, run.step)
-    run.board.sync()
+    run.trackers.scalars({"version/blocked_s": run.blocked_s, "version/write_s": written,
+                          "version/stall": run.blocked_s / written if written else 0.0}, run.step)
+    run.trackers.sync()
     say(f"[mtl] saved version {upload.version} (training waited {run.blocked_s:.2f}s of {written:.2f}s)")
 
 
@@ -493,7 +534,9 @@ def trainer_state(run: Run) -> dict:
             "seen": run.seen, "last_eval": run.last_eval, "world_size": run.world,
             "version_scores": run.version_scores, "train_s": run.train_s,
             "early_stopping": run.early.state_dict() if run.early is not None else None,
-            "init_from": run.init_from}
+            "init_from": run.init_from,
+            "trackers": run.trackers.ids() if run.trackers is not None else run.tracker_ids,
+            "mixture_adapt": run.adapter.state_dict() if run.adapter is not None else None}
 
 
 def tasks_manifest(run: Run) -> dict:

@@ -3,6 +3,7 @@
     pipe = MultitaskPipeline.from_version("runs/demo")                  # latest; or version="best", a tag
     pipe("sentiment", [{"text": "A fine film."}])   -> [{"label": "positive", "score": 0.91,
                                                           "scores": {"negative": 0.09, "positive": 0.91}}]
+                                                         (every label's probability)
     pipe("qa", [{"question": ..., "context": ...}])  -> [{"answer": ..., "start": 17, "end": 24, "score": ...}]
     pipe("summary", [{"source": ...}])               -> [{"text": ...}]
     pipe("summary", rows, options={"max_new_tokens": 20})   # the task's decoding options, overridden

@@ -27,8 +27,6 @@ def say(message: str) -> None:
 
 def quiet_libraries() -> None:
     """Ray Train workers log at INFO; these libraries then flood the console (dill dumps bytecode)."""
-    import warnings
-
     names = ["dill", "datasets", "transformers", "DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "absl"]
     try:  # Ray Train logs every report at INFO under a logger named after its file
         from ray.train.v2._internal.execution import context as ray_context
@@ -38,14 +36,23 @@ def quiet_libraries() -> None:
         pass
     for name in names:
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.models.encoder_decoder")
+    quiet_library_warnings()
     try:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+
+
+def quiet_library_warnings() -> None:
+    """Deprecations inside the libraries, which users can do nothing about (driver and workers)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers.models.encoder_decoder")
+    # peft asks transformers a question transformers renamed; the answer is the same.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 class StepStats:

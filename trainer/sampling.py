@@ -6,6 +6,10 @@ capped-proportional and temperature mixing, uniform, or explicit rates). Tasks w
 step are drawn from the rates. The draw uses one seeded generator that every rank holds in
 the same state, so plans agree across ranks without communication, and its state is saved
 so a resumed run draws the same plans.
+
+During a run, a sampled task's rate can be scaled (early stopping's down-weighting,
+mixture.adapt) or set to zero (early stopping's freezing); the others share what it gives up.
+Fixed accumulations are never scaled: a step's size is DeepSpeed's, fixed for the run.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class StepPlanner:
         probs = np.array([rates[t] for t in self.free], dtype=float)
         self.rates = dict(zip(self.free, probs / probs.sum())) if self.free else {}
         self.frozen: set[str] = set()  # tasks early stopping took out (trainer.early_stopping)
+        self.scales = {t: 1.0 for t in self.free}  # rate multipliers (down-weighting, trainer.adapt_mixture)
         self.rng = np.random.default_rng(seed)
         self.step = 0
 
@@ -57,6 +62,10 @@ class StepPlanner:
         """No more micro-batches for `task`; a step keeps its size (DeepSpeed's accumulation is
         fixed), so the slots go to the tasks still training."""
         self.frozen.add(task)
+
+    def scale(self, task: str, factor: float) -> None:
+        """Multiply a sampled task's rate by `factor` (relative to its starting rate, before normalising)."""
+        self.scales[task] = factor
 
     def all_frozen(self) -> bool:
         return set(self.tasks) <= self.frozen
@@ -67,8 +76,9 @@ class StepPlanner:
         free = [t for t in self.free if t not in self.frozen]
         slots = self.slots + sum(n for t, n in self.fixed.items() if t in self.frozen)
         if free:
-            probs = np.array([self.rates[t] for t in free])
-            return fixed, free, probs / probs.sum() if self.frozen else probs, slots
+            probs = np.array([self.rates[t] * self.scales[t] for t in free])
+            changed = self.frozen or any(self.scales[t] != 1.0 for t in free)
+            return fixed, free, probs / probs.sum() if changed else probs, slots
         order = list(fixed)
         for i in range(slots if fixed else 0):  # only fixed tasks are left: they share the slots in turn
             fixed[order[i % len(order)]] += 1
@@ -93,9 +103,11 @@ class StepPlanner:
         return {t: rates.get(t, 0.0) for t in self.tasks}
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "rng": self.rng.bit_generator.state, "frozen": sorted(self.frozen)}
+        return {"step": self.step, "rng": self.rng.bit_generator.state, "frozen": sorted(self.frozen),
+                "scales": dict(self.scales)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.rng.bit_generator.state = state["rng"]
         self.frozen = set(state.get("frozen", ())) & set(self.tasks)
+        self.scales.update({t: v for t, v in state.get("scales", {}).items() if t in self.scales})

@@ -168,6 +168,27 @@ def _check_options(type_name: str, model: type[BaseModel], options: dict[str, An
         raise ValueError(f"options.{'.'.join(map(str, err['loc']))}: {err['msg']}") from None
 
 
+class AdaptSpec(_Strict):
+    by: Literal["trend", "reference"] = Field(
+        "trend", description="trend: a task whose primary validation metric still gains (more than min_delta since "
+        "the last validation) gets more micro-batches, one that gains no more gets fewer. reference: a task below "
+        "its `reference` score gets more, one that reached it gets fewer.")
+    reference: dict[str, float] | None = Field(
+        None, description="by: reference — task -> the primary metric it should reach (e.g. its single-task run's).")
+    factor: float = Field(1.5, gt=1.0, description="At each validation a lagging task's rate is multiplied by it, "
+                                                   "a saturated task's divided by it.")
+    min_scale: float = Field(0.25, gt=0.0, le=1.0, description="Lowest multiple of a task's starting rate.")
+    max_scale: float = Field(4.0, ge=1.0, description="Highest multiple of a task's starting rate.")
+    min_delta: float = Field(0.0, ge=0.0, description="trend: a gain of this much or less is no gain; reference: "
+                                                      "a gap of this much or less counts as reached.")
+
+    @model_validator(mode="after")
+    def _reference(self) -> AdaptSpec:
+        if self.by == "reference" and not self.reference:
+            raise ValueError("by: reference needs `reference` (task -> score of its primary metric)")
+        return self
+
+
 class MixtureSpec(_Strict):
     strategy: Literal["proportional", "capped", "temperature", "uniform", "explicit"] = Field(
         "temperature",
@@ -177,6 +198,9 @@ class MixtureSpec(_Strict):
     temperature: float = Field(2.0, gt=0.0, description="T of the temperature strategy (1 = proportional).")
     cap: int | None = Field(None, ge=1, description="K of the capped strategy, in train rows.")
     rates: dict[str, float] | None = Field(None, description="Task -> rate for `explicit` (normalised; or tasks.<t>.rate).")
+    adapt: AdaptSpec | None = Field(
+        None, description="Rebalance the rates from validation (every train.eval_every steps), within bounds; every "
+                          "change is logged, saved with the version and resumed. null: the rates stay as drawn.")
 
     @model_validator(mode="after")
     def _strategy_args(self) -> MixtureSpec:
@@ -204,8 +228,12 @@ class WeightingSpec(_Strict):
 
 class EarlyStoppingSpec(_Strict):
     patience: int = Field(3, ge=1, description="Validations in a row without a gain in a task's primary metric "
-                                               "before the task is frozen (no more micro-batches).")
+                                               "before the task stops.")
     min_delta: float = Field(0.0, ge=0.0, description="A gain of this much or less does not count.")
+    action: Literal["freeze", "downweight"] = Field(
+        "freeze", description="What stopping does: freeze (no more micro-batches) or downweight (its sampling rate "
+        "times `factor`; a task with a fixed accumulation is frozen). The run ends when every task has stopped.")
+    factor: float = Field(0.25, gt=0.0, lt=1.0, description="downweight: the multiplier of a stopped task's rate.")
 
 
 class TrainSpec(_Strict):
@@ -279,6 +307,34 @@ class StorageSpec(_Strict):
     region: str | None = Field(None, description="S3 region.")
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+class TrackingSpec(_Strict):
+    to: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"], description="Where the run's hyper-parameters, losses, loss weights, rates and per-task "
+        "validation metrics go; each is off unless named (`tracking: [tensorboard, wandb]` is short for this). "
+        "`mtl report` draws from TensorBoard's.")
+    wandb_project: str | None = Field(None, description="W&B project (default: $WANDB_PROJECT, else 'mtl').")
+    wandb_mode: Literal["online", "offline"] | None = Field(
+        None, description="W&B mode (default: $WANDB_MODE, else online); offline keeps the run for `wandb sync`.")
+    wandb_dir: str | None = Field(None, description="Folder of W&B's files (default: $WANDB_DIR, else beside the "
+                                                    "experiment on local storage, else the worker's folder).")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else a file "
+                                                     "store `mlruns` beside the experiments on local storage).")
+    mlflow_experiment: str | None = Field(None, description="MLflow experiment (default: the job's name).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value):
+        return {"to": value} if isinstance(value, list) else value
+
+    @field_validator("to")
+    @classmethod
+    def _once_each(cls, to: list[str]) -> list[str]:
+        return list(dict.fromkeys(to))
+
+
 class InitFromSpec(_Strict):
     experiment: str = Field(description="The experiment to start from: a name on this job's storage, or an "
                             "experiment folder / URI (./runs/demo, s3://bucket/runs/demo).")
@@ -300,6 +356,7 @@ class JobSpec(_Strict):
                            "batch numbers, clipping and precision are filled in from the job.")
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
     init_from: InitFromSpec | None = Field(
         None, description="Start a new run from a version's weights (a fresh optimizer): tasks it knows keep their "
         "heads (or prompts), new tasks get new heads; old tasks' validation metrics are reported before and "
@@ -335,6 +392,19 @@ class JobSpec(_Strict):
             missing = [t for t in self.tasks if t not in rates and self.tasks[t].accumulation is None]
             if missing:
                 raise ValueError(f"mixture 'explicit' needs a rate for every task; missing: {', '.join(missing)}")
+        adapt = self.mixture.adapt
+        if adapt is not None:
+            if not self.train.eval_every:
+                raise ValueError("mixture.adapt needs train.eval_every (validations to adapt from)")
+            if all(t.accumulation for t in self.tasks.values()):
+                raise ValueError("mixture.adapt needs tasks without a fixed `accumulation` (it moves sampling rates)")
+            if adapt.by == "reference":
+                unknown = [t for t in adapt.reference if t not in self.tasks]
+                missing = [t for t in self.tasks if t not in adapt.reference]
+                if unknown or missing:
+                    raise ValueError("mixture.adapt.reference needs a score for every task and no other: "
+                                     + "; ".join(x for x in (f"unknown {', '.join(unknown)}" if unknown else "",
+                                                             f"missing {', '.join(missing)}" if missing else "") if x))
         if self.mixture.rates:
             for t in self.mixture.rates:
                 if t not in self.tasks:

@@ -105,8 +105,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise UserError(f"--limit: {args.limit} rows; give 1 or more")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    report = evaluate_experiment(storage, name, versions=versions, split=args.split,
-                                 baselines=not args.no_baselines, tasks=tasks, limit=args.limit)
+    options = dict(versions=versions, split=args.split, baselines=not args.no_baselines, tasks=tasks, limit=args.limit)
+    if args.address:
+        from launcher.evaluate import evaluate_on_cluster
+
+        report = evaluate_on_cluster(args.address, storage, name, gpus=args.gpus, **options)
+        print(f"[mtl] evaluated as a Ray task on node {report['node']}", file=sys.stderr)
+    else:
+        report = evaluate_experiment(storage, name, **options)
     print(format_table(report))
     return 0
 
@@ -353,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the split per task (a quick look; "
                                                           "saved as <split>-partial.json)")
     p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines")
+    p.add_argument("--address", default=None,
+                   help="evaluate as a Ray task on this cluster (its GCS host:port, or auto), where its GPUs are; "
+                        "storage and data must be reachable from its nodes (default: here, in this process)")
+    p.add_argument("--gpus", type=float, default=None,
+                   help="with --address: GPUs the task reserves (default: 1 when the cluster has GPUs, else 0)")
     p.set_defaults(func=cmd_eval)
 
     experiment_command(sub, "report", "write report/report.md and report/curves.png into the experiment: per-task "

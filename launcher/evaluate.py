@@ -51,6 +51,39 @@ def evaluate_experiment(storage, name: str, *, versions: list[str], split: str =
     return report
 
 
+def evaluate_on_cluster(address: str | None, storage, name: str, *, gpus: float | None = None, cpus: float = 1.0,
+                        **options) -> dict:
+    """evaluate_experiment as a Ray task on a cluster (or in this process's Ray), so it runs where
+    the GPUs are and the machine that asked stays free. `gpus`: what the task reserves (default:
+    one when the cluster has GPUs). Storage and the version's data must be reachable from the
+    cluster's nodes, as for training. The report says on which node it ran."""
+    import ray
+
+    from launcher.run import init_ray
+
+    joined = ray.is_initialized()
+    if not joined:
+        init_ray(address)
+    try:
+        if gpus is None:
+            gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_evaluate_in_task)
+        return ray.get(task.remote(storage, name, options))
+    finally:
+        if not joined:
+            ray.shutdown()
+
+
+def _evaluate_in_task(storage, name: str, options: dict) -> dict:
+    import ray
+
+    from trainer.reporting import quiet_libraries
+
+    quiet_libraries()
+    report = evaluate_experiment(storage, name, **options)
+    return {**report, "node": ray.get_runtime_context().get_node_id()}
+
+
 def _evaluate_one(storage, name: str, chosen: str, split: str, *, untrained: bool, baselines: bool,
                   tasks: list[str] | None, limit: int | None):
     from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task

@@ -92,6 +92,15 @@ def test_submit_runs_on_two_nodes_and_jobs_commands_follow_it(cluster, data_dir,
     for text in shown:
         assert SECRET not in text and AWS_SECRET not in text
 
+    # The version is evaluated as a Ray task on one of the cluster's nodes, as `mtl eval` here would.
+    scored = mtl("eval", str(tmp_path / "runs" / "submitted"), "--address", cluster.gcs_address, "--split",
+                 "validation", "--no-baselines", env=cluster.auth_env)
+    assert scored.returncode == 0, scored.stdout[-3000:] + scored.stderr[-3000:]
+    node = re.search(r"evaluated as a Ray task on node (\S+)", scored.stderr).group(1)
+    assert node in node_ids and "validation split" in scored.stdout
+    evals = json.loads((tmp_path / "runs" / "submitted" / "evals" / "step-000002" / "validation.json").read_text())
+    assert set(evals) == {"sentiment", "qa"} and evals["sentiment"]["rows"] == 10
+
 
 def test_a_request_the_cluster_can_never_hold_fails_within_the_bound(cluster, data_dir, model_dir, tmp_path):
     job = tiny_heads_job(data_dir, model_dir, tmp_path, "too-big", num_workers=3, wait_for_nodes_s=5)

@@ -8,13 +8,9 @@ without overwriting another's results.
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-from launcher.jobfile import parse_job
-from trainer.errors import UserError
 from trainer.storage import open_storage
 from trainer.registry import UNTRAINED, pick_version
+from trainer.version_eval import score_version
 
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:
@@ -37,7 +33,7 @@ def evaluate_experiment(storage, name: str, *, versions: list[str], split: str =
     suffix = "-partial" if tasks or limit is not None else ""
     for asked in dict.fromkeys(versions):
         chosen = pick_version(storage, name, "latest" if asked == UNTRAINED else asked)
-        results, base, parameters = _evaluate_one(storage, name, chosen, split, untrained=asked == UNTRAINED,
+        results, base, parameters = score_version(storage, name, chosen, split, untrained=asked == UNTRAINED,
                                                   baselines=baselines and not report["baselines"], tasks=tasks,
                                                   limit=limit)
         label = UNTRAINED if asked == UNTRAINED else chosen
@@ -82,43 +78,6 @@ def _evaluate_in_task(storage, name: str, options: dict) -> dict:
     quiet_libraries()
     report = evaluate_experiment(storage, name, **options)
     return {**report, "node": ray.get_runtime_context().get_node_id()}
-
-
-def _evaluate_one(storage, name: str, chosen: str, split: str, *, untrained: bool, baselines: bool,
-                  tasks: list[str] | None, limit: int | None):
-    from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task
-    from trainer.task_data import prepare_tasks
-    from trainer.version_io import load_from_storage
-
-    with tempfile.TemporaryDirectory(prefix="mtl-eval-") as tmp:
-        loaded = load_from_storage(storage, name, chosen, Path(tmp) / chosen, untrained=untrained)
-    import torch
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where the command runs has one
-    loaded.model.to(device)
-    trained = parse_job(loaded.job, source=f"{chosen}/job.yaml")
-    known = loaded.manifest["tasks"]
-    unknown = [t for t in tasks or () if t not in known]
-    if unknown:
-        raise UserError(f"unknown task(s) {', '.join(unknown)}; {chosen} knows: {', '.join(known)}")
-    for task, meta in known.items():  # the label set and order the version was trained with, not today's file's
-        if meta.get("labels"):
-            trained.tasks[task].labels = list(meta["labels"])
-    encoding = loaded.manifest["encoding"]
-    prepared = prepare_tasks(trained, loaded.tokenizer, encoding, splits=(split,), tasks=tasks, limit=limit)
-    results, base = {}, {}
-    for task, data in prepared.items():
-        if split not in data.encoded:
-            continue
-        es = build_eval_set(trained, task, data, loaded.tokenizer, encoding, split)
-        result = evaluate_task(loaded.model, es, rank=0, world=1, pad_id=loaded.tokenizer.pad_token_id,
-                               batch_size=trained.train.eval_batch_size or trained.train.micro_batch_size,
-                               encoding=encoding, synced=False, device=device)
-        results[task] = {"metrics": result.metrics, "rows": len(result.predictions), "samples": result.samples}
-        if baselines and es.task_type.baseline is not None:
-            base[task] = {"baseline": es.task_type.baseline_name,
-                          "metrics": baseline_metrics(es, data.checked.splits["train"])}
-    return results, base, sum(p.numel() for p in loaded.model.parameters())
 
 
 def format_table(report: dict) -> str:

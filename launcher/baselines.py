@@ -48,6 +48,7 @@ def run_baselines(spec: JobSpec, *, split: str = "test", address: str | None = N
     if missing:
         raise UserError(f"{spec.name}/{latest} saw no examples of {', '.join(missing)}: train the multitask job "
                         f"further before comparing it with single-task runs")
+    print(f"[mtl] scoring {spec.name}/{latest} on the {split} split", flush=True)
     multi = evaluate_experiment(storage, spec.name, versions=[latest], split=split)
     table = {"split": split, "multitask": {"experiment": spec.name, "version": latest,
                                            **_cost(storage, spec.name, latest, multi, state)},
@@ -58,6 +59,7 @@ def run_baselines(spec: JobSpec, *, split: str = "test", address: str | None = N
               f"(~{seen[task]['examples']:.0f} examples, as the multitask run saw)", flush=True)
         train(single, address=address, on_change="allow")  # a longer multitask run asks for more steps
         version = pick_version(storage, single.name, "latest")
+        print(f"[mtl] scoring {single.name}/{version} on the {split} split", flush=True)
         report = evaluate_experiment(storage, single.name, versions=[version], split=split, baselines=False)
         single_state = storage.read_json(f"{single.name}/{version}/trainer_state.json") or {}
         table["single"][task] = {"experiment": single.name, "version": version, "steps": single.train.steps,

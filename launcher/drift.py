@@ -24,7 +24,8 @@ from trainer.models import lr_factor
 
 # Dotted prefixes that never change the trained model, so they may differ on resume.
 FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_last", "train.keep_best",
-        "train.max_failures", "train.stop_grace_s", "train.log_every", "train.eval_batch_size", "scaling.use_gpu",
+        "train.max_failures", "train.stop_grace_s", "train.log_every", "train.eval_batch_size", "train.validation",
+        "train.validation_cpus", "train.validation_gpus", "scaling.use_gpu",
         "scaling.gpus_per_worker", "scaling.cpus_per_worker", "scaling.placement", "scaling.accelerator_type",
         "scaling.wait_for_nodes_s", "scaling.num_workers", "storage", "name", "init_from")
 # scaling.num_workers may change: the run says what a resume on another world size does (launcher.versions).

@@ -286,17 +286,27 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
     assert set().union(*drawn["loss"].values()) == {1, 2, 3, 4}
     assert sorted(drawn["validation"]["summary rougeL"]) == [2, 4] and set(drawn["rate"]) == {"sentiment", "qa", "summary"}
 
-    # ... and a run stopped at step 2, then run again under the same name with more steps,
-    run_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "resumed", steps=2))
+    # ... and a run stopped at step 2, then run again under the same name with more steps, its versions
+    # validated by Ray tasks beside the run (train.validation: task) rather than in the loop,
+    run_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "resumed", steps=2, validation="task"))
     assert not (tmp_path / "runs" / "resumed" / "step-000004").exists()
-    run_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "resumed", steps=4))
+    run_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "resumed", steps=4, validation="task"))
     resumed = tmp_path / "runs" / "resumed" / "tensorboard"
     compared = 0
     for task in ("sentiment", "qa", "summary"):
         a, b = scalars(tb, f"loss/{task}"), scalars(resumed, f"loss/{task}")
         assert a == b, task  # the resumed run's losses are the uninterrupted run's, step for step
         compared += sum(1 for step in a if step > 2)
+        tag = "validation/summary/rougeL" if task == "summary" else f"validation/{task}/" + (
+            "accuracy" if task == "sentiment" else "f1")
+        assert scalars(resumed, tag) == scalars(tb, tag)  # the same weights score the same, task or loop
     assert compared > 0
+    for version in ("step-000002", "step-000004"):
+        by_task = json.loads((tmp_path / "runs" / "resumed" / "evals" / version / "validation.json").read_text())
+        in_loop = json.loads((straight / "evals" / version / "validation.json").read_text())
+        assert {t: r["metrics"] for t, r in by_task.items()} == {t: r["metrics"] for t, r in in_loop.items()}
+    ranked = json.loads((tmp_path / "runs" / "resumed" / "registry.json").read_text())
+    assert ranked["best"] == json.loads((straight / "registry.json").read_text())["best"]
 
 
 # ZeRO-1 trains in the init_from run of the ZeRO-3 resume test (a ZeRO-3 version into a ZeRO-1 run).

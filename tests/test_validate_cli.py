@@ -113,6 +113,7 @@ SPEC_MISTAKES = [
     ("mixture", {"adapt": {"by": "reference", "reference": {"sentiment": 0.9, "qs": 0.5}}},
      ["mixture.adapt.reference needs a score for every task and no other: unknown qs; missing qa, summary"]),
     ("train.early_stopping", {"action": "drop"}, ["train.early_stopping.action", "'drop' is not one of freeze, downweight"]),
+    ("train", {"validation": "task", "early_stopping": {"patience": 2}}, ["early_stopping needs validation: loop"]),
     ("tasks.sentiment.accumulation", 3, ["accumulation", "nothing is left for qa, summary"]),
     ("tasks.sentiment.prompt", "rate: {txt}", ["tasks.sentiment", "'{txt}' cannot be used", "did you mean 'text'"]),
     # the answer in the prompt: validated before, then a KeyError inside every Ray worker

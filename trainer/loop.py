@@ -21,12 +21,14 @@ from trainer.batching import TaskStream
 from trainer.collectives import barrier, to_device
 from trainer.deferred_writes import DeferredWrites
 from trainer.ds_config import job_ds_config
+from trainer.errors import first_line
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.init_from import forgetting_table, load_init_optimizer, load_init_weights
 from trainer.job_env import load_job_env
 from trainer.model_io import load_tokenizer_and_encoding
 from trainer.precision import agreed_precision
 from trainer.adapt_mixture import MixtureAdapter
+from trainer.background_validation import WAIT_AT_END_S, BackgroundValidation
 from trainer.early_stopping import EarlyStopping
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
@@ -64,6 +66,7 @@ class Run:
     train_s: float = 0.0  # the optimizer steps' wall time so far, over resumes (a run's cost, for mtl baselines)
     early: EarlyStopping | None = None  # per-task early stopping (train.early_stopping)
     adapter: MixtureAdapter | None = None  # validation-driven rates (mixture.adapt)
+    background: BackgroundValidation | None = None  # rank 0's validation tasks (train.validation: task)
     last_eval: dict = field(default_factory=dict)
     trackers: Trackers | None = None  # rank 0's TensorBoard / W&B / MLflow (tracking.to)
     tracker_ids: dict = field(default_factory=dict)  # the W&B / MLflow runs a resumed run continues
@@ -148,6 +151,8 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
     if spec.mixture.adapt is not None:
         run.adapter = MixtureAdapter(**spec.mixture.adapt.model_dump())
+    if spec.train.validation == "task" and rank == 0:
+        run.background = BackgroundValidation(spec)
     job_groups = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in engine.optimizer.param_groups]
     if restore_latest(run):
         follow_job_hyperparameters(engine, job_groups)
@@ -258,6 +263,8 @@ def restore_latest(run: Run) -> bool:
         run.weighting.load_state_dict(state["weighting"])
     run.seen, run.last_eval = state["seen"], state.get("last_eval", {})
     run.version_scores = state.get("version_scores", {})
+    if run.background is not None:  # versions whose validation task finished after their trainer_state was written
+        run.version_scores.update(scores_from_evals(run, [v for v in versions if v not in run.version_scores]))
     run.train_s = state.get("train_s", 0.0)
     run.init_from = state.get("init_from")
     run.tracker_ids = state.get("trackers") or {}
@@ -302,7 +309,10 @@ def fit(run: Run) -> None:
         metrics = step_metrics(run, per_task, weights, time.perf_counter() - started)
         final = run.step == spec.train.steps
         stopping = reasons["driver"] or reasons["sigterm"]
-        if final or (spec.train.eval_every and run.step % spec.train.eval_every == 0):
+        if run.background is not None:
+            absorb_validations(run, run.background.finished())
+        in_loop = spec.train.validation == "loop"
+        if in_loop and (final or (spec.train.eval_every and run.step % spec.train.eval_every == 0)):
             metrics.update(evaluate_all(run, "validation"))
             if run.early is not None:
                 stop_lagging_tasks(run)
@@ -323,6 +333,11 @@ def fit(run: Run) -> None:
             stop_early(run, reasons)
             break
     finish_upload(run)
+    if run.background is not None:
+        absorb_validations(run, run.background.finished(WAIT_AT_END_S))
+        if run.background.pending:
+            say(f"[mtl] warning: validation of {', '.join(run.background.pending)} still running after "
+                f"{WAIT_AT_END_S:.0f}s; the run ends without it (mtl eval --split validation scores it)")
     if run.trackers is not None:
         run.trackers.close()
 
@@ -344,6 +359,48 @@ def adapt_rates(run: Run) -> None:
         after = run.planner.expected_rates()
         for task, (scale, why) in changes.items():
             say(f"[mtl] mixture: {task} rate {before[task]:.3f} -> {after[task]:.3f} (x{scale:.3g} of its start; {why})")
+
+
+def absorb_validations(run: Run, done: dict) -> None:
+    """Rank 0, train.validation: task — finished validations: logged at their version's step, the
+    versions ranked in the registry; the last version's also closes an init_from run's comparison."""
+    if not done:
+        return
+    for version, report in sorted(done.items()):
+        if isinstance(report, Exception):
+            say(f"[mtl] warning: the validation task of {version} failed: {first_line(report)}")
+            continue
+        step = int(version.removeprefix("step-"))
+        run.version_scores[version] = version_scores_of(run.spec, report)
+        run.trackers.scalars({f"validation/{t}/{k}": v for t, r in report.items() for k, v in r["metrics"].items()},
+                             step)
+        for task, r in report.items():
+            say(f"[mtl] eval validation {version} (Ray task) {task}: "
+                + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
+        if run.init_from is not None and step == run.step:
+            run.last_eval = {"step": step, "split": "validation", "tasks": {t: r["metrics"] for t, r in report.items()},
+                             "primary": {t: primary_metric(task_metrics(run.spec, t)) for t in report}}
+            report_forgetting(run)
+    committed = ckpt.committed_versions(run.storage)
+    if committed:
+        run.storage.write_json("registry.json", registry.registry(committed[-1], committed, run.version_scores))
+
+
+def version_scores_of(spec, report: dict) -> dict:
+    """{task: {metric, value}} of a version's validation report, by each task's primary metric."""
+    primary = {t: primary_metric(task_metrics(spec, t)) for t in report}
+    return {t: {"metric": primary[t], "value": r["metrics"][primary[t]]} for t, r in report.items()
+            if primary[t] in r["metrics"]}
+
+
+def scores_from_evals(run: Run, versions: list[str]) -> dict:
+    """Scores of versions validated by a task that finished after their own trainer_state was written."""
+    found = {}
+    for version in versions:
+        report = run.storage.read_json(f"evals/{version}/validation.json")
+        if report:
+            found[version] = version_scores_of(run.spec, report)
+    return found
 
 
 def stop_lagging_tasks(run: Run) -> None:
@@ -503,6 +560,8 @@ def commit_version(run: Run) -> None:
     if run.rank != 0:
         return
     ckpt.mark_committed(run.storage, upload.version)
+    if run.background is not None:
+        run.background.submit(upload.version)
     kept = prune_versions(run)
     run.storage.write_json("registry.json", registry.registry(upload.version, kept, run.version_scores))
     written = run.blocked_s + (upload.seconds or 0.0)
@@ -520,6 +579,7 @@ def prune_versions(run: Run) -> list[str]:
     committed = ckpt.committed_versions(run.storage)
     protected = registry.protected(run.version_scores, committed) if run.spec.train.keep_best else set()
     protected |= set(ckpt.read_tags(run.storage).values())  # `mtl tag`: kept until untagged
+    protected |= set(run.background.pending) if run.background is not None else set()  # still being validated
     doomed = ckpt.versions_to_delete(committed, run.spec.train.keep_last, protected)
     for name in doomed:
         ckpt.delete_version(run.storage, name)

@@ -252,6 +252,14 @@ class TrainSpec(_Strict):
         "fp32", description="Training precision; auto: bf16 where the hardware computes it natively (Ampere+ "
                             "GPUs, CPUs with AMX/AVX512-BF16), else fp32.")
     eval_every: int = Field(50, ge=0, description="Evaluate every N steps (0: only at the end).")
+    validation: Literal["loop", "task"] = Field(
+        "loop", description="loop: every eval_every steps, in the training loop (every rank waits). task: each "
+        "committed version is validated by a Ray task beside the run (validation_cpus / validation_gpus) while "
+        "training goes on; eval_every is then unused. Early stopping and mixture.adapt need loop.")
+    validation_cpus: float = Field(0.0, ge=0.0, description="train.validation: task — CPUs its Ray task reserves "
+                                   "(0: it shares the CPUs the workers hold; a run waits for its last validation, "
+                                   "so a reservation the cluster cannot add beside the workers would stall it).")
+    validation_gpus: float = Field(0.0, ge=0.0, description="train.validation: task — GPUs its Ray task reserves.")
     checkpoint_every: int = Field(50, ge=0, description="Write a version every N steps (0: only at the end).")
     keep_last: int | None = Field(None, ge=1, description="Keep only the N newest versions (null keeps all).")
     keep_best: bool = Field(True, description="With keep_last: also keep each task's best version and the best overall (by validation).")
@@ -275,6 +283,8 @@ class TrainSpec(_Strict):
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
         if self.early_stopping is not None and not self.eval_every:
             raise ValueError("early_stopping needs eval_every (validations during the run to compare)")
+        if self.early_stopping is not None and self.validation == "task":
+            raise ValueError("early_stopping needs validation: loop (it acts on each validation as the run goes)")
         return self
 
 
@@ -394,8 +404,9 @@ class JobSpec(_Strict):
                 raise ValueError(f"mixture 'explicit' needs a rate for every task; missing: {', '.join(missing)}")
         adapt = self.mixture.adapt
         if adapt is not None:
-            if not self.train.eval_every:
-                raise ValueError("mixture.adapt needs train.eval_every (validations to adapt from)")
+            if not self.train.eval_every or self.train.validation == "task":
+                raise ValueError("mixture.adapt needs train.eval_every and train.validation: loop (validations "
+                                 "in the loop to adapt from)")
             if all(t.accumulation for t in self.tasks.values()):
                 raise ValueError("mixture.adapt needs tasks without a fixed `accumulation` (it moves sampling rates)")
             if adapt.by == "reference":

@@ -1,0 +1,60 @@
+"""`train.validation: task`: each committed version is validated by a Ray task beside the run.
+
+Validation inside the loop makes every rank wait while the model generates; here rank 0 hands
+each committed version to a Ray task (`train.validation_cpus` / `validation_gpus`, e.g. a GPU
+of its own) and training goes on. The task scores the version as `mtl eval` does
+(trainer.version_eval) and writes `evals/<version>/validation.json`; rank 0 collects finished
+tasks between steps, logs their metrics at the version's step, and ranks the version in the
+registry. A version whose validation is still running is never pruned. At the end the run waits
+for the tasks still running (at most `WAIT_AT_END_S`).
+"""
+
+from __future__ import annotations
+
+WAIT_AT_END_S = 3600.0
+
+
+def _validate(storage_spec: dict, name: str, version: str) -> dict:
+    """The Ray task: the version's validation results, as evaluate_all writes them."""
+    from trainer.reporting import quiet_libraries
+    from trainer.spec import StorageSpec
+    from trainer.storage import open_storage
+    from trainer.version_eval import score_version
+
+    quiet_libraries()
+    storage = open_storage(StorageSpec.model_validate(storage_spec))
+    results, _, _ = score_version(storage, name, version, "validation", untrained=False, baselines=False)
+    report = {task: {"metrics": r["metrics"], "samples": r["samples"]} for task, r in results.items()}
+    storage.write_json(f"{name}/evals/{version}/validation.json", report)
+    return report
+
+
+class BackgroundValidation:
+    """Rank 0's validation tasks, by version."""
+
+    def __init__(self, spec):
+        self.spec = spec
+        self.pending: dict[str, object] = {}  # version -> the task's ObjectRef
+
+    def submit(self, version: str) -> None:
+        import ray
+
+        task = ray.remote(num_cpus=self.spec.train.validation_cpus, num_gpus=self.spec.train.validation_gpus,
+                          max_retries=0)(_validate)
+        self.pending[version] = task.remote(self.spec.storage.model_dump(mode="json"), self.spec.name, version)
+
+    def finished(self, wait_s: float = 0.0) -> dict[str, dict | Exception]:
+        """Version -> its report (or the error that ended its task), for the tasks done within `wait_s`."""
+        import ray
+
+        if not self.pending:
+            return {}
+        refs = list(self.pending.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)  # all of them, or what is done by then
+        done: dict[str, dict | Exception] = {}
+        for version in [v for v, ref in self.pending.items() if ref in ready]:
+            try:
+                done[version] = ray.get(self.pending.pop(version))
+            except Exception as exc:  # the task's own error (a pruned version, storage): reported, not fatal
+                done[version] = exc
+        return done

@@ -11,7 +11,7 @@ export HF_EVALUATE_OFFLINE := 1
 # DeepSpeed JIT-compiles its CPU ops once; keep them inside the project so they are reused.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup lock s3-server test test-drills test-fast test-cluster demo demo-data train-multinode clean
+.PHONY: setup lock s3-server test test-drills test-fast test-cluster demo demo-data train-multinode bench clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,11 @@ JOB   ?= jobs/demo.yaml
 NODES ?= 2
 train-multinode: $(if $(filter jobs/demo.yaml,$(JOB)),demo-data,setup)
 	$(VENV)/bin/mtl multinode $(JOB) --nodes $(NODES) $(ARGS)
+
+# `mtl` against what a user would otherwise run (torchrun + DeepSpeed, a bare PyTorch loop), one table;
+# the table goes into BENCHMARKS.md. Measurements, not tests: run it alone on the machine.
+bench: setup s3-server
+	$(PY) benchmarks/bench.py --update BENCHMARKS.md $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(S3_VENV) .cache data/demo

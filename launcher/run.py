@@ -28,6 +28,7 @@ from trainer.storage import Storage, open_storage
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
                  "HF_HOME", "TOKENIZERS_PARALLELISM", "MTL_SCRATCH_DIR")
+RAY_TRAIN_POLL_S = "0.5"
 TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_")  # their settings and keys, for rank 0's trackers (trainer.trackers)
 
 
@@ -202,13 +203,17 @@ def scaling_config(scaling):
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(TRACKER_ENV_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(TRACKER_ENV_PREFIXES)
+           or k == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ray Train turns print() into log records; dill (under datasets) prints while it captures
     # stdout, and those records would flood the console with bytecode dumps.
     env["RAY_TRAIN_ENABLE_PRINT_PATCH"] = "0"
     if not use_gpu:
         env.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn that it guessed
+    # Ray Train's controller collects each report and notices the end of a run at this interval
+    # (2 s by default): every version's report and every run's end waited for it.
+    env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", RAY_TRAIN_POLL_S)
     return env
 
 

@@ -1,0 +1,89 @@
+"""What the benchmarks share: a model and data built here (nothing from the hub), the reference
+model that computes what `mtl`'s classification head does, and timing helpers.
+
+The model has MiniLM-L6's geometry (6 layers, hidden 384, 12 heads, FFN 1536) over a small
+WordPiece vocabulary, so its step cost is a small encoder's; rows are exactly `length` tokens,
+so every approach pads nothing and the tokens are the same.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
+
+HIDDEN, LAYERS, HEADS, FFN = 384, 6, 12, 1536
+
+
+def build_model(folder: Path) -> int:
+    """A random MiniLM-L6-shaped BERT and its tokenizer in `folder`; returns its parameter count."""
+    from transformers import BertConfig, BertModel
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer(folder)
+    config = BertConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+                        intermediate_size=FFN, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
+    model = BertModel(config)
+    model.save_pretrained(folder)
+    return sum(p.numel() for p in model.parameters())
+
+
+def write_rows(path: Path, rows: int, length: int, seed: int = 0) -> Path:
+    """Classification rows of exactly `length` tokens with [CLS] and [SEP] (one word = one token)."""
+    from conftest import words
+
+    rng = random.Random(seed)
+    vocab = [w for w in words() if w.isalpha()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as fh:
+        for _ in range(rows):
+            text = " ".join(rng.choice(vocab) for _ in range(length - 2))
+            fh.write(json.dumps({"text": text, "label": rng.choice(["negative", "positive"])}) + "\n")
+    return path
+
+
+class ReferenceClassifier:
+    """BertModel + dropout + linear on [CLS] + cross-entropy: the computation of `mtl`'s heads model."""
+
+    def __new__(cls, model_dir: str, num_labels: int = 2):
+        import torch
+        from torch import nn
+        from transformers import BertModel
+
+        class Classifier(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.backbone = BertModel.from_pretrained(model_dir, add_pooling_layer=False)
+                self.dropout = nn.Dropout(0.1)
+                self.out = nn.Linear(HIDDEN, num_labels)
+
+            def forward(self, input_ids, attention_mask, labels):
+                hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+                logits = self.out(self.dropout(hidden[:, 0]))
+                return torch.nn.functional.cross_entropy(logits.float(), labels)
+
+        return Classifier()
+
+
+def encoded_rows(model_dir: str, data: Path, length: int):
+    """(input_ids, attention_mask, labels) tensors of every row."""
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    enc = tok([r["text"] for r in rows], truncation=True, max_length=length, padding="max_length",
+              return_tensors="pt")
+    labels = torch.tensor([0 if r["label"] == "negative" else 1 for r in rows])
+    return enc["input_ids"], enc["attention_mask"], labels
+
+
+def median_after_warmup(times: list[float], warmup: int = 2) -> float:
+    return statistics.median(times[warmup:] if len(times) > warmup else times)

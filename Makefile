@@ -72,9 +72,10 @@ NODES ?= 2
 train-multinode: $(if $(filter jobs/demo.yaml,$(JOB)),demo-data,setup)
 	$(VENV)/bin/mtl multinode $(JOB) --nodes $(NODES) $(ARGS)
 
-# `mtl` against what a user would otherwise run (torchrun + DeepSpeed, a bare PyTorch loop), one table;
+# `mtl` against what a user would otherwise run (torchrun + DeepSpeed, a bare PyTorch loop, mixed padded
+# batches on the demo's data), one table;
 # the table goes into BENCHMARKS.md. Measurements, not tests: run it alone on the machine.
-bench: setup s3-server
+bench: demo-data s3-server
 	$(PY) benchmarks/bench.py --update BENCHMARKS.md $(ARGS)
 
 clean:

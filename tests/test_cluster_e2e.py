@@ -26,7 +26,7 @@ AWS_SECRET = "aws-secret-not-real-77aa"
 def cluster():
     from launcher.local_cluster import LocalCluster
 
-    cluster = LocalCluster(nodes=2, cpus_per_node=1).start()
+    cluster = LocalCluster(nodes=2, cpus_per_node=1, stop_grace_s=5).start()  # SIGKILL sooner at teardown
     started = cluster.pids()
     yield cluster
     cluster.stop()

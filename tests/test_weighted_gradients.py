@@ -18,7 +18,7 @@ import torch
 
 from conftest import qa_rows, sentiment_rows
 from trainer.batching import TaskStream
-from trainer.loop import run_plan
+from trainer.loop import run_plan, skip_inference_comm_op
 from trainer.models import HeadSpec, build_model
 from trainer.check_encode import encode_split
 from trainer.tasks import registry
@@ -34,6 +34,7 @@ def process_group():
         port = s.getsockname()[1]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    skip_inference_comm_op()  # as a worker does: DeepSpeed would JIT-build an op training never uses
     dist.init_process_group("gloo")
     yield
     dist.destroy_process_group()

@@ -82,7 +82,7 @@ def export_and_compare(run: Path, out: Path, text: str = "great fun") -> None:
     the version computes (the LM's logits, or each head's logits on the encoder's output)."""
     import torch
     from safetensors.torch import load_file
-    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from launcher.cli import main
     from trainer.version_io import load_version
@@ -93,7 +93,12 @@ def export_and_compare(run: Path, out: Path, text: str = "great fun") -> None:
     batch = tokenizer([text], return_tensors="pt")
     with torch.no_grad():
         if version.model.lm is not None:
-            exported = AutoModelForCausalLM.from_pretrained(out).eval()
+            if version.manifest["encoding"] == "seq2seq":  # the decoder reads from its start token
+                exported = AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+                batch["decoder_input_ids"] = torch.full_like(batch["input_ids"][:, :1],
+                                                             exported.config.decoder_start_token_id)
+            else:
+                exported = AutoModelForCausalLM.from_pretrained(out).eval()
             assert torch.allclose(exported(**batch).logits, version.model.lm(**batch).logits, atol=1e-5)
             return
         hidden = AutoModel.from_pretrained(out).eval()(**batch).last_hidden_state
@@ -259,6 +264,9 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
                                    "validation/summary/rougeL"]
     assert all(sorted(scalars(tb, tag)) == [2, 4] for tag in metric_tags)
 
+    # ... a seq2seq version (ZeRO-2) exports to a folder transformers loads alone,
+    export_and_compare(straight, tmp_path / "exported")
+
     # ... any committed version evaluates on its own on a held-out split, beside baselines,
     spec = resolve(parse_job(three_task_job(data_dir, seq2seq_dir, tmp_path, "straight")))
     report = evaluate_version(spec, version="step-000002", split="test")
@@ -401,7 +409,7 @@ def test_zero3_resume_is_exact_with_dropout_and_a_new_run_starts_from_its_versio
 
 def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys, monkeypatch):
     job = job_dict(data_dir, str(causal_dir), "text2text")
-    job.update(name="causal", storage={"path": str(tmp_path / "runs")})
+    job.update(name="causal", storage={"path": str(tmp_path / "runs")}, deepspeed="zero3")  # exported from ZeRO-3
     job["train"].update({"steps": 3, "checkpoint_every": 1, "eval_every": 0, "keep_last": 1, "keep_best": False})
     job["loss_weighting"] = {"strategy": "uncertainty"}
     job["tracking"] = {"to": ["tensorboard", "wandb", "mlflow"], "wandb_mode": "offline",

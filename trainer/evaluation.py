@@ -9,6 +9,7 @@ text2text models either generate (QA, generation) or rank the label words by lik
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -84,16 +85,28 @@ def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int,
 def predict_features(model, es: EvalSet, indices: list[int], *, batch_size: int, pad_id: int, encoding: str,
                      synced: bool = False, device="cpu") -> list[tuple]:
     """(example_id, score, prediction) for the features at `indices`, in eval mode."""
+    with eval_mode(model):
+        candidates: list[tuple] = []
+        for chunk in _chunks(es, indices, batch_size):
+            candidates.extend(_predict(model, es, chunk, pad_id, encoding, synced, device))
+        return candidates
+
+
+@contextmanager
+def eval_mode(model):
+    """The model in eval mode for the block, then back in the mode it was in (training goes on after)."""
     was_training = model.training
     model.eval()
     try:
-        candidates: list[tuple] = []
-        for start in range(0, len(indices), batch_size):
-            chunk = es.features[indices[start:start + batch_size]]
-            candidates.extend(_predict(model, es, chunk, pad_id, encoding, synced, device))
-        return candidates
+        yield model
     finally:
         model.train(was_training)
+
+
+def _chunks(es: EvalSet, indices: list[int], batch_size: int):
+    """The features at `indices`, `batch_size` at a time."""
+    for start in range(0, len(indices), batch_size):
+        yield es.features[indices[start:start + batch_size]]
 
 
 def best_per_example(candidates: list[tuple]) -> dict[int, tuple[float, str]]:
@@ -139,24 +152,18 @@ def label_probabilities(model, es: EvalSet, indices: list[int], *, batch_size: i
     Heads models: the softmax of the head's logits. Text2text models: the softmax of each label's
     log-likelihood (rank classification's scores), so the most likely label is the one eval picks.
     """
-    was_training = model.training
-    model.eval()
-    try:
-        out: dict[int, list[float]] = {}
-        with torch.no_grad():
-            for start in range(0, len(indices), batch_size):
-                chunk = es.features[indices[start:start + batch_size]]
-                if encoding == "heads":
-                    batch = to_device(collate(chunk, pad_id), device)
-                    scores = model.head_outputs(es.task, batch)[1]
-                    ids = batch["example_id"].tolist()
-                else:
-                    ids = list(chunk["example_id"])
-                    scores = _label_loglik(model, es, ids, pad_id, encoding, False, device)
-                out.update(zip(ids, scores.float().softmax(-1).cpu().tolist()))
-        return out
-    finally:
-        model.train(was_training)
+    out: dict[int, list[float]] = {}
+    with eval_mode(model), torch.no_grad():
+        for chunk in _chunks(es, indices, batch_size):
+            if encoding == "heads":
+                batch = to_device(collate(chunk, pad_id), device)
+                scores = model.head_outputs(es.task, batch)[1]
+                ids = batch["example_id"].tolist()
+            else:
+                ids = list(chunk["example_id"])
+                scores = _label_loglik(model, es, ids, pad_id, encoding, False, device)
+            out.update(zip(ids, scores.float().softmax(-1).cpu().tolist()))
+    return out
 
 
 def _rank_labels(model, es: EvalSet, ids: list[int], pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:

@@ -55,19 +55,13 @@ def evaluate_on_cluster(address: str | None, storage, name: str, *, gpus: float 
     cluster's nodes, as for training. The report says on which node it ran."""
     import ray
 
-    from launcher.run import init_ray
+    from launcher.run import ray_session
 
-    joined = ray.is_initialized()
-    if not joined:
-        init_ray(address)
-    try:
+    with ray_session(address):
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
         task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(_evaluate_in_task)
         return ray.get(task.remote(storage, name, options))
-    finally:
-        if not joined:
-            ray.shutdown()
 
 
 def _evaluate_in_task(storage, name: str, options: dict) -> dict:

@@ -36,7 +36,6 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     """on_change: what to do when the job differs from the version it would resume from in anything
     that shapes training — "refuse" (list the differences), "new" (a fresh experiment under the first
     free `<name>-N`), or "allow" (continue with the changes). See launcher.drift."""
-    import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig
 
@@ -57,10 +56,7 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
         spec = init_from.pinned(spec)  # latest / best / a tag: the same version on every rank and restart
         print(f"[mtl] '{spec.name}' starts from {spec.init_from.experiment}/{spec.init_from.version}", file=sys.stderr)
     storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
-    started_here = not ray.is_initialized()
-    if started_here:
-        init_ray(address, use_gpu=spec.scaling.use_gpu)
-    try:
+    with ray_session(address, use_gpu=spec.scaling.use_gpu) as started_here:
         # An embedded Ray has all the nodes it will ever have; a cluster may still be adding some.
         embedded = started_here and address is None
         require_resources(spec.scaling, wait_s=0.0 if embedded else spec.scaling.wait_for_nodes_s)
@@ -81,9 +77,6 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
         with stop_on_signals(run_id, spec.train.stop_grace_s) as asked, workers_user_errors():
             result = trainer.fit()
         clear_stop(run_id)
-    finally:
-        if started_here:
-            ray.shutdown()
     if asked:
         latest = (storage.read_json(f"{spec.name}/registry.json") or {}).get("latest")
         raise RunStopped(f"stopped by {asked[0].name}" + (f" at {latest}; run the same command to resume from it"
@@ -215,6 +208,22 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     # (2 s by default): every version's report and every run's end waited for it.
     env.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", RAY_TRAIN_POLL_S)
     return env
+
+
+@contextmanager
+def ray_session(address: str | None = None, **kwargs):
+    """Ray for the block: this process's own connection if it has one (left as it was), else a
+    new one (init_ray), shut down after. Yields whether it was started here."""
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        init_ray(address, **kwargs)
+    try:
+        yield started_here
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> None:

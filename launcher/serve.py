@@ -161,16 +161,11 @@ def serving(storage, name: str, version: str, options: ServeOptions, *, address:
     (or in a process already connected to Ray) only this app is deleted at the end, never
     Serve's other apps or the cluster.
     """
-    import ray
-
-    from launcher.run import init_ray
+    from launcher.run import ray_session
     from trainer.registry import pick_version
 
     chosen = pick_version(storage, name, version)
-    joined = ray.is_initialized()  # a Python caller's own Ray stays up, as it was
-    if not joined:
-        init_ray(address)
-    try:
+    with ray_session(address) as started_here:  # a Python caller's own Ray stays up, as it was
         serve.start(http_options={"host": options.host, "port": options.port})
         deployment = MultitaskServer.options(
             num_replicas=options.replicas,
@@ -179,10 +174,7 @@ def serving(storage, name: str, version: str, options: ServeOptions, *, address:
         try:
             yield chosen, f"http://{options.host}:{options.port}"
         finally:
-            serve.delete(app_name(name)) if address or joined else serve.shutdown()
-    finally:
-        if not joined:
-            ray.shutdown()
+            serve.delete(app_name(name)) if address or not started_here else serve.shutdown()
 
 
 def wait_for_stop() -> None:

@@ -66,9 +66,8 @@ def label_problems(spec, manifest: dict, labels: dict[str, tuple[str, ...]]) -> 
 def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str, ...]]) -> dict:
     """Load init_from's version into `model` (this job's, before DeepSpeed); returns what was
     kept, added and dropped, by task."""
-    from trainer.checkpoint import model_needs
     from trainer.scratch import scratch
-    from trainer.version_io import whole_weights
+    from trainer.version_io import TIED_WEIGHTS, download_model_files, whole_weights
 
     storage, name = init_location(spec)
     where = f"{name}/{spec.init_from.version}"
@@ -79,9 +78,7 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
     if problems:
         raise UserError("init_from: the version does not fit this job:\n" + "\n".join(f"  - {p}" for p in problems))
     with scratch("init-from") as local:
-        storage.download_files(where, str(local), keep=model_needs)
-        weights = whole_weights(Path(local), fetch_optimizer_shards=lambda: storage.download_files(
-            where, str(local), keep=lambda f: f.endswith("optim_states.pt")))
+        weights = whole_weights(Path(local), fetch_optimizer_shards=download_model_files(storage, where, local))
     old, new = list(manifest["tasks"]), list(spec.tasks)
     dropped = [t for t in old if t not in new]
     weights = {k: v for k, v in weights.items() if not any(k.startswith(f"heads.{t}.") for t in dropped)}
@@ -92,9 +89,8 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
     except RuntimeError as exc:  # shapes differ: another base model or LoRA rank
         raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: "
                         f"{str(exc).splitlines()[-1].strip()}") from None
-    expected_missing = ("lm_head.weight", "decoder.weight", "cls.predictions.decoder.weight")  # tied, stored once
     added = [t for t in new if t not in old]
-    missing = [k for k in missing if not k.startswith("loss_weighting.") and not k.endswith(expected_missing)
+    missing = [k for k in missing if not k.startswith("loss_weighting.") and not k.endswith(TIED_WEIGHTS)
                and not any(k.startswith(f"heads.{t}.") for t in added)]
     if missing or unexpected:
         raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model (a different "
@@ -142,13 +138,12 @@ def optimizer_problems(spec, manifest: dict, state: dict) -> list[str]:
 def load_init_optimizer(engine, spec, rank: int) -> None:
     """resume_optimizer: this rank's optimizer partition from the version, with a fresh step
     count and schedule (DeepSpeed's checkpoint would set them to the version's)."""
-    from trainer.checkpoint import DS_TAG, rank_needs
+    from trainer.checkpoint import DS_TAG, download_part
     from trainer.scratch import scratch
 
     storage, name = init_location(spec)
-    where = f"{name}/{spec.init_from.version}"
     with scratch("init-from-optimizer") as local:
-        storage.download_files(where, str(local), keep=lambda relative: rank_needs(relative, rank))
+        download_part(storage, f"{name}/{spec.init_from.version}", local, rank)
         try:
             path, _ = engine.load_checkpoint(str(local / "deepspeed"), tag=DS_TAG, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)

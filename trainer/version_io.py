@@ -24,6 +24,10 @@ from trainer.models import HeadSpec, MultiTaskModel, build_model_from_config
 from trainer.weighting import UncertaintyWeighting
 
 
+# Weights a model ties to others (an LM head to its embeddings): a state dict holds them once.
+TIED_WEIGHTS = ("lm_head.weight", "decoder.weight", "cls.predictions.decoder.weight")
+
+
 @dataclass
 class LoadedVersion:
     model: MultiTaskModel
@@ -91,7 +95,7 @@ def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersi
                                     heads=_heads(manifest), loss_weighting=weighting, lora=job["model"].get("lora"))
     missing, unexpected = model.load_state_dict(whole_weights(folder, fetch_optimizer_shards), strict=False)
     # Tied weights (e.g. an LM head tied to its embeddings) are stored once; anything else is a mismatch.
-    tied = {k for k in missing if k.endswith(("lm_head.weight", "decoder.weight", "cls.predictions.decoder.weight"))}
+    tied = {k for k in missing if k.endswith(TIED_WEIGHTS)}
     if set(missing) - tied or unexpected:
         raise UserError(f"{folder}: the saved weights do not match the model "
                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")
@@ -129,12 +133,20 @@ def load_from_storage(storage, experiment: str, version: str, local: Path, untra
     """A committed version's model, downloaded into `local`: the model's files only, never the
     optimizer shards (most of a version's bytes), unless an old ZeRO-3 version needs them.
     `untrained`: the model the run started from, with this version's settings (load_untrained)."""
-    from trainer.checkpoint import model_needs, settings_needs
+    from trainer.checkpoint import settings_needs
 
     where = f"{experiment}/{version}"
     if untrained:  # the version's settings only; the weights are the job's pretrained ones
         storage.download_files(where, str(local), keep=settings_needs)
         return load_untrained(local)
+    return load_version(local, fetch_optimizer_shards=download_model_files(storage, where, local))
+
+
+def download_model_files(storage, where: str, local: Path):
+    """The files of version `where` (experiment/version on `storage`) that its model needs, into
+    `local`; returns what fetches the optimizer shards, which only an old ZeRO-3 version needs
+    (see whole_weights)."""
+    from trainer.checkpoint import model_needs
+
     storage.download_files(where, str(local), keep=model_needs)
-    return load_version(local, fetch_optimizer_shards=lambda: storage.download_files(
-        where, str(local), keep=lambda f: f.endswith("optim_states.pt")))
+    return lambda: storage.download_files(where, str(local), keep=lambda f: f.endswith("optim_states.pt"))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from trainer.checkpoint import TAGS, committed_versions, read_tags
+from trainer.checkpoint import TAGS, committed_versions, read_tags, version_step
 from trainer.registry import UNTRAINED, existing_versions, pick_version
 from trainer.errors import UserError
 from trainer.storage import Storage
@@ -65,7 +65,7 @@ def version_table(storage: Storage, name: str) -> list[dict]:
             marks.insert(0, "best")
         if version == versions[-1]:
             marks.insert(0, "latest")
-        rows.append({"version": version, "step": int(version.split("-")[1]),
+        rows.append({"version": version, "step": version_step(version),
                      "scores": {t: s["value"] for t, s in (reg.get("scores") or {}).get(version, {}).items()},
                      "bytes": storage.size(f"{name}/{version}"),
                      "tags": sorted(t for t, v in tags.items() if v == version), "marks": marks})

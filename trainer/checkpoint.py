@@ -54,6 +54,11 @@ def version_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
+def version_step(name: str) -> int:
+    """The step of a version by its name (version_name's inverse)."""
+    return int(name.removeprefix("step-"))
+
+
 def capture_rng() -> dict:
     """The RNG states as JSON values (a version's files are read back as data, never unpickled)."""
     version, keys, gauss = random.getstate()

@@ -370,27 +370,16 @@ def absorb_validations(run: Run, done: dict) -> None:
         if isinstance(report, Exception):
             say(f"[mtl] warning: the validation task of {version} failed: {first_line(report)}")
             continue
-        step = int(version.removeprefix("step-"))
-        run.version_scores[version] = version_scores_of(run.spec, report)
-        run.trackers.scalars({f"validation/{t}/{k}": v for t, r in report.items() for k, v in r["metrics"].items()},
-                             step)
-        for task, r in report.items():
-            say(f"[mtl] eval validation {version} (Ray task) {task}: "
-                + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
+        step = ckpt.version_step(version)
+        record = validation_record(run.spec, step, report)
+        run.version_scores[version] = registry.scores_of(record, step)
+        log_evaluation(run, "validation", step, report, f"{version} (Ray task)")
         if run.init_from is not None and step == run.step:
-            run.last_eval = {"step": step, "split": "validation", "tasks": {t: r["metrics"] for t, r in report.items()},
-                             "primary": {t: primary_metric(task_metrics(run.spec, t)) for t in report}}
+            run.last_eval = record
             report_forgetting(run)
     committed = ckpt.committed_versions(run.storage)
     if committed:
         run.storage.write_json("registry.json", registry.registry(committed[-1], committed, run.version_scores))
-
-
-def version_scores_of(spec, report: dict) -> dict:
-    """{task: {metric, value}} of a version's validation report, by each task's primary metric."""
-    primary = {t: primary_metric(task_metrics(spec, t)) for t in report}
-    return {t: {"metric": primary[t], "value": r["metrics"][primary[t]]} for t, r in report.items()
-            if primary[t] in r["metrics"]}
 
 
 def scores_from_evals(run: Run, versions: list[str]) -> dict:
@@ -399,7 +388,8 @@ def scores_from_evals(run: Run, versions: list[str]) -> dict:
     for version in versions:
         report = run.storage.read_json(f"evals/{version}/validation.json")
         if report:
-            found[version] = version_scores_of(run.spec, report)
+            step = ckpt.version_step(version)
+            found[version] = registry.scores_of(validation_record(run.spec, step, report), step)
     return found
 
 
@@ -495,14 +485,24 @@ def evaluate_all(run: Run, split: str) -> dict:
     run.last_eval = {"step": run.step, "split": split, "tasks": {t: r["metrics"] for t, r in report.items()},
                      "primary": primary}
     if run.rank == 0:
-        run.trackers.scalars(out, run.step)
-        for name, r in report.items():
-            run.trackers.text(f"samples/{name}", "\n\n".join(f"**{s['id']}** pred: {s['prediction']} | ref: {s['reference']}"
-                                                        for s in r["samples"]), run.step)
-            say(f"[mtl] eval {split} step {run.step} {name}: "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
+        log_evaluation(run, split, run.step, report, f"step {run.step}")
         run.storage.write_json(f"evals/{ckpt.version_name(run.step)}/{split}.json", report)
     return out
+
+
+def log_evaluation(run: Run, split: str, step: int, report: dict, label: str) -> None:
+    """Rank 0: an evaluation's metrics and sample predictions to the trackers at `step`, a line per task."""
+    run.trackers.scalars({f"{split}/{t}/{k}": v for t, r in report.items() for k, v in r["metrics"].items()}, step)
+    for name, r in report.items():
+        run.trackers.text(f"samples/{name}", "\n\n".join(f"**{s['id']}** pred: {s['prediction']} | ref: {s['reference']}"
+                                                         for s in r["samples"]), step)
+        say(f"[mtl] eval {split} {label} {name}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["metrics"].items()))
+
+
+def validation_record(spec, step: int, report: dict) -> dict:
+    """A validation report ({task: {metrics, samples}}) as the run keeps its last one (Run.last_eval)."""
+    return {"step": step, "split": "validation", "tasks": {t: r["metrics"] for t, r in report.items()},
+            "primary": {t: primary_metric(task_metrics(spec, t)) for t in report}}
 
 
 def report_forgetting(run: Run) -> None:

@@ -34,7 +34,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, build_model, median_after_warmup, write_rows  # noqa: E402
+from common import REPO, build_model, median_after_warmup, step_times, write_rows  # noqa: E402
+
+from launcher.local_cluster import free_port  # noqa: E402
 
 PY = sys.executable
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_EVALUATE_OFFLINE": "1",
@@ -82,27 +84,17 @@ def mtl_job(folder: Path, model: Path, data: Path, steps: int, precision: str, n
     return path
 
 
-def step_times(tb_dir: Path) -> list[float]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out = {}
-    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
-        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
-        acc.Reload()
-        out.update({e.step: e.value for e in acc.Scalars("step_time")})
-    return [out[s] for s in sorted(out)]
-
-
 def run_mtl(folder: Path, model: Path, data: Path, steps: int, precision: str, tag: str) -> dict:
     name = f"bench-{tag}-{time.monotonic_ns()}"
     job = mtl_job(folder, model, data, steps, precision, name)
     first, _, wall = timed_lines([str(Path(PY).parent / "mtl"), "train", str(job)], "[mtl] step 1/")
-    return {"ttfs": first, "wall": wall, "step": median_after_warmup(step_times(folder / "runs" / name / "tensorboard"))}
+    times = step_times(folder / "runs" / name / "tensorboard")
+    return {"ttfs": first, "wall": wall, "step": median_after_warmup([times[s] for s in sorted(times)])}
 
 
 def run_torchrun(model: Path, data: Path, steps: int, bf16: bool = False) -> dict:
     cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(WORKERS), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(REPO / "benchmarks" / "ref_deepspeed_loop.py"),
+           "--master_port", str(free_port()), str(REPO / "benchmarks" / "ref_deepspeed_loop.py"),
            "--model", str(model), "--data", str(data), "--micro-batch", str(MICRO_BATCH), "--length", str(LENGTH),
            "--steps", str(steps), "--zero", "2", *(["--bf16"] if bf16 else [])]
     first, out, _ = timed_lines(cmd, "first step")
@@ -125,14 +117,6 @@ def fast_bf16_here() -> bool:
     from trainer.precision import fast_bf16
 
     return fast_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def med(runs: list[dict], key: str) -> float:

@@ -85,5 +85,29 @@ def encoded_rows(model_dir: str, data: Path, length: int):
     return enc["input_ids"], enc["attention_mask"], labels
 
 
+def reference_args(description: str):
+    """The arguments every reference loop takes (the model, rows and how many steps of what)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=12)
+    return parser
+
+
+def step_times(tb_dir: Path) -> dict[int, float]:
+    """step -> the step time a `mtl train` run logged to TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = {}
+    for events in sorted(tb_dir.glob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        out.update({e.step: e.value for e in acc.Scalars("step_time")})
+    return out
+
+
 def median_after_warmup(times: list[float], warmup: int = 2) -> float:
     return statistics.median(times[warmup:] if len(times) > warmup else times)

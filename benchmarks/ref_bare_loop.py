@@ -9,7 +9,6 @@ The same model computation and rows as benchmarks/bench.py's `mtl` job, at its g
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import time
@@ -17,16 +16,12 @@ from pathlib import Path
 
 import torch
 
-from common import ReferenceClassifier, encoded_rows
+from common import ReferenceClassifier, encoded_rows, reference_args
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser = reference_args(__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bf16 weights")
     parser.add_argument("--autocast", action="store_true", help="fp32 weights, bf16 autocast")

@@ -11,25 +11,21 @@ first step is done and, at the end, the step times as JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import torch
 
-from common import ReferenceClassifier, encoded_rows
+from common import ReferenceClassifier, encoded_rows, reference_args
 
 
 def main() -> None:
     import deepspeed
 
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser = reference_args(__doc__.split("\n\n")[0])
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--length", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--zero", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
     args = parser.parse_args()
@@ -43,7 +39,7 @@ def main() -> None:
               "train_batch_size": args.micro_batch * world, "gradient_clipping": 1.0,
               "zero_optimization": {"stage": args.zero}, "bf16": {"enabled": args.bf16}}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    ids, mask, labels = encoded_rows(args.model, __import__("pathlib").Path(args.data), args.length)
+    ids, mask, labels = encoded_rows(args.model, Path(args.data), args.length)
     ids, mask, labels = ids[rank::world], mask[rank::world], labels[rank::world]
     times = []
     for step in range(args.steps):

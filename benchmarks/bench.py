@@ -14,6 +14,7 @@ Measures (goals from the project's speed issue):
   bf16       mtl's bf16/fp32 speed-up / the bare loop's                                [>= 0.90]
   ttfs       seconds from `mtl train` to its first step (the torchrun loop's beside)  [<= 25 s]
   stall      training's wait per version / the version's full write (local, S3)      [<= 0.2]
+  prep       preparing a 100k-row task again (node data cache) / the first time      [<= 0.10]
 Measures the table lists as not measured say why.
 """
 
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import re
 import statistics
 import subprocess
@@ -176,6 +178,47 @@ def stall_rows() -> list[Row]:
             for where, value in found.items()]
 
 
+PREPARED = re.compile(r"^prepared (\w+) ([\d.]+) (\d+)", re.M)  # data_prep.py's line
+
+
+def prep_rows(folder: Path, repeats: int, rows: int) -> list[Row]:
+    """Preparing a `rows`-row classification task in a fresh process: with an empty node cache,
+    then again with the entry the first run stored (a restart, another rank, the next run)."""
+    model, data = folder / "prep-model", folder / "prep.jsonl"
+    from conftest import build_tokenizer
+
+    build_tokenizer(model)
+    write_varied_rows(data, rows)
+    first, cached = [], []
+    for repeat in range(repeats):
+        cache = folder / f"prep-cache-{repeat}"
+        for into in (first, cached):
+            _, out, _ = timed_lines([PY, str(REPO / "benchmarks" / "data_prep.py"), "--model", str(model),
+                                     "--data", str(data), "--cache", str(cache)], "prepared")
+            found = PREPARED.search(out)
+            if not found or int(found.group(3)) != rows:
+                raise RuntimeError(f"data_prep.py printed no preparation of {rows} rows:\n{out[-2000:]}")
+            into.append((found.group(1), float(found.group(2))))
+    if [s for s, _ in first] != ["built"] * repeats or [s for s, _ in cached] != ["hit"] * repeats:
+        raise RuntimeError(f"expected a build then a cache hit each time, got {first} and {cached}")
+    a, b = statistics.median(t for _, t in first), statistics.median(t for _, t in cached)
+    return [Row(f"data preparation, {rows // 1000}k rows: cached / first", f"{b:.2f} s", f"{a:.2f} s (first)", b / a,
+                "<= 0.10", b / a <= 0.10, "benchmarks/data_prep.py: read + check + tokenize in a fresh process, "
+                "empty node cache, then again")]
+
+
+def write_varied_rows(path: Path, rows: int, seed: int = 0) -> None:
+    """Classification rows of 8-120 words, like sentences and short reviews."""
+    from conftest import words
+
+    rng = random.Random(seed)
+    vocab = [w for w in words() if w.isalpha()]
+    with path.open("w") as fh:
+        for _ in range(rows):
+            text = " ".join(rng.choice(vocab) for _ in range(rng.randint(8, 120)))
+            fh.write(json.dumps({"text": text, "label": rng.choice(["negative", "positive"])}) + "\n")
+
+
 def token_rows(job_path: str, batches: int, common_rows: int) -> list[Row]:
     """Our task-homogeneous, length-grouped micro-batches against the common approach (every task's
     rows in one shuffled dataset, batches of `common_rows` padded to their longest), on the demo
@@ -251,8 +294,6 @@ def token_rows(job_path: str, batches: int, common_rows: int) -> list[Row]:
 
 
 NOT_YET = [
-    Row("data preparation, cached / first", "-", "-", None, "<= 0.10", None,
-        "not measured yet: tokenized data is not cached across runs yet"),
     Row("ZeRO memory, stage 3 / stage 0 peak RSS", "-", "-", None, "<= 0.6", None, "not measured yet"),
     Row("evaluation throughput (examples/s per task type)", "-", "-", None, "report", None, "not measured yet"),
     Row("GPU MFU (125M-1B, bf16, ZeRO-2)", "-", "-", None, ">= 40%", None, "needs a GPU; none on this machine"),
@@ -280,7 +321,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--only", default="speed,bf16,tokens,stall", help="comma list of: speed, bf16, tokens, stall")
+    parser.add_argument("--only", default="speed,bf16,tokens,stall,prep",
+                        help="comma list of: speed, bf16, tokens, stall, prep")
+    parser.add_argument("--prep-rows", type=int, default=100_000)
     parser.add_argument("--tokens-job", default="jobs/demo.yaml", help="tokens: the job whose data and model to use "
                                                                         "(`make demo-data` prepares the demo's)")
     parser.add_argument("--tokens-batches", type=int, default=8)
@@ -290,8 +333,11 @@ def main() -> None:
     only = set(args.only.split(","))
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="mtl-bench-") as tmp:
+        ENV["MTL_DATA_CACHE"] = str(Path(tmp) / "data-cache")  # the bench's runs keep out of the user's cache
         if only & {"speed", "bf16"}:
             rows += speed_rows(Path(tmp), args.repeats, args.steps, with_bf16="bf16" in only)
+        if "prep" in only:
+            rows += prep_rows(Path(tmp), args.repeats, args.prep_rows)
     if "tokens" in only:
         rows += token_rows(args.tokens_job, args.tokens_batches, common_rows=8)
     if "stall" in only:

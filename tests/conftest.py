@@ -14,6 +14,16 @@ import yaml
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
     os.environ.setdefault(_var, "1")
 
+
+
+@pytest.fixture(autouse=True, scope="session")
+def data_cache_for_the_session(tmp_path_factory):
+    """Prepared task data goes to a folder of this session (workers inherit it), not the user's cache."""
+    if "MTL_DATA_CACHE" not in os.environ:
+        os.environ["MTL_DATA_CACHE"] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+
+
 REPO = Path(__file__).resolve().parent.parent
 NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
 CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito"]

@@ -354,6 +354,17 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
         assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
 
 
+def data_lines(out: str) -> dict[str, list[str]]:
+    """task -> how each rank had its data ('prepared' or 'read' from the node cache), sorted."""
+    found: dict[str, list[str]] = {}
+    for line in out.splitlines():
+        if " data: " in line and "[mtl] rank" in line:
+            for part in line.split(" data: ", 1)[1].split(", "):
+                task, how = part.split(" ", 1)
+                found.setdefault(task, []).append("read" if how.startswith("read") else how.split(" ")[0])
+    return {task: sorted(hows) for task, hows in found.items()}
+
+
 def test_zero3_resume_is_exact_with_dropout_and_a_new_run_starts_from_its_version(ray_cluster, data_dir, model_dir,
                                                                                    tmp_path, capsys):
     def job(name, steps):
@@ -365,9 +376,13 @@ def test_zero3_resume_is_exact_with_dropout_and_a_new_run_starts_from_its_versio
         j["loss_weighting"] = {"strategy": "dwa", "window": 1}
         return j
 
+    capsys.readouterr()
     run_job(job("z3-straight", 4))
     assert max(scalars(tmp_path / "runs" / "z3-straight" / "tensorboard", "loss/sentiment")) == 4
+    # The node's two ranks prepared each task once between them; every later run reads it.
+    assert data_lines(capsys.readouterr().out) == {"sentiment": ["prepared", "read"], "qa": ["prepared", "read"]}
     run_job(job("z3-resumed", 2))
+    assert data_lines(capsys.readouterr().out) == {"sentiment": ["read", "read"], "qa": ["read", "read"]}
     run_job(job("z3-resumed", 4))
     runs = tmp_path / "runs"
     for task in ("sentiment", "qa"):

@@ -115,6 +115,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     say_placement(rank, world, device)
     tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
     tasks = prepare_tasks(spec, tokenizer, encoding)
+    say_data_cache(rank, tasks)
     streams = build_streams(spec, tasks, tokenizer, rank, world)
     planner = build_planner(spec, tasks)
     static = {t: s.weight for t, s in spec.tasks.items()}
@@ -173,6 +174,13 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         run.init_from = {**started_from, "before": run.last_eval.get("tasks", {}),
                          "primary": run.last_eval.get("primary", {})}
     return run
+
+
+def say_data_cache(rank: int, tasks: dict[str, TaskData]) -> None:
+    """How each rank had its data: prepared (and cached for the node), or read from that cache."""
+    parts = [f"{name} {'read from the node cache' if d.cache.status == 'hit' else 'prepared'} in {d.cache.seconds:.1f}s"
+             for name, d in tasks.items() if d.cache is not None]
+    say(f"[mtl] rank {rank} data: {', '.join(parts)}")
 
 
 def say_placement(rank: int, world: int, device: torch.device) -> None:

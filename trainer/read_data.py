@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from trainer.errors import DataError, last_line
+from trainer.scratch import scratch
 
 SPLITS = ("train", "validation", "test")
 ROW = "__row__"
@@ -63,8 +64,11 @@ def read_file(path: str, fmt: str | None, field: str):
     if builder == "csv":
         kwargs = {**kwargs, "keep_default_na": False}  # an empty cell stays "", not NaN
     try:
-        with _quiet_datasets():
-            ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+        # Converted in a scratch folder, not datasets' own cache: that one is keyed by path and
+        # modification time, and would hand back old rows for a file rewritten within the same
+        # instant. Prepared data is cached by content instead (trainer.data_cache).
+        with _quiet_datasets(), scratch("read") as folder:
+            ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=str(folder), **kwargs)
     except Exception as exc:  # the datasets builders raise many types; the user needs the file and the reason
         reason = unreadable_text(files, builder) or last_line(exc)
         raise DataError(f"{field}: cannot read '{path}' as {builder}: {reason}") from exc
@@ -146,6 +150,13 @@ def read_hub(name: str, subset: str | None, roles: dict[str, str] | None, field:
         ds = loaded[hub_split]
         out[role] = ds.add_column(ROW, list(range(1, len(ds) + 1)))
     return out
+
+
+def source_files(data, base: str) -> list[str]:
+    """The local files a file-based `data` block reads (a DataSpec; not for hub data)."""
+    if data.path:
+        return _files(data.path, f"{base}.path")
+    return [f for s in SPLITS if getattr(data, s) for f in _files(getattr(data, s), f"{base}.{s}")]
 
 
 def read_splits(task: str, data) -> list[RawSplit]:

@@ -4,12 +4,18 @@ plain arguments)."""
 
 from __future__ import annotations
 
+import glob
+import inspect
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from trainer.batching import group_micro_batches, shard_indices, task_salt
-from trainer.read_data import read_splits
+from trainer.data_cache import (CacheUse, DataCache, cache_root, file_identity, fingerprint, library_versions,
+                                load_pickle, source_text_hash, store_pickle)
+from trainer.read_data import RawSplit, read_splits, source_files
 from trainer.check_encode import CheckedTask, EncodedSplit, check_task, encode_split
 from trainer.tasks import registry
 from trainer.tasks.registry import TaskContext
@@ -22,6 +28,7 @@ class TaskData:
     labels: tuple[str, ...]
     checked: CheckedTask
     encoded: dict[str, EncodedSplit] = field(default_factory=dict)
+    cache: CacheUse | None = None  # how it was had: prepared here, or read from the node's cache
 
 
 def model_encoding(kind: str, is_encoder_decoder: bool) -> str:
@@ -54,9 +61,9 @@ def primary_metric(names: list[str]) -> str:
     return "rougeL" if names[0] == "rouge" else names[0]
 
 
-def check_task_data(spec, name: str) -> CheckedTask:
+def check_task_data(spec, name: str, raw: list[RawSplit] | None = None) -> CheckedTask:
     task = spec.tasks[name]
-    raw = read_splits(name, task.data)
+    raw = read_splits(name, task.data) if raw is None else raw
     return check_task(name, registry.get(task.type), raw, task.columns, task.labels,
                       task_context(spec, name), task.bad_rows)
 
@@ -64,20 +71,88 @@ def check_task_data(spec, name: str) -> CheckedTask:
 def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation", "test"), *,
                   tasks: list[str] | None = None, limit: int | None = None) -> dict[str, TaskData]:
     """Each task's rows checked and encoded. `tasks`: only these; `limit`: the first N rows of
-    each held-out split (train is never cut: baselines and label sets read it)."""
+    each held-out split (train is never cut: baselines and label sets read it). Prepared data is
+    kept in the node's cache (trainer.data_cache) and read from it when nothing it depends on changed."""
+    root = cache_root()
     out = {}
     for name in tasks or spec.tasks:
-        task = spec.tasks[name]
-        checked = check_task_data(spec, name)
-        ctx = task_context(spec, name, tokenizer, encoding, checked.labels)
-        data = TaskData(name, task.type, checked.labels, checked)
-        for split in splits:
-            if split in checked.splits:
-                if limit is not None and split != "train":
-                    checked.splits[split] = checked.splits[split][:limit]
-                data.encoded[split] = encode_split(checked.splits[split], registry.get(task.type), ctx)
+        if root is None:
+            out[name] = _prepare_task(spec, name, tokenizer, encoding, splits, limit)
+            out[name].cache = CacheUse("off", 0.0)
+            continue
+        raw = read_splits(name, spec.tasks[name].data) if spec.tasks[name].data.hub else None
+        key = fingerprint(cache_key(spec, name, tokenizer, encoding, splits, limit, raw))
+        data, use = DataCache(root).get_or_build(
+            name, key, lambda: (_prepare_task(spec, name, tokenizer, encoding, splits, limit, raw), {"task": name}),
+            store=_store_task, load=_load_task)
+        data.cache = use
         out[name] = data
     return out
+
+
+def _prepare_task(spec, name: str, tokenizer, encoding: str, splits, limit: int | None,
+                  raw: list[RawSplit] | None = None) -> TaskData:
+    task = spec.tasks[name]
+    checked = check_task_data(spec, name, raw)
+    ctx = task_context(spec, name, tokenizer, encoding, checked.labels)
+    data = TaskData(name, task.type, checked.labels, checked)
+    for split in splits:
+        if split in checked.splits:
+            if limit is not None and split != "train":
+                checked.splits[split] = checked.splits[split][:limit]
+            data.encoded[split] = encode_split(checked.splits[split], registry.get(task.type), ctx)
+    return data
+
+
+def cache_key(spec, name: str, tokenizer, encoding: str, splits, limit: int | None,
+              raw: list[RawSplit] | None) -> dict:
+    """Everything a task's prepared data is made from (see trainer.data_cache)."""
+    from datasets.fingerprint import Hasher
+
+    task = spec.tasks[name]
+    task_type = registry.get(task.type)
+    ctx = task_context(spec, name)
+    if raw is not None:  # a hub dataset: its own fingerprint names its content
+        data = [[r.split, r.rows._fingerprint] for r in raw]
+    else:
+        data = file_identity(source_files(task.data, f"tasks.{name}.data"))
+    return {"data": data, "data_spec": task.data.model_dump(mode="json"), "type": task.type,
+            "columns": task.columns, "labels": task.labels, "bad_rows": task.bad_rows,
+            "max_length": ctx.max_length, "prompt": ctx.prompt, "options": ctx.options.model_dump(mode="json"),
+            "tokenizer": Hasher.hash(tokenizer) if tokenizer is not None else None, "encoding": encoding,
+            "splits": list(splits), "limit": limit, "code": _code_hash(task_type), "libraries": library_versions()}
+
+
+def _code_hash(task_type) -> str:
+    """The text of the code that reads, checks and encodes rows, the task type's own included."""
+    here = Path(__file__).parent
+    files = [str(here / f) for f in ("read_data.py", "check_encode.py", "task_data.py")]
+    files += glob.glob(str(here / "tasks" / "*.py"))
+    for fn in (task_type.check_row, task_type.encode, task_type.reference):
+        source = inspect.getsourcefile(fn)
+        if source and os.path.exists(source):
+            files.append(source)
+    return source_text_hash(files)
+
+
+def _store_task(data: TaskData, folder: Path) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    store_pickle({"data": TaskData(data.name, data.type, data.labels, data.checked),
+                  "encoded": {s: (e.rows, e.truncated) for s, e in data.encoded.items()}}, folder / "checked.pkl")
+    for split, enc in data.encoded.items():
+        enc.features.save_to_disk(str(folder / split))
+
+
+def _load_task(folder: Path) -> TaskData:
+    import datasets
+
+    stored = load_pickle(folder / "checked.pkl")
+    data = stored["data"]
+    data.encoded = {split: EncodedSplit(datasets.load_from_disk(str(folder / split)), rows, truncated)
+                    for split, (rows, truncated) in stored["encoded"].items()}
+    return data
 
 
 @dataclass

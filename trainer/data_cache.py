@@ -1,0 +1,142 @@
+"""A node-local cache of prepared task data: the checked rows and the encoded features of a
+task, keyed by everything they are made from, so that reading, checking and tokenizing happen
+once per node and are reused by every rank on it and by every restart or later run.
+
+The key covers the data (each file's path and content hash, or size and modification time
+past 1 GiB; a hub dataset's fingerprint), the task's settings that reach the rows (type, columns, labels, bad-row policy,
+prompt, length, options), the tokenizer (its `datasets` fingerprint), the model encoding, the
+splits asked for, and the code that reads, checks and encodes (these modules' text and the
+versions of tokenizers/transformers/datasets). Anything else changes nothing here.
+
+An entry is `<root>/<task>-<key>/`: `checked.pkl` (rows and skipped-row reports) and one
+`datasets` folder per encoded split, which ranks memory-map rather than copy. It is written
+under a temporary name and renamed when complete, so a killed writer leaves no half entry;
+a file lock per entry makes the other ranks of a node wait for the first one's work instead
+of repeating it.
+
+The root is `$MTL_DATA_CACHE`, else `$XDG_CACHE_HOME/mtl/data` (`~/.cache/mtl/data`);
+`MTL_DATA_CACHE=off` turns the cache off. Removing the folder is always safe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = 1  # bump when the entry layout changes
+LOCK_WAIT_S = 3 * 3600  # another rank preparing a very large task; after this, prepare without the cache
+OFF = ("off", "0", "false", "no")
+HASH_LIMIT = 1 << 30  # data files up to 1 GiB are keyed by their content
+
+
+def cache_root() -> Path | None:
+    """Where entries live on this node, or None when the cache is off."""
+    value = os.environ.get("MTL_DATA_CACHE", "")
+    if value.lower() in OFF:
+        return None
+    if value:
+        return Path(value).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mtl" / "data"
+
+
+def fingerprint(parts: dict) -> str:
+    """A stable hash of JSON-able parts."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def file_identity(paths: list[str]) -> list[list]:
+    """What a change of a data file changes: its path and content hash; past HASH_LIMIT bytes its
+    size and modification time stand for the content (hashing would cost more than it saves)."""
+    out = []
+    for path in paths:
+        stat = os.stat(path)
+        if stat.st_size <= HASH_LIMIT:
+            digest = hashlib.sha256()
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+            out.append([os.path.realpath(path), digest.hexdigest()])
+        else:
+            out.append([os.path.realpath(path), stat.st_size, stat.st_mtime_ns])
+    return out
+
+
+def source_text_hash(files: list[str]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(set(files)):
+        digest.update(path.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:20]
+
+
+def library_versions() -> dict[str, str]:
+    import datasets
+    import tokenizers
+    import transformers
+
+    return {"datasets": datasets.__version__, "tokenizers": tokenizers.__version__,
+            "transformers": transformers.__version__}
+
+
+@dataclass
+class CacheUse:
+    """How a task's data was had: 'built' (and stored), 'hit' (loaded), or 'off'; and its seconds."""
+
+    status: str
+    seconds: float
+    entry: str = ""
+
+
+class DataCache:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def entry(self, task: str, key: str) -> Path:
+        return self.root / f"{task}-{key}"
+
+    def get_or_build(self, task: str, key: str, build: Callable[[], tuple[object, dict]],
+                     *, store: Callable[[object, Path], None], load: Callable[[Path], object]):
+        """The task's prepared data and how it was had. `build()` -> (data, meta); `store(data,
+        folder)` writes it, `load(folder)` reads it back."""
+        from filelock import FileLock, Timeout
+
+        started = time.perf_counter()
+        folder = self.entry(task, key)
+        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            with FileLock(str(folder) + ".lock", timeout=LOCK_WAIT_S):
+                if (folder / "meta.json").exists():
+                    return load(folder), CacheUse("hit", time.perf_counter() - started, str(folder))
+                data, meta = build()
+                partial = Path(tempfile.mkdtemp(prefix=f".{task}-{os.getpid()}-", dir=self.root))
+                try:
+                    store(data, partial)
+                    (partial / "meta.json").write_text(json.dumps({**meta, "format": FORMAT, "created": time.time()}))
+                    shutil.rmtree(folder, ignore_errors=True)  # a stale entry without meta.json
+                    os.rename(partial, folder)
+                finally:
+                    shutil.rmtree(partial, ignore_errors=True)
+                return data, CacheUse("built", time.perf_counter() - started, str(folder))
+        except Timeout:
+            data, _ = build()
+            return data, CacheUse("off", time.perf_counter() - started)
+
+
+def store_pickle(value: object, path: Path) -> None:
+    with open(path, "wb") as fh:
+        pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def load_pickle(path: Path) -> object:
+    # Only this node's own cache folder is read here, written by this code.
+    with open(path, "rb") as fh:
+        return pickle.load(fh)

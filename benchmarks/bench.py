@@ -14,6 +14,8 @@ Measures (goals from the project's speed issue):
   bf16       mtl's bf16/fp32 speed-up / the bare loop's                                [>= 0.90]
   ttfs       seconds from `mtl train` to its first step (the torchrun loop's beside)  [<= 25 s]
   stall      training's wait per version / the version's full write (local, S3)      [<= 0.2]
+  memory     peak resident memory per rank, ZeRO-3 / ZeRO-0, ~85M-parameter model     [<= 0.6]
+  eval       evaluation examples/s per task type, length-grouped batches / in order  [report]
   prep       preparing a 100k-row task again (node data cache) / the first time      [<= 0.10]
 Measures the table lists as not measured say why.
 """
@@ -36,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, build_model, median_after_warmup, step_times, write_rows  # noqa: E402
+from common import BASE, REPO, build_model, median_after_warmup, step_times, write_rows  # noqa: E402
 
 from launcher.local_cluster import free_port  # noqa: E402
 
@@ -72,14 +74,15 @@ def timed_lines(cmd: list[str], marker: str, timeout: float = 900) -> tuple[floa
     return first, "".join(out), time.monotonic() - started
 
 
-def mtl_job(folder: Path, model: Path, data: Path, steps: int, precision: str, name: str) -> Path:
+def mtl_job(folder: Path, model: Path, data: Path, steps: int, precision: str, name: str,
+            deepspeed: str = "zero2") -> Path:
     import yaml
 
     job = {"name": name, "model": {"name_or_path": str(model), "kind": "heads", "max_length": LENGTH},
            "tasks": {"cls": {"type": "classification", "data": {"train": str(data)}}},
            "train": {"steps": steps, "micro_batch_size": MICRO_BATCH, "micro_batches_per_step": 1, "lr": 1e-4,
                      "lr_schedule": "constant", "eval_every": 0, "checkpoint_every": 0, "precision": precision},
-           "deepspeed": "zero2", "scaling": {"num_workers": WORKERS, "cpus_per_worker": 1},
+           "deepspeed": deepspeed, "scaling": {"num_workers": WORKERS, "cpus_per_worker": 1},
            "storage": {"path": str(folder / "runs")}}
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
@@ -178,6 +181,33 @@ def stall_rows() -> list[Row]:
             for where, value in found.items()]
 
 
+PEAK = re.compile(r"\[mtl\] rank (\d+) peak memory: ([\d.]+) GiB resident")  # each rank's last line
+STAGES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
+
+
+def memory_rows(folder: Path, steps: int) -> list[Row]:
+    """Each rank's peak resident memory through a short `mtl train` of a BERT-base-shaped model
+    (~85M parameters, fp32 + AdamW) under each shipped ZeRO config, 2 workers."""
+    model, data = folder / "base-model", folder / "base-rows.jsonl"
+    params = build_model(model, **BASE)
+    write_rows(data, rows=MICRO_BATCH * WORKERS * (steps + 2), length=LENGTH)
+    peaks = {}
+    for stage in STAGES:
+        name = f"mem-{stage}-{time.monotonic_ns()}"
+        job = mtl_job(folder, model, data, steps, "fp32", name, deepspeed=stage)
+        _, out, _ = timed_lines([str(Path(PY).parent / "mtl"), "train", str(job)], "peak memory", timeout=1800)
+        ranks = {int(r): float(g) for r, g in PEAK.findall(out)}
+        if len(ranks) != WORKERS:
+            raise RuntimeError(f"{stage}: expected {WORKERS} peak-memory lines:\n{out[-3000:]}")
+        peaks[stage] = max(ranks.values())
+    base = peaks["zero0"]
+    listing = ", ".join(f"{s.replace('zero', 'stage ').replace('_offload', '+offload')} {v:.2f}"
+                        for s, v in peaks.items())
+    return [Row(f"ZeRO memory: peak resident GiB per rank, {params / 1e6:.0f}M params", f"{peaks['zero3']:.2f} (stage 3)",
+                f"{base:.2f} (stage 0)", peaks["zero3"] / base, "<= 0.6", peaks["zero3"] / base <= 0.6,
+                f"`mtl train` {steps} steps, 2 workers, fp32 AdamW; the largest rank's `peak memory` line: {listing}")]
+
+
 PREPARED = re.compile(r"^prepared (\w+) ([\d.]+) (\d+)", re.M)  # data_prep.py's line
 
 
@@ -217,6 +247,44 @@ def write_varied_rows(path: Path, rows: int, seed: int = 0) -> None:
         for _ in range(rows):
             text = " ".join(rng.choice(vocab) for _ in range(rng.randint(8, 120)))
             fh.write(json.dumps({"text": text, "label": rng.choice(["negative", "positive"])}) + "\n")
+
+
+def eval_rows(job_path: str, rows: int) -> list[Row]:
+    """Examples/s of the evaluation pass of each task of a job (the demo's: rank classification,
+    generated QA answers and summaries) on the model it starts from, one process: features in
+    their order against batches of similar length (what evaluation does). The predictions of
+    both orders are compared too."""
+    import torch
+
+    from launcher.jobfile import load_job
+    from trainer.evaluation import build_eval_set, evaluate_task
+    from trainer.model_io import load_tokenizer_and_encoding
+    from trainer.models import HeadSpec, build_model
+    from trainer.task_data import prepare_tasks
+
+    spec = load_job(job_path, [])
+    tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
+    tasks = prepare_tasks(spec, tokenizer, encoding, splits=("test",), limit=rows)  # the demo's largest held-out split
+    model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
+                        heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()])
+    batch = spec.train.eval_batch_size or spec.train.micro_batch_size
+    out = []
+    for name, data in tasks.items():
+        es = build_eval_set(spec, name, data, tokenizer, encoding, "test")
+        seconds, predictions = {}, {}
+        for by_length in (False, True):
+            started = time.perf_counter()
+            result = evaluate_task(model, es, rank=0, world=1, batch_size=batch, pad_id=tokenizer.pad_token_id,
+                                   encoding=encoding, synced=False, device=torch.device("cpu"), by_length=by_length)
+            seconds[by_length], predictions[by_length] = time.perf_counter() - started, result.predictions
+        n = len(predictions[True])
+        same = sum(predictions[True][i] == predictions[False][i] for i in predictions[True])
+        after, before = n / seconds[True], n / seconds[False]
+        out.append(Row(f"evaluation: {name} ({spec.tasks[name].type}), examples/s", f"{after:.2f}",
+                       f"{before:.2f} (features in order)", after / before, "report", None,
+                       f"{n} test rows of `{job_path}`, its starting model, batches of {batch}, 1 process; "
+                       f"{same}/{n} predictions identical"))
+    return out
 
 
 def token_rows(job_path: str, batches: int, common_rows: int) -> list[Row]:
@@ -294,8 +362,6 @@ def token_rows(job_path: str, batches: int, common_rows: int) -> list[Row]:
 
 
 NOT_YET = [
-    Row("ZeRO memory, stage 3 / stage 0 peak RSS", "-", "-", None, "<= 0.6", None, "not measured yet"),
-    Row("evaluation throughput (examples/s per task type)", "-", "-", None, "report", None, "not measured yet"),
     Row("GPU MFU (125M-1B, bf16, ZeRO-2)", "-", "-", None, ">= 40%", None, "needs a GPU; none on this machine"),
 ]
 
@@ -321,8 +387,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--only", default="speed,bf16,tokens,stall,prep",
-                        help="comma list of: speed, bf16, tokens, stall, prep")
+    parser.add_argument("--only", default="speed,bf16,tokens,stall,prep,memory,eval",
+                        help="comma list of: speed, bf16, tokens, stall, prep, memory, eval")
+    parser.add_argument("--eval-rows", type=int, default=64, help="eval: test rows per task")
     parser.add_argument("--prep-rows", type=int, default=100_000)
     parser.add_argument("--tokens-job", default="jobs/demo.yaml", help="tokens: the job whose data and model to use "
                                                                         "(`make demo-data` prepares the demo's)")
@@ -336,10 +403,14 @@ def main() -> None:
         ENV["MTL_DATA_CACHE"] = str(Path(tmp) / "data-cache")  # the bench's runs keep out of the user's cache
         if only & {"speed", "bf16"}:
             rows += speed_rows(Path(tmp), args.repeats, args.steps, with_bf16="bf16" in only)
+        if "memory" in only:
+            rows += memory_rows(Path(tmp), steps=3)
         if "prep" in only:
             rows += prep_rows(Path(tmp), args.repeats, args.prep_rows)
     if "tokens" in only:
         rows += token_rows(args.tokens_job, args.tokens_batches, common_rows=8)
+    if "eval" in only:
+        rows += eval_rows(args.tokens_job, args.eval_rows)
     if "stall" in only:
         rows += stall_rows()
     rows += NOT_YET

@@ -21,15 +21,18 @@ sys.path.insert(0, str(REPO / "tests"))
 HIDDEN, LAYERS, HEADS, FFN = 384, 6, 12, 1536
 
 
-def build_model(folder: Path) -> int:
-    """A random MiniLM-L6-shaped BERT and its tokenizer in `folder`; returns its parameter count."""
+BASE = {"hidden": 768, "layers": 12, "heads": 12, "ffn": 3072}  # BERT-base's geometry: ~85M parameters here
+
+
+def build_model(folder: Path, hidden: int = HIDDEN, layers: int = LAYERS, heads: int = HEADS, ffn: int = FFN) -> int:
+    """A random BERT (MiniLM-L6-shaped unless told) and its tokenizer in `folder`; returns its parameter count."""
     from transformers import BertConfig, BertModel
 
     from conftest import build_tokenizer
 
     tok = build_tokenizer(folder)
-    config = BertConfig(vocab_size=len(tok), hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
-                        intermediate_size=FFN, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=ffn, max_position_embeddings=512, pad_token_id=tok.pad_token_id)
     model = BertModel(config)
     model.save_pretrained(folder)
     return sum(p.numel() for p in model.parameters())

@@ -67,9 +67,10 @@ def _my_indices(n: int, rank: int, world: int) -> list[int]:
 
 @torch.no_grad()
 def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int, pad_id: int,
-                  encoding: str, synced: bool, device="cpu") -> EvalResult:
+                  encoding: str, synced: bool, device="cpu", by_length: bool = True) -> EvalResult:
     candidates = predict_features(model, es, _my_indices(len(es.features), rank, world), batch_size=batch_size,
-                                  pad_id=pad_id, encoding=encoding, synced=synced, device=device)
+                                  pad_id=pad_id, encoding=encoding, synced=synced, device=device,
+                                  by_length=by_length)
     if world > 1:
         candidates = [c for part in all_gather_objects(candidates) for c in part]
     best = best_per_example(candidates)
@@ -83,13 +84,26 @@ def evaluate_task(model, es: EvalSet, *, rank: int, world: int, batch_size: int,
 
 @torch.no_grad()
 def predict_features(model, es: EvalSet, indices: list[int], *, batch_size: int, pad_id: int, encoding: str,
-                     synced: bool = False, device="cpu") -> list[tuple]:
-    """(example_id, score, prediction) for the features at `indices`, in eval mode."""
+                     synced: bool = False, device="cpu", by_length: bool = True) -> list[tuple]:
+    """(example_id, score, prediction) for the features at `indices`, in eval mode.
+
+    by_length: batches of features of similar length (longest first), so little of a batch is
+    padding; what a feature scores does not depend on its batch-mates."""
+    if by_length:
+        indices = length_order(es.features, indices)
     with eval_mode(model):
         candidates: list[tuple] = []
         for chunk in _chunks(es, indices, batch_size):
             candidates.extend(_predict(model, es, chunk, pad_id, encoding, synced, device))
         return candidates
+
+
+def length_order(features, indices: list[int]) -> list[int]:
+    """`indices`, longest first by what the model reads: a causal prompt (generation and ranking
+    run on it alone), else the whole input."""
+    column = "prompt_length" if "prompt_length" in features.column_names else "length"
+    lengths = features[column]
+    return sorted(indices, key=lambda i: -lengths[i])
 
 
 @contextmanager

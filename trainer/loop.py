@@ -33,7 +33,7 @@ from trainer.early_stopping import EarlyStopping
 from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
 from trainer import registry
-from trainer.reporting import StepStats, flat_hparams, quiet_libraries, say, step_line
+from trainer.reporting import StepStats, flat_hparams, peak_memory_line, quiet_libraries, say, step_line
 from trainer.sampling import StepPlanner, mixture_rates
 from trainer.safe_load import weights_only_loads
 from trainer.scratch import remove_orphans, scratch, scratch_dir
@@ -348,6 +348,7 @@ def fit(run: Run) -> None:
                 f"{WAIT_AT_END_S:.0f}s; the run ends without it (mtl eval --split validation scores it)")
     if run.trackers is not None:
         run.trackers.close()
+    say(peak_memory_line(run.rank, run.device))
 
 
 def primary_scores(last_eval: dict) -> dict[str, float]:

@@ -123,3 +123,18 @@ def test_ranks_starting_together_prepare_once(data_dir, tokenizer_dir, tmp_path,
     assert all(p.returncode == 0 for p in procs)
     assert sorted(o[0] for o in outs) == ["built", "hit"]
     assert outs[0][1] == outs[1][1] == "3000"
+
+
+def test_a_broken_entry_is_prepared_anew_and_an_unusable_folder_only_costs_the_reuse(data_dir, tokenizer, tmp_path,
+                                                                                      cache, monkeypatch):
+    job = job_dict(data_dir, tasks=("sentiment",))
+    first = prepared(job, tokenizer)["sentiment"]
+    (cache / first.cache.entry.split("/")[-1] / "checked.pkl").write_bytes(b"cut short")
+    again = prepared(job, tokenizer)["sentiment"]
+    assert again.cache.status == "built" and contents(again) == contents(first)
+    assert prepared(job, tokenizer)["sentiment"].cache.status == "hit"
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be a folder
+    fallback = prepared(job, tokenizer)["sentiment"]
+    assert fallback.cache.status == "off" and contents(fallback) == contents(first)

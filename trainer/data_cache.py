@@ -111,24 +111,45 @@ class DataCache:
 
         started = time.perf_counter()
         folder = self.entry(task, key)
-        self.root.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(folder) + ".lock")
         try:
-            with FileLock(str(folder) + ".lock", timeout=LOCK_WAIT_S):
-                if (folder / "meta.json").exists():
-                    return load(folder), CacheUse("hit", time.perf_counter() - started, str(folder))
-                data, meta = build()
-                partial = Path(tempfile.mkdtemp(prefix=f".{task}-{os.getpid()}-", dir=self.root))
-                try:
-                    store(data, partial)
-                    (partial / "meta.json").write_text(json.dumps({**meta, "format": FORMAT, "created": time.time()}))
-                    shutil.rmtree(folder, ignore_errors=True)  # a stale entry without meta.json
-                    os.rename(partial, folder)
-                finally:
-                    shutil.rmtree(partial, ignore_errors=True)
-                return data, CacheUse("built", time.perf_counter() - started, str(folder))
-        except Timeout:
+            self.root.mkdir(parents=True, exist_ok=True)
+            lock.acquire(timeout=LOCK_WAIT_S)
+        except (OSError, Timeout):  # no usable cache folder, or another rank took too long: prepare here
             data, _ = build()
             return data, CacheUse("off", time.perf_counter() - started)
+        try:
+            if (folder / "meta.json").exists():
+                try:
+                    return load(folder), CacheUse("hit", time.perf_counter() - started, str(folder))
+                except Exception:  # noqa: BLE001 - unreadable (another Python, a cut copy): prepare anew
+                    pass
+            data, meta = build()
+            stored = self._store(folder, data, meta, store)
+            return data, CacheUse("built" if stored else "off", time.perf_counter() - started,
+                                  str(folder) if stored else "")
+        finally:
+            lock.release()
+
+    def _store(self, folder: Path, data, meta: dict, store) -> bool:
+        """Write the entry under a temporary name, then rename it into place. A cache that cannot be
+        written (a full disk, a folder of someone else's) costs the reuse, never the run."""
+        partial = None
+        try:
+            partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-{os.getpid()}-", dir=self.root))
+            store(data, partial)
+            (partial / "meta.json").write_text(json.dumps({**meta, "format": FORMAT, "created": time.time()}))
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private; others on a shared node may read it
+            shutil.rmtree(folder, ignore_errors=True)  # an entry without meta.json, or one that did not load
+            os.rename(partial, folder)
+            return True
+        except OSError:
+            return False
+        finally:
+            if partial is not None:
+                shutil.rmtree(partial, ignore_errors=True)
 
 
 def store_pickle(value: object, path: Path) -> None:

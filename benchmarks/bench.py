@@ -249,6 +249,17 @@ def write_varied_rows(path: Path, rows: int, seed: int = 0) -> None:
             fh.write(json.dumps({"text": text, "label": rng.choice(["negative", "positive"])}) + "\n")
 
 
+def job_data(job_path: str, splits: tuple[str, ...], limit: int | None = None):
+    """A job file's spec, tokenizer, model encoding and prepared tasks (these `splits`)."""
+    from launcher.jobfile import load_job
+    from trainer.model_io import load_tokenizer_and_encoding
+    from trainer.task_data import prepare_tasks
+
+    spec = load_job(job_path, [])
+    tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
+    return spec, tokenizer, encoding, prepare_tasks(spec, tokenizer, encoding, splits=splits, limit=limit)
+
+
 def eval_rows(job_path: str, rows: int) -> list[Row]:
     """Examples/s of the evaluation pass of each task of a job (the demo's: rank classification,
     generated QA answers and summaries) on the model it starts from, one process: features in
@@ -256,15 +267,10 @@ def eval_rows(job_path: str, rows: int) -> list[Row]:
     both orders are compared too."""
     import torch
 
-    from launcher.jobfile import load_job
     from trainer.evaluation import build_eval_set, evaluate_task
-    from trainer.model_io import load_tokenizer_and_encoding
     from trainer.models import HeadSpec, build_model
-    from trainer.task_data import prepare_tasks
 
-    spec = load_job(job_path, [])
-    tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
-    tasks = prepare_tasks(spec, tokenizer, encoding, splits=("test",), limit=rows)  # the demo's largest held-out split
+    spec, tokenizer, encoding, tasks = job_data(job_path, ("test",), limit=rows)  # the demo's largest held-out split
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()])
     batch = spec.train.eval_batch_size or spec.train.micro_batch_size
@@ -296,15 +302,10 @@ def token_rows(job_path: str, batches: int, common_rows: int) -> list[Row]:
     import numpy as np
     import torch
 
-    from launcher.jobfile import load_job
     from trainer.batching import collate, group_micro_batches, shard_indices, task_salt
-    from trainer.model_io import load_tokenizer_and_encoding
-    from trainer.models import HeadSpec, build_model
-    from trainer.task_data import prepare_tasks
+    from trainer.models import build_model
 
-    spec = load_job(job_path, [])
-    tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
-    tasks = prepare_tasks(spec, tokenizer, encoding, splits=("train",))
+    spec, tokenizer, encoding, tasks = job_data(job_path, ("train",))
     world, seed, rng = spec.scaling.num_workers, spec.train.seed, np.random.default_rng(0)
     ours, pooled, ours_lengths = {}, [], []
     for name, data in tasks.items():

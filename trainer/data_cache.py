@@ -3,9 +3,10 @@ task, keyed by everything they are made from, so that reading, checking and toke
 once per node and are reused by every rank on it and by every restart or later run.
 
 The key covers the data (each file's path and content hash, or size and modification time
-past 1 GiB; a hub dataset's fingerprint), the task's settings that reach the rows (type, columns, labels, bad-row policy,
-prompt, length, options), the tokenizer (its `datasets` fingerprint), the model encoding, the
-splits asked for, and the code that reads, checks and encodes (these modules' text and the
+past 1 GiB; a hub dataset's fingerprint), the task's settings that reach the rows (type,
+columns, labels, bad-row policy, prompt, length, options), the tokenizer (its `datasets`
+fingerprint), the model encoding, the splits asked for, and the code that reads, checks,
+encodes and stores (these modules' text, so a change of the entry layout is a new key; and the
 versions of tokenizers/transformers/datasets). Anything else changes nothing here.
 
 An entry is `<root>/<task>-<key>/`: `checked.pkl` (rows and skipped-row reports) and one
@@ -31,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-FORMAT = 1  # bump when the entry layout changes
 LOCK_WAIT_S = 3 * 3600  # another rank preparing a very large task; after this, prepare without the cache
 OFF = ("off", "0", "false", "no")
 HASH_LIMIT = 1 << 30  # data files up to 1 GiB are keyed by their content
@@ -70,14 +70,6 @@ def file_identity(paths: list[str]) -> list[list]:
     return out
 
 
-def source_text_hash(files: list[str]) -> str:
-    digest = hashlib.sha256()
-    for path in sorted(set(files)):
-        digest.update(path.encode())
-        digest.update(Path(path).read_bytes())
-    return digest.hexdigest()[:20]
-
-
 def library_versions() -> dict[str, str]:
     import datasets
     import tokenizers
@@ -103,10 +95,10 @@ class DataCache:
     def entry(self, task: str, key: str) -> Path:
         return self.root / f"{task}-{key}"
 
-    def get_or_build(self, task: str, key: str, build: Callable[[], tuple[object, dict]],
+    def get_or_build(self, task: str, key: str, build: Callable[[], object],
                      *, store: Callable[[object, Path], None], load: Callable[[Path], object]):
-        """The task's prepared data and how it was had. `build()` -> (data, meta); `store(data,
-        folder)` writes it, `load(folder)` reads it back."""
+        """The task's prepared data and how it was had. `build()` makes it; `store(data, folder)`
+        writes it, `load(folder)` reads it back."""
         from filelock import FileLock, Timeout
 
         started = time.perf_counter()
@@ -116,29 +108,28 @@ class DataCache:
             self.root.mkdir(parents=True, exist_ok=True)
             lock.acquire(timeout=LOCK_WAIT_S)
         except (OSError, Timeout):  # no usable cache folder, or another rank took too long: prepare here
-            data, _ = build()
-            return data, CacheUse("off", time.perf_counter() - started)
+            return build(), CacheUse("off", time.perf_counter() - started)
         try:
             if (folder / "meta.json").exists():
                 try:
                     return load(folder), CacheUse("hit", time.perf_counter() - started, str(folder))
                 except Exception:  # noqa: BLE001 - unreadable (another Python, a cut copy): prepare anew
                     pass
-            data, meta = build()
-            stored = self._store(folder, data, meta, store)
+            data = build()
+            stored = self._store(folder, data, store)
             return data, CacheUse("built" if stored else "off", time.perf_counter() - started,
                                   str(folder) if stored else "")
         finally:
             lock.release()
 
-    def _store(self, folder: Path, data, meta: dict, store) -> bool:
+    def _store(self, folder: Path, data, store) -> bool:
         """Write the entry under a temporary name, then rename it into place. A cache that cannot be
         written (a full disk, a folder of someone else's) costs the reuse, never the run."""
         partial = None
         try:
             partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-{os.getpid()}-", dir=self.root))
             store(data, partial)
-            (partial / "meta.json").write_text(json.dumps({**meta, "format": FORMAT, "created": time.time()}))
+            (partial / "meta.json").write_text(json.dumps({"entry": folder.name, "created": time.time()}))
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private; others on a shared node may read it

@@ -7,6 +7,7 @@ from __future__ import annotations
 import glob
 import inspect
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from trainer.batching import group_micro_batches, shard_indices, task_salt
 from trainer.data_cache import (CacheUse, DataCache, cache_root, file_identity, fingerprint, library_versions,
-                                load_pickle, source_text_hash, store_pickle)
+                                load_pickle, store_pickle)
 from trainer.read_data import RawSplit, read_splits, source_files
 from trainer.check_encode import CheckedTask, EncodedSplit, check_task, encode_split
 from trainer.tasks import registry
@@ -77,13 +78,14 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
     out = {}
     for name in tasks or spec.tasks:
         if root is None:
+            started = time.perf_counter()
             out[name] = _prepare_task(spec, name, tokenizer, encoding, splits, limit)
-            out[name].cache = CacheUse("off", 0.0)
+            out[name].cache = CacheUse("off", time.perf_counter() - started)
             continue
         raw = read_splits(name, spec.tasks[name].data) if spec.tasks[name].data.hub else None
         key = fingerprint(cache_key(spec, name, tokenizer, encoding, splits, limit, raw))
         data, use = DataCache(root).get_or_build(
-            name, key, lambda: (_prepare_task(spec, name, tokenizer, encoding, splits, limit, raw), {"task": name}),
+            name, key, lambda: _prepare_task(spec, name, tokenizer, encoding, splits, limit, raw),
             store=_store_task, load=_load_task)
         data.cache = use
         out[name] = data
@@ -124,15 +126,15 @@ def cache_key(spec, name: str, tokenizer, encoding: str, splits, limit: int | No
 
 
 def _code_hash(task_type) -> str:
-    """The text of the code that reads, checks and encodes rows, the task type's own included."""
+    """The text of the code that reads, checks, encodes and stores rows, the task type's own included."""
     here = Path(__file__).parent
-    files = [str(here / f) for f in ("read_data.py", "check_encode.py", "task_data.py")]
+    files = [str(here / f) for f in ("read_data.py", "check_encode.py", "task_data.py", "data_cache.py")]
     files += glob.glob(str(here / "tasks" / "*.py"))
     for fn in (task_type.check_row, task_type.encode, task_type.reference):
         source = inspect.getsourcefile(fn)
         if source and os.path.exists(source):
             files.append(source)
-    return source_text_hash(files)
+    return fingerprint(file_identity(sorted(set(files))))
 
 
 def _store_task(data: TaskData, folder: Path) -> None:

@@ -65,7 +65,7 @@ class ReferenceClassifier:
                 super().__init__()
                 self.backbone = BertModel.from_pretrained(model_dir, add_pooling_layer=False)
                 self.dropout = nn.Dropout(0.1)
-                self.out = nn.Linear(HIDDEN, num_labels)
+                self.out = nn.Linear(self.backbone.config.hidden_size, num_labels)
 
             def forward(self, input_ids, attention_mask, labels):
                 hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

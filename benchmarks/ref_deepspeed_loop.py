@@ -33,7 +33,7 @@ def main() -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     torch.manual_seed(0)
-    model = ReferenceClassifier(args.model)
+    model = ReferenceClassifier(args.model).train()  # from_pretrained leaves the encoder in eval mode: no dropout
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     config = {"train_micro_batch_size_per_gpu": args.micro_batch, "gradient_accumulation_steps": 1,
               "train_batch_size": args.micro_batch * world, "gradient_clipping": 1.0,

@@ -15,6 +15,10 @@ import json
 
 from trainer.errors import SpecError
 
+# ZeRO sizes that scale with the model; a file may leave them "auto" (fill_model_sizes).
+MODEL_SIZED_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
+                    "stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size")
+
 DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
                 "gradient_clipping")
 
@@ -64,6 +68,40 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
     zero = config.get("zero_optimization", {})
     if zero.get("stage") == 3:  # a version then holds whole weights (weights/), read without optimizer shards
         zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
+def fill_model_sizes(config: dict, hidden_size: int | None) -> dict:
+    """ZeRO's model-sized knobs that the file leaves "auto", from the model's hidden size h.
+
+    DeepSpeed's own defaults (5e8-1e9 elements) suit models of billions of parameters; on
+    smaller ones they undo ZeRO-3's saving. Measured with a BERT-base-shaped model, 2 ranks
+    (BENCHMARKS.md): a reduce bucket allocated up front at 5e8 elements (2 GB in fp32), every
+    gathered parameter kept live from the forward to the backward (up to 1e9 of them), and
+    the optimizer's flat copy and temporaries over the whole partition at once.
+
+    - reduce_bucket_size h², stage3_prefetch_bucket_size 0.9 h², parameters under 10 h kept
+      whole on every rank (stage3_param_persistence_threshold): transformers' Trainer's rule;
+    - stage3_max_live_parameters and stage3_max_reuse_distance 24 h² (about two transformer
+      layers): a layer's parameters are released after it runs and gathered again for its
+      backward, as ZeRO-3 is described;
+    - sub_group_size 12 h² (about one layer): the optimizer steps that many elements at a time.
+
+    Without a hidden size, DeepSpeed's defaults.
+    """
+    zero = config.get("zero_optimization", {})
+    h2 = hidden_size * hidden_size if hidden_size else 0
+    sizes = {} if not hidden_size else {
+        "reduce_bucket_size": h2, "stage3_prefetch_bucket_size": int(0.9 * h2),
+        "stage3_param_persistence_threshold": 10 * hidden_size,
+        "stage3_max_live_parameters": 24 * h2, "stage3_max_reuse_distance": 24 * h2, "sub_group_size": 12 * h2,
+    }
+    for key in MODEL_SIZED_KEYS:
+        if zero.get(key) == "auto":
+            if key in sizes:
+                zero[key] = sizes[key]
+            else:
+                del zero[key]
     return config
 
 

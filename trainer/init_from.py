@@ -1,7 +1,8 @@
 """Starting a new run from another run's version: its weights, this job's tasks.
 
 `init_from: {experiment, version}` loads the version's model weights into the model this job
-builds, before DeepSpeed partitions it (every rank builds the whole model, trainer.loop.setup):
+builds, before DeepSpeed's engine is made (under ZeRO-3 the model is already partitioned then: its
+parameters are gathered for the load, trainer.models.zero3_construction):
 
 - a task the version knows keeps its head (text2text models: the LM that learned its prompt);
 - a task it does not know gets a new head, initialised as in any new run;
@@ -19,11 +20,13 @@ the old head would answer with the wrong label ids; both are refused with what d
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from trainer.errors import UserError
+from trainer.models import is_partitioned
 
 
 def init_location(spec):
@@ -63,6 +66,20 @@ def label_problems(spec, manifest: dict, labels: dict[str, tuple[str, ...]]) -> 
             if task in labels and info.get("labels") and list(labels[task]) != list(info["labels"])]
 
 
+@contextmanager
+def whole_parameters(model: torch.nn.Module):
+    """A ZeRO-3 model's parameters gathered whole for writing, then partitioned again from
+    rank 0's values (every rank writes the same). A model built whole is left as it is."""
+    partitioned = [p for p in model.parameters() if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
+
+
 def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str, ...]]) -> dict:
     """Load init_from's version into `model` (this job's, before DeepSpeed); returns what was
     kept, added and dropped, by task."""
@@ -85,7 +102,8 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
     if old != new:  # one learned log-variance per task, in task order
         weights = {k: v for k, v in weights.items() if not k.startswith("loss_weighting.")}
     try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
+        with whole_parameters(model):
+            missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as exc:  # shapes differ: another base model or LoRA rank
         raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: "
                         f"{str(exc).splitlines()[-1].strip()}") from None

@@ -20,12 +20,12 @@ from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
 from trainer.collectives import barrier, to_device
 from trainer.deferred_writes import DeferredWrites
-from trainer.ds_config import job_ds_config
+from trainer.ds_config import fill_model_sizes, job_ds_config
 from trainer.errors import first_line
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.init_from import forgetting_table, load_init_optimizer, load_init_weights
 from trainer.job_env import load_job_env
-from trainer.model_io import load_tokenizer_and_encoding
+from trainer.model_io import load_model_files
 from trainer.precision import agreed_precision
 from trainer.adapt_mixture import MixtureAdapter
 from trainer.background_validation import WAIT_AT_END_S, BackgroundValidation
@@ -113,7 +113,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
         skip_inference_comm_op()
     say_placement(rank, world, device)
-    tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
+    base_config, tokenizer, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
     tasks = prepare_tasks(spec, tokenizer, encoding)
     say_data_cache(rank, tasks)
     streams = build_streams(spec, tasks, tokenizer, rank, world)
@@ -126,11 +126,12 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     if warning and rank == 0:
         say(f"[mtl] warning: {warning}")
     spec.train.precision = precision  # what the run trains in, as its versions record it
+    ds_config = fill_model_sizes(job_ds_config(spec, world, base=ds_base), getattr(base_config, "hidden_size", None))
     torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],
                         loss_weighting=weighting if isinstance(weighting, UncertaintyWeighting) else None,
-                        lora=spec.model.lora.model_dump() if spec.model.lora else None)
+                        lora=spec.model.lora.model_dump() if spec.model.lora else None, ds_config=ds_config)
     storage = Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path)
     started_from = None
     if spec.init_from is not None and not ckpt.committed_versions(storage):  # a run with versions resumes from its own
@@ -141,7 +142,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(spec.train.lr_schedule, spec.train.warmup_steps, spec.train.steps))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=job_ds_config(spec, world, base=ds_base))
+                                           config=ds_config)
     engine.checkpoint_engine = DeferredWrites()  # versions: a memory copy in the loop, files on a thread
     engine.train()  # from_pretrained leaves the backbone in eval mode: dropout would be off
     # Dropout differs per rank (as it would on separate machines) but is reproducible.

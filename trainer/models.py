@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -114,16 +115,59 @@ def _auto_class(kind: str, encoding: str):
 
 
 def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[HeadSpec],
-                loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
+                loss_weighting: nn.Module | None = None, lora: dict | None = None,
+                ds_config: dict | None = None) -> MultiTaskModel:
     """The model to train: pretrained weights from `name_or_path`, new heads.
 
     Weights load in fp32 whatever dtype the checkpoint was stored in (transformers 5 defaults
     to dtype="auto", so a bf16 hub checkpoint would come back bf16): `train.precision: fp32`
     must train in fp32, and for bf16/fp16 DeepSpeed casts the model itself while its
     optimizer keeps fp32 master weights. New heads are built in the same fp32.
+
+    With `ds_config` at ZeRO-3 (every rank calls this together), the pretrained model is
+    built already partitioned: see zero3_construction.
     """
-    base = _auto_class(kind, encoding).from_pretrained(name_or_path, dtype=torch.float32)
+    rng = torch.random.get_rng_state()
+    with zero3_construction(ds_config):
+        base = _auto_class(kind, encoding).from_pretrained(name_or_path, dtype=torch.float32)
+    # New heads start from the caller's seed whatever the base's build drew from the generator
+    # (weights a checkpoint lacks are drawn at random), so `mtl eval --compare untrained`
+    # rebuilds them equal whether the run was partitioned or not.
+    torch.random.set_rng_state(rng)
     return _assemble(kind, base, heads, loss_weighting, lora)
+
+
+@contextmanager
+def zero3_construction(ds_config: dict | None):
+    """Under ZeRO-3, let transformers build the pretrained model inside `deepspeed.zero.Init`.
+
+    Each parameter is partitioned across the ranks as it is created and rank 0 alone reads
+    the checkpoint, handing each rank its part, so no rank ever holds the whole model. It
+    goes through transformers (HfDeepSpeedConfig), which initialises and loads the
+    partitioned weights; a model built inside zero.Init by hand keeps weights that were
+    never initialised. New heads and LoRA adapters are small: they are built whole and
+    DeepSpeed partitions them when the engine is made.
+    """
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        yield
+        return
+    import deepspeed
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    deepspeed.init_distributed()  # zero.Init reads the world size from DeepSpeed's comm layer (it wraps the
+    # process group Ray Train made); without it, it checks the batch sizes against a world of one
+    alive = HfDeepSpeedConfig(ds_config)  # transformers holds only a weak reference to it
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()  # later models in this process (evaluation) are built whole
+        del alive
+
+
+def is_partitioned(p: torch.Tensor) -> bool:
+    """Whether a parameter is a ZeRO-3 partition (its full shape is then `ds_shape`)."""
+    return hasattr(p, "ds_shape")
 
 
 def build_model_from_config(*, kind: str, encoding: str, config, heads: list[HeadSpec],
@@ -166,7 +210,7 @@ def param_groups(model: MultiTaskModel, *, weight_decay: float, weighting_lr: fl
             continue
         if name.startswith("loss_weighting."):
             weights.append(p)
-        elif p.ndim < 2:
+        elif len(p.ds_shape if is_partitioned(p) else p.shape) < 2:  # a ZeRO-3 partition is flat
             no_decay.append(p)
         else:
             decay.append(p)

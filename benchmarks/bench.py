@@ -139,7 +139,7 @@ def speed_rows(folder: Path, repeats: int, steps: int, with_bf16: bool) -> list[
         bare.append(run_bare(model, data, steps))
     global_rows = MICRO_BATCH * WORKERS
     shape = (f"{params / 1e6:.1f}M-parameter encoder, {MICRO_BATCH}x{LENGTH} tokens per rank, {WORKERS} workers "
-             f"x 1 thread, ZeRO-2, fp32, median of steps 3..{steps}, {repeats} alternating runs each")
+             f"x 1 thread, ZeRO-2, fp32, dropout on both sides, median of steps 3..{steps}, {repeats} alternating runs each")
     mtl_sps, ref_sps = global_rows / med(ours, "step"), global_rows / med(torchrun, "step")
     bare_tps, mtl_tps = global_rows * LENGTH / med(bare, "step"), global_rows * LENGTH / med(ours, "step")
     rows = [

@@ -329,6 +329,8 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
     job["train"].update({"steps": 2, "checkpoint_every": 0, "eval_every": 0, "lr": 1e-3})
     if ds_config == "zero3":  # its parameters are partitioned too: reading them is a collective
         job["loss_weighting"] = {"strategy": "uncertainty"}
+        # LoRA on a backbone built partitioned: adapters built whole, partitioned by the engine.
+        job["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
     run_job(job)
     version = tmp_path / "runs" / job["name"] / "step-000002"
     assert (version / "COMMITTED").exists()

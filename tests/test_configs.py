@@ -58,6 +58,11 @@ def test_ds_config_auto_is_filled_and_conflicts_raise():
                              precision="fp32")
     assert config["train_batch_size"] == 24 and config["gradient_clipping"] == 0.0
     assert "bf16" not in config and "fp16" not in config
+    with pytest.raises(SpecError, match=r"zero_optimization.allgather_bucket_size is \"auto\""):
+        build_ds_config({"zero_optimization": {"stage": 2, "allgather_bucket_size": "auto",
+                                               "reduce_bucket_size": "auto"}},  # the model fills this one
+                        micro_batch_size=2, micro_batches_per_step=3, world_size=4, max_grad_norm=None,
+                        precision="fp32")
     with pytest.raises(SpecError, match="optimizer"):
         build_ds_config({"optimizer": {"type": "Adam"}}, micro_batch_size=2, micro_batches_per_step=3,
                         world_size=4, max_grad_norm=None, precision="fp32")

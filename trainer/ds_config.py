@@ -64,11 +64,24 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
         config.pop(mode, None)
     if precision in ("fp16", "bf16"):
         config[precision] = {"enabled": True}
+    unfilled = [path for path in _auto_paths(config) if path.split(".")[-1] not in MODEL_SIZED_KEYS]
+    if unfilled:  # DeepSpeed would only refuse it on the workers, after Ray started
+        raise SpecError(field, f"{unfilled[0]} is \"auto\" in the DeepSpeed config, and only these are filled in: "
+                               f"{', '.join(DERIVED_KEYS + MODEL_SIZED_KEYS)}; give it a value or remove it")
     config.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
     zero = config.get("zero_optimization", {})
     if zero.get("stage") == 3:  # a version then holds whole weights (weights/), read without optimizer shards
         zero["stage3_gather_16bit_weights_on_model_save"] = True
     return config
+
+
+def _auto_paths(node, prefix: str = ""):
+    """Dotted paths of the values that are "auto" in a nested config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _auto_paths(value, f"{prefix}{key}.")
+    elif node == "auto":
+        yield prefix[:-1]
 
 
 def fill_model_sizes(config: dict, hidden_size: int | None) -> dict:

@@ -63,6 +63,10 @@ def test_ds_config_auto_is_filled_and_conflicts_raise():
                                                "reduce_bucket_size": "auto"}},  # the model fills this one
                         micro_batch_size=2, micro_batches_per_step=3, world_size=4, max_grad_norm=None,
                         precision="fp32")
+    with pytest.raises(SpecError, match=r"^deepspeed: reduce_bucket_size is"):  # only filled in zero_optimization
+        build_ds_config({"reduce_bucket_size": "auto"},
+                        micro_batch_size=2, micro_batches_per_step=3, world_size=4, max_grad_norm=None,
+                        precision="fp32")
     with pytest.raises(SpecError, match="optimizer"):
         build_ds_config({"optimizer": {"type": "Adam"}}, micro_batch_size=2, micro_batches_per_step=3,
                         world_size=4, max_grad_norm=None, precision="fp32")

@@ -424,6 +424,36 @@ def test_zero3_resume_is_exact_with_dropout_and_a_new_run_starts_from_its_versio
     assert json.loads((runs / "more" / "step-000001" / "trainer_state.json").read_text())["step"] == 1
 
 
+@pytest.mark.drill
+def test_a_zero3_version_written_before_auto_sizes_resumes_exactly(ray_cluster, data_dir, model_dir, tmp_path, capsys):
+    """Its optimizer state is cut into DeepSpeed's default sub-groups: the "auto" sizes keep them."""
+    ds = tmp_path / "zero3.json"
+
+    def job(name, steps):
+        j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+        j.update(name=name, deepspeed=str(ds), storage={"path": str(tmp_path / "runs")})
+        j["train"].update({"steps": steps, "checkpoint_every": 2, "eval_every": 0, "lr": 1e-3,
+                           "lr_schedule": "constant"})
+        return j
+
+    ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}))
+    run_job(job("straight", 4))
+    run_job(job("resumed", 2))
+    state_file = tmp_path / "runs" / "resumed" / "step-000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("optimizer_layout") == {"sub_group_size": 1_000_000_000}
+    state_file.write_text(json.dumps(state))  # as a version written before the layout was recorded
+    ds.write_text((REPO / "ds_configs" / "zero3.json").read_text())  # with "auto" sizes
+    capsys.readouterr()
+    run_job(job("resumed", 4))
+    assert "universal" not in capsys.readouterr().out  # resumed in place, not converted
+    runs = tmp_path / "runs"
+    assert scalars(runs / "straight" / "tensorboard", "loss/sentiment") == \
+        scalars(runs / "resumed" / "tensorboard", "loss/sentiment")
+    after = json.loads((runs / "resumed" / "step-000004" / "trainer_state.json").read_text())
+    assert after["optimizer_layout"] == {"sub_group_size": 1_000_000_000}  # kept for its later resumes
+
+
 def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys, monkeypatch):
     job = job_dict(data_dir, str(causal_dir), "text2text")
     job.update(name="causal", storage={"path": str(tmp_path / "runs")}, deepspeed="zero3")  # exported from ZeRO-3

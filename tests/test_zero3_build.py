@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from trainer.loop import skip_inference_comm_op
 from trainer.ds_config import MODEL_SIZED_KEYS, build_ds_config, fill_model_sizes, read_ds_config
-from trainer.models import HeadSpec, build_model, is_partitioned, param_groups
+from trainer.models import HeadSpec, build_model, hidden_size, is_partitioned, param_groups
 
 from conftest import REPO
 
@@ -24,6 +25,7 @@ def one_rank(tmp_path, monkeypatch):
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)  # what Ray Train sets for each worker
 
+    skip_inference_comm_op()  # as a worker does: DeepSpeed would JIT-build an op training never uses
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo")
     try:
@@ -32,10 +34,10 @@ def one_rank(tmp_path, monkeypatch):
         dist.destroy_process_group()
 
 
-def zero3_config(hidden: int) -> dict:
+def zero3_config(hidden: int, precision: str = "fp32", keep: dict | None = None) -> dict:
     config = build_ds_config(read_ds_config(str(REPO / "ds_configs" / "zero3.json")), micro_batch_size=2,
-                             micro_batches_per_step=1, world_size=1, max_grad_norm=1.0, precision="fp32")
-    return fill_model_sizes(config, hidden)
+                             micro_batches_per_step=1, world_size=1, max_grad_norm=1.0, precision=precision)
+    return fill_model_sizes(config, hidden, keep=keep)
 
 
 def test_auto_sizes_follow_the_hidden_size_and_fall_back_to_deepspeeds_defaults():
@@ -46,6 +48,10 @@ def test_auto_sizes_follow_the_hidden_size_and_fall_back_to_deepspeeds_defaults(
     unknown = fill_model_sizes({"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto",
                                                       "stage3_prefetch_bucket_size": 1000}}, None)
     assert unknown["zero_optimization"] == {"stage": 3, "stage3_prefetch_bucket_size": 1000}  # a number is kept
+    from transformers import BertConfig, EncoderDecoderConfig, GPT2Config
+
+    pair = EncoderDecoderConfig.from_encoder_decoder_configs(BertConfig(hidden_size=32), BertConfig(hidden_size=48))
+    assert (hidden_size(pair), hidden_size(GPT2Config(n_embd=64))) == (48, 64)  # no hidden_size of its own
 
 
 @pytest.mark.parametrize("kind", ["heads", "text2text"])
@@ -100,3 +106,31 @@ def test_init_from_weights_load_into_a_partitioned_model(one_rank, model_dir):
     with deepspeed.zero.GatheredParameters(list(target.parameters())):
         for name, value in source.state_dict().items():
             assert torch.equal(target.state_dict()[name], value), name
+
+
+def test_under_bf16_the_parts_built_whole_take_the_partitions_dtype(one_rank, model_dir):
+    """zero.Init makes the pretrained partitions bf16; DeepSpeed casts nothing of a model that is
+    partly partitioned, so heads, LoRA adapters and learned loss weights must follow here."""
+    from trainer.weighting import UncertaintyWeighting
+
+    model = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
+                        heads=[HeadSpec("sentiment", "classification", 2)],
+                        loss_weighting=UncertaintyWeighting({"sentiment": 1.0}),
+                        lora={"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["query"]},
+                        ds_config=zero3_config(32, precision="bf16"))
+    dtypes = {name: (p.ds_tensor.dtype if is_partitioned(p) else p.dtype) for name, p in model.named_parameters()}
+    assert set(dtypes.values()) == {torch.bfloat16}, {n: d for n, d in dtypes.items() if d != torch.bfloat16}
+    assert any("lora_" in n for n in dtypes) and any(n.startswith("loss_weighting.") for n in dtypes)
+
+
+def test_a_resumed_version_keeps_its_sub_groups():
+    """ZeRO-3's optimizer state is cut by sub_group_size: "auto" takes the resumed version's."""
+    from trainer.loop import saved_layout
+
+    assert saved_layout({"optimizer_layout": {"sub_group_size": 12288}}, 3) == {"sub_group_size": 12288}
+    assert saved_layout({}, 3) == {"sub_group_size": 1_000_000_000}  # written before it was recorded
+    assert saved_layout({}, 2) == {}
+    kept = zero3_config(32, keep={"sub_group_size": 1_000_000_000})["zero_optimization"]
+    assert kept["sub_group_size"] == 1_000_000_000 and kept["reduce_bucket_size"] == 1024
+    fixed = {"zero_optimization": {"stage": 3, "sub_group_size": 5000}}
+    assert fill_model_sizes(fixed, 32, keep={"sub_group_size": 7})["zero_optimization"]["sub_group_size"] == 5000

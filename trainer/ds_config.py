@@ -64,7 +64,8 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
         config.pop(mode, None)
     if precision in ("fp16", "bf16"):
         config[precision] = {"enabled": True}
-    unfilled = [path for path in _auto_paths(config) if path.split(".")[-1] not in MODEL_SIZED_KEYS]
+    filled_later = {f"zero_optimization.{key}" for key in MODEL_SIZED_KEYS}  # fill_model_sizes, on the workers
+    unfilled = [path for path in _auto_paths(config) if path not in filled_later]
     if unfilled:  # DeepSpeed would only refuse it on the workers, after Ray started
         raise SpecError(field, f"{unfilled[0]} is \"auto\" in the DeepSpeed config, and only these are filled in: "
                                f"{', '.join(DERIVED_KEYS + MODEL_SIZED_KEYS)}; give it a value or remove it")
@@ -84,7 +85,10 @@ def _auto_paths(node, prefix: str = ""):
         yield prefix[:-1]
 
 
-def fill_model_sizes(config: dict, hidden_size: int | None) -> dict:
+DEEPSPEED_SUB_GROUP_SIZE = 1_000_000_000  # DeepSpeed's default, which versions written before "auto" used
+
+
+def fill_model_sizes(config: dict, hidden_size: int | None, keep: dict | None = None) -> dict:
     """ZeRO's model-sized knobs that the file leaves "auto", from the model's hidden size h.
 
     DeepSpeed's own defaults (5e8-1e9 elements) suit models of billions of parameters; on
@@ -100,7 +104,8 @@ def fill_model_sizes(config: dict, hidden_size: int | None) -> dict:
       backward, as ZeRO-3 is described;
     - sub_group_size 12 h² (about one layer): the optimizer steps that many elements at a time.
 
-    Without a hidden size, DeepSpeed's defaults.
+    Without a hidden size, DeepSpeed's defaults. `keep`: values that "auto" must take instead
+    (the sub-groups of the version a run resumes: its optimizer state is cut by them).
     """
     zero = config.get("zero_optimization", {})
     h2 = hidden_size * hidden_size if hidden_size else 0
@@ -109,6 +114,7 @@ def fill_model_sizes(config: dict, hidden_size: int | None) -> dict:
         "stage3_param_persistence_threshold": 10 * hidden_size,
         "stage3_max_live_parameters": 24 * h2, "stage3_max_reuse_distance": 24 * h2, "sub_group_size": 12 * h2,
     }
+    sizes.update(keep or {})
     for key in MODEL_SIZED_KEYS:
         if zero.get(key) == "auto":
             if key in sizes:

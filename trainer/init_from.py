@@ -167,7 +167,7 @@ def load_init_optimizer(engine, spec, rank: int) -> None:
                                              load_lr_scheduler_states=False)
         except (RuntimeError, KeyError, ValueError) as exc:  # another ZeRO stage or model: DeepSpeed's own words
             raise UserError(f"init_from.resume_optimizer: the optimizer state of {describe(spec)} does not fit "
-                            f"this job (same model, ZeRO stage and workers needed): {str(exc).splitlines()[0]}") from None
+                            f"this job (same model, ZeRO stage, ZeRO-3 sub_group_size and workers needed): {str(exc).splitlines()[0]}") from None
     if path is None:
         raise UserError(f"init_from.resume_optimizer: {describe(spec)} holds no DeepSpeed state")
     engine.global_steps = engine.global_samples = engine.skipped_steps = 0

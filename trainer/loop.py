@@ -20,7 +20,7 @@ from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
 from trainer.collectives import barrier, to_device
 from trainer.deferred_writes import DeferredWrites
-from trainer.ds_config import fill_model_sizes, job_ds_config
+from trainer.ds_config import DEEPSPEED_SUB_GROUP_SIZE, fill_model_sizes, job_ds_config
 from trainer.errors import first_line
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.init_from import forgetting_table, load_init_optimizer, load_init_weights
@@ -30,7 +30,7 @@ from trainer.precision import agreed_precision
 from trainer.adapt_mixture import MixtureAdapter
 from trainer.background_validation import WAIT_AT_END_S, BackgroundValidation
 from trainer.early_stopping import EarlyStopping
-from trainer.models import HeadSpec, build_model, lr_factor, model_config, param_groups
+from trainer.models import HeadSpec, build_model, hidden_size, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
 from trainer import registry
 from trainer.reporting import StepStats, flat_hparams, peak_memory_line, quiet_libraries, say, step_line
@@ -126,13 +126,15 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     if warning and rank == 0:
         say(f"[mtl] warning: {warning}")
     spec.train.precision = precision  # what the run trains in, as its versions record it
-    ds_config = fill_model_sizes(job_ds_config(spec, world, base=ds_base), getattr(base_config, "hidden_size", None))
+    storage = Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path)
+    ds_config = job_ds_config(spec, world, base=ds_base)
+    fill_model_sizes(ds_config, hidden_size(base_config),
+                     keep=resumed_layout(storage, ds_config.get("zero_optimization", {}).get("stage", 0)))
     torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],
                         loss_weighting=weighting if isinstance(weighting, UncertaintyWeighting) else None,
                         lora=spec.model.lora.model_dump() if spec.model.lora else None, ds_config=ds_config)
-    storage = Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path)
     started_from = None
     if spec.init_from is not None and not ckpt.committed_versions(storage):  # a run with versions resumes from its own
         started_from = load_init_weights(model, spec, {t: d.labels for t, d in tasks.items()})
@@ -260,7 +262,11 @@ def restore_latest(run: Run) -> bool:
     if not versions:
         return False
     state = run.storage.read_json(f"{versions[-1]}/trainer_state.json")
-    if state["world_size"] != run.world:  # ZeRO partitions and data shards belong to a world size
+    layout = saved_layout(state, run.engine.zero_optimization_stage())
+    if state["world_size"] != run.world or layout != optimizer_layout(run.engine):
+        # ZeRO partitions and data shards belong to a world size, ZeRO-3's optimizer state to its
+        # sub-groups too (a config that sets sub_group_size anew): the universal checkpoint loads
+        # into any of them.
         load_resized(run, versions[-1], state["world_size"])
     else:
         with scratch("resume") as local:
@@ -597,12 +603,33 @@ def prune_versions(run: Run) -> list[str]:
     return [v for v in committed if v not in doomed]
 
 
+def resumed_layout(storage, zero_stage: int) -> dict:
+    """The optimizer layout of the version this run will resume (restore_latest), for the "auto"
+    sizes to keep: a run resumes exactly only into the sub-groups its state was saved in."""
+    versions = ckpt.committed_versions(storage)
+    if not versions:
+        return {}
+    return saved_layout(storage.read_json(f"{versions[-1]}/trainer_state.json") or {}, zero_stage)
+
+
+def saved_layout(state: dict, zero_stage: int) -> dict:
+    """A version's optimizer layout; one written before it was recorded used DeepSpeed's default."""
+    if "optimizer_layout" in state:
+        return state["optimizer_layout"]
+    return {"sub_group_size": DEEPSPEED_SUB_GROUP_SIZE} if zero_stage == 3 else {}
+
+
+def optimizer_layout(engine) -> dict:
+    """What a version's optimizer shards are cut by besides the world size: ZeRO-3's sub-groups."""
+    return {"sub_group_size": int(engine.zero_sub_group_size())} if engine.zero_optimization_stage() == 3 else {}
+
+
 def trainer_state(run: Run) -> dict:
     weighting = {} if isinstance(run.weighting, UncertaintyWeighting) else run.weighting.state_dict()
     return {"step": run.step, "planner": run.planner.state_dict(), "weighting": weighting,
             "weights": run.weighting.weights(), "rates": run.planner.expected_rates(),
             "seen": run.seen, "last_eval": run.last_eval, "world_size": run.world,
-            "version_scores": run.version_scores, "train_s": run.train_s,
+            "optimizer_layout": optimizer_layout(run.engine), "version_scores": run.version_scores, "train_s": run.train_s,
             "early_stopping": run.early.state_dict() if run.early is not None else None,
             "init_from": run.init_from,
             "trackers": run.trackers.ids() if run.trackers is not None else run.tracker_ids,

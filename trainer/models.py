@@ -125,7 +125,8 @@ def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[Head
     optimizer keeps fp32 master weights. New heads are built in the same fp32.
 
     With `ds_config` at ZeRO-3 (every rank calls this together), the pretrained model is
-    built already partitioned: see zero3_construction.
+    built already partitioned (see zero3_construction), in the training dtype, and the parts
+    built whole are cast to it here.
     """
     rng = torch.random.get_rng_state()
     with zero3_construction(ds_config):
@@ -134,7 +135,25 @@ def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[Head
     # (weights a checkpoint lacks are drawn at random), so `mtl eval --compare untrained`
     # rebuilds them equal whether the run was partitioned or not.
     torch.random.set_rng_state(rng)
-    return _assemble(kind, base, heads, loss_weighting, lora)
+    model = _assemble(kind, base, heads, loss_weighting, lora)
+    dtype = zero3_dtype(ds_config)
+    if dtype is not None:
+        # zero.Init made the pretrained partitions in the training dtype, and DeepSpeed casts a
+        # model only when none of it is partitioned yet: the parts built whole follow here.
+        for p in model.parameters():
+            if not is_partitioned(p):
+                p.data = p.data.to(dtype)
+    return model
+
+
+def zero3_dtype(ds_config: dict | None) -> torch.dtype | None:
+    """The half dtype a ZeRO-3 config trains in (None: fp32, or not ZeRO-3)."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return None
+    for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        if ds_config.get(key, {}).get("enabled"):
+            return dtype
+    return None
 
 
 @contextmanager
@@ -142,7 +161,8 @@ def zero3_construction(ds_config: dict | None):
     """Under ZeRO-3, let transformers build the pretrained model inside `deepspeed.zero.Init`.
 
     Each parameter is partitioned across the ranks as it is created and rank 0 alone reads
-    the checkpoint, handing each rank its part, so no rank ever holds the whole model. It
+    the checkpoint (into CPU memory), handing each rank its part, so no rank holds the whole
+    model's parameters. It
     goes through transformers (HfDeepSpeedConfig), which initialises and loads the
     partitioned weights; a model built inside zero.Init by hand keeps weights that were
     never initialised. New heads and LoRA adapters are small: they are built whole and
@@ -163,6 +183,14 @@ def zero3_construction(ds_config: dict | None):
     finally:
         unset_hf_deepspeed_config()  # later models in this process (evaluation) are built whole
         del alive
+
+
+def hidden_size(config) -> int | None:
+    """A transformers config's model width (an encoder-decoder pair: its decoder's), or None."""
+    size = getattr(config, "hidden_size", None)
+    if size is None and hasattr(config, "get_text_config"):
+        size = getattr(config.get_text_config(decoder=True), "hidden_size", None)
+    return int(size) if size else None
 
 
 def is_partitioned(p: torch.Tensor) -> bool:

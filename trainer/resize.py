@@ -54,8 +54,9 @@ def load_resized(run, version: str, old_world: int) -> None:
     """Model, optimizer, schedule and data positions of `version` (written by `old_world` ranks)."""
     stage = run.engine.zero_optimization_stage()
     if stage > 0 and run.rank == 0:
-        say(f"[mtl] {version} was written by {old_world} workers; converting it to DeepSpeed's universal "
-            f"checkpoint for {run.world}")
+        why = (f"was written by {old_world} workers" if old_world != run.world
+               else "has its optimizer state in other ZeRO-3 sub-groups")
+        say(f"[mtl] {version} {why}; converting it to DeepSpeed's universal checkpoint for {run.world}")
         universal_on_storage(run.storage, version, stage)
     barrier()  # the universal form is on storage before any rank reads it
     tag = UNIVERSAL_TAG if stage > 0 else ckpt.DS_TAG

@@ -90,7 +90,7 @@ def test_zero3_builds_partitioned_with_the_pretrained_weights_and_seeded_heads(o
 def test_init_from_weights_load_into_a_partitioned_model(one_rank, model_dir):
     import deepspeed
 
-    from trainer.init_from import whole_parameters
+    from trainer.models import whole_parameters
 
     heads = [HeadSpec("sentiment", "classification", 2)]
     torch.manual_seed(1)

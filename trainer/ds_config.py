@@ -33,10 +33,15 @@ def read_ds_config(path: str, field: str = "deepspeed") -> dict:
         raise SpecError(field, f"'{path}' is not valid JSON: {exc}") from None
     if not isinstance(config, dict):
         raise SpecError(field, f"'{path}' must hold a JSON object")
-    stage = config.get("zero_optimization", {}).get("stage", 0)
+    stage = zero_stage(config)
     if stage not in (0, 1, 2, 3):
         raise SpecError(field, f"'{path}': zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
     return config
+
+
+def zero_stage(config: dict | None) -> int:
+    """A DeepSpeed config's ZeRO stage (0 when it names none)."""
+    return (config or {}).get("zero_optimization", {}).get("stage", 0)
 
 
 def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step: int, world_size: int,
@@ -70,9 +75,8 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
         raise SpecError(field, f"{unfilled[0]} is \"auto\" in the DeepSpeed config, and only these are filled in: "
                                f"{', '.join(DERIVED_KEYS + MODEL_SIZED_KEYS)}; give it a value or remove it")
     config.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
-    zero = config.get("zero_optimization", {})
-    if zero.get("stage") == 3:  # a version then holds whole weights (weights/), read without optimizer shards
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if zero_stage(config) == 3:  # a version then holds whole weights (weights/), read without optimizer shards
+        config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
     return config
 
 

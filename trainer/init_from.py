@@ -2,7 +2,7 @@
 
 `init_from: {experiment, version}` loads the version's model weights into the model this job
 builds, before DeepSpeed's engine is made (under ZeRO-3 the model is already partitioned then: its
-parameters are gathered for the load, trainer.models.zero3_construction):
+parameters are gathered for the load, trainer.models.whole_parameters):
 
 - a task the version knows keeps its head (text2text models: the LM that learned its prompt);
 - a task it does not know gets a new head, initialised as in any new run;
@@ -20,13 +20,12 @@ the old head would answer with the wrong label ids; both are refused with what d
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from trainer.errors import UserError
-from trainer.models import is_partitioned
+from trainer.models import whole_parameters
 
 
 def init_location(spec):
@@ -64,20 +63,6 @@ def label_problems(spec, manifest: dict, labels: dict[str, tuple[str, ...]]) -> 
             f"answers with label ids, so keep the labels (tasks.{task}.labels) or name the task anew"
             for task, info in manifest["tasks"].items()
             if task in labels and info.get("labels") and list(labels[task]) != list(info["labels"])]
-
-
-@contextmanager
-def whole_parameters(model: torch.nn.Module):
-    """A ZeRO-3 model's parameters gathered whole for writing, then partitioned again from
-    rank 0's values (every rank writes the same). A model built whole is left as it is."""
-    partitioned = [p for p in model.parameters() if is_partitioned(p)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
-        yield
 
 
 def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str, ...]]) -> dict:

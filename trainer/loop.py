@@ -20,7 +20,7 @@ from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
 from trainer.collectives import barrier, to_device
 from trainer.deferred_writes import DeferredWrites
-from trainer.ds_config import DEEPSPEED_SUB_GROUP_SIZE, fill_model_sizes, job_ds_config
+from trainer.ds_config import DEEPSPEED_SUB_GROUP_SIZE, fill_model_sizes, job_ds_config, zero_stage
 from trainer.errors import first_line
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.init_from import forgetting_table, load_init_optimizer, load_init_weights
@@ -127,16 +127,16 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         say(f"[mtl] warning: {warning}")
     spec.train.precision = precision  # what the run trains in, as its versions record it
     storage = Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path)
+    versions = ckpt.committed_versions(storage)
     ds_config = job_ds_config(spec, world, base=ds_base)
-    fill_model_sizes(ds_config, hidden_size(base_config),
-                     keep=resumed_layout(storage, ds_config.get("zero_optimization", {}).get("stage", 0)))
+    fill_model_sizes(ds_config, hidden_size(base_config), keep=resumed_layout(storage, versions, zero_stage(ds_config)))
     torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],
                         loss_weighting=weighting if isinstance(weighting, UncertaintyWeighting) else None,
                         lora=spec.model.lora.model_dump() if spec.model.lora else None, ds_config=ds_config)
     started_from = None
-    if spec.init_from is not None and not ckpt.committed_versions(storage):  # a run with versions resumes from its own
+    if spec.init_from is not None and not versions:  # a run with versions resumes from its own
         started_from = load_init_weights(model, spec, {t: d.labels for t, d in tasks.items()})
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=spec.train.weight_decay,
                                                weighting_lr=spec.loss_weighting.lr),
@@ -603,20 +603,20 @@ def prune_versions(run: Run) -> list[str]:
     return [v for v in committed if v not in doomed]
 
 
-def resumed_layout(storage, zero_stage: int) -> dict:
-    """The optimizer layout of the version this run will resume (restore_latest), for the "auto"
-    sizes to keep: a run resumes exactly only into the sub-groups its state was saved in."""
-    versions = ckpt.committed_versions(storage)
+def resumed_layout(storage, versions: list[str], stage: int) -> dict:
+    """The optimizer layout of the version this run will resume (the latest of `versions`, as in
+    restore_latest), for the "auto" sizes to keep: a run resumes exactly only into the
+    sub-groups its state was saved in."""
     if not versions:
         return {}
-    return saved_layout(storage.read_json(f"{versions[-1]}/trainer_state.json") or {}, zero_stage)
+    return saved_layout(storage.read_json(f"{versions[-1]}/trainer_state.json") or {}, stage)
 
 
-def saved_layout(state: dict, zero_stage: int) -> dict:
+def saved_layout(state: dict, stage: int) -> dict:
     """A version's optimizer layout; one written before it was recorded used DeepSpeed's default."""
     if "optimizer_layout" in state:
         return state["optimizer_layout"]
-    return {"sub_group_size": DEEPSPEED_SUB_GROUP_SIZE} if zero_stage == 3 else {}
+    return {"sub_group_size": DEEPSPEED_SUB_GROUP_SIZE} if stage == 3 else {}
 
 
 def optimizer_layout(engine) -> dict:

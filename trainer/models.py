@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from trainer.batching import IGNORE_INDEX
+from trainer.ds_config import zero_stage
 from trainer.errors import UserError
 from trainer.tasks import registry
 
@@ -148,7 +149,7 @@ def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[Head
 
 def zero3_dtype(ds_config: dict | None) -> torch.dtype | None:
     """The half dtype a ZeRO-3 config trains in (None: fp32, or not ZeRO-3)."""
-    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+    if zero_stage(ds_config) != 3:
         return None
     for key, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         if ds_config.get(key, {}).get("enabled"):
@@ -162,13 +163,12 @@ def zero3_construction(ds_config: dict | None):
 
     Each parameter is partitioned across the ranks as it is created and rank 0 alone reads
     the checkpoint (into CPU memory), handing each rank its part, so no rank holds the whole
-    model's parameters. It
-    goes through transformers (HfDeepSpeedConfig), which initialises and loads the
-    partitioned weights; a model built inside zero.Init by hand keeps weights that were
-    never initialised. New heads and LoRA adapters are small: they are built whole and
-    DeepSpeed partitions them when the engine is made.
+    model's parameters. It goes through transformers (HfDeepSpeedConfig), which initialises
+    and loads the partitioned weights; a model built inside zero.Init by hand keeps weights
+    that were never initialised. New heads and LoRA adapters are small: they are built whole
+    and DeepSpeed partitions them when the engine is made.
     """
-    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+    if zero_stage(ds_config) != 3:
         yield
         return
     import deepspeed
@@ -196,6 +196,20 @@ def hidden_size(config) -> int | None:
 def is_partitioned(p: torch.Tensor) -> bool:
     """Whether a parameter is a ZeRO-3 partition (its full shape is then `ds_shape`)."""
     return hasattr(p, "ds_shape")
+
+
+@contextmanager
+def whole_parameters(model: nn.Module):
+    """A ZeRO-3 model's parameters gathered whole for writing, then partitioned again from
+    rank 0's values (every rank writes the same). A model built whole is left as it is."""
+    partitioned = [p for p in model.parameters() if is_partitioned(p)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
 
 
 def build_model_from_config(*, kind: str, encoding: str, config, heads: list[HeadSpec],

@@ -238,6 +238,10 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
     if address is None:
         # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
         kwargs.setdefault("dashboard_host", "127.0.0.1")
+        # Ray starts one idle worker per CPU for the first driver. None of them can run this job's
+        # actors (their runtime_env differs), and on a small machine starting them takes CPU from
+        # the run's own start (time to first step 25.3-26.2 s -> 24.6-24.9 s on 2 CPUs).
+        kwargs["_system_config"] = {"prestart_worker_first_driver": False, **kwargs.get("_system_config", {})}
     plain_ray_logging()
     ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
     tidy_worker_output()

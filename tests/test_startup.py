@@ -1,0 +1,43 @@
+"""What a run's start costs before its first step: imports on every worker, Ray's own start."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports():
+    # DeepSpeed's autotuner imports mlflow when it is installed (it is, with mtl's tracking extra);
+    # every worker paid for it at its start. mtl's own mlflow tracker must still get the real one.
+    code = ("import sys, trainer, deepspeed\n"
+            "from deepspeed.autotuning import autotuner\n"
+            "assert 'mlflow' not in sys.modules, 'mlflow imported with deepspeed'\n"
+            "assert autotuner.has_mlflow is False\n"
+            "import mlflow\n"
+            "assert mlflow.__file__\n"
+            "print('ok')\n")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "ok"
+
+
+def test_embedded_ray_starts_no_idle_workers_but_keeps_the_callers_settings(monkeypatch):
+    import ray
+
+    from launcher import run
+
+    seen = {}
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr(run, "tidy_worker_output", lambda: None)
+    run.init_ray(num_cpus=2, _system_config={"object_spilling_threshold": 0.9})
+    assert seen["_system_config"] == {"prestart_worker_first_driver": False, "object_spilling_threshold": 0.9}
+    assert seen["num_cpus"] == 2 and seen["address"] is None
+
+    seen.clear()
+    run.init_ray("ray://head:10001")  # a cluster's own settings are its own
+    assert "_system_config" not in seen

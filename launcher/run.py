@@ -235,13 +235,17 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
     env = worker_env(use_gpu)
     for key in submitted_job_env():  # Ray refuses a driver env var that the submitted job already sets
         env.pop(key, None)
-    if address is None:
+    if address is None and not os.environ.get("RAY_ADDRESS"):  # an embedded Ray, started here
         # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
         kwargs.setdefault("dashboard_host", "127.0.0.1")
         # Ray starts one idle worker per CPU for the first driver. None of them can run this job's
         # actors (their runtime_env differs), and on a small machine starting them takes CPU from
         # the run's own start (time to first step 25.3-26.2 s -> 24.6-24.9 s on 2 CPUs).
         kwargs["_system_config"] = {"prestart_worker_first_driver": False, **kwargs.get("_system_config", {})}
+        # Ray Train's preemption watcher follows node drains, which a cluster's autoscaler sends; an
+        # embedded Ray is one node that nothing drains (a machine going away sends SIGTERM, handled
+        # by trainer.stopping). Its actor started beside the workers and took their CPU.
+        env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     plain_ray_logging()
     ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
     tidy_worker_output()

@@ -26,18 +26,24 @@ def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports():
     assert done.stdout.strip() == "ok"
 
 
-def test_embedded_ray_starts_no_idle_workers_but_keeps_the_callers_settings(monkeypatch):
+def test_embedded_ray_starts_no_idle_workers_or_preemption_watcher_but_keeps_the_callers_settings(monkeypatch):
     import ray
 
     from launcher import run
 
     seen = {}
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setattr(run, "tidy_worker_output", lambda: None)
     run.init_ray(num_cpus=2, _system_config={"object_spilling_threshold": 0.9})
     assert seen["_system_config"] == {"prestart_worker_first_driver": False, "object_spilling_threshold": 0.9}
     assert seen["num_cpus"] == 2 and seen["address"] is None
+    assert seen["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
 
-    seen.clear()
-    run.init_ray("ray://head:10001")  # a cluster's own settings are its own
-    assert "_system_config" not in seen
+    for address, env in (("ray://head:10001", None), (None, "10.0.0.1:6379")):  # a cluster's settings are its own
+        seen.clear()
+        if env:
+            monkeypatch.setenv("RAY_ADDRESS", env)  # ray.init(address=None) joins it
+        run.init_ray(address)
+        assert "_system_config" not in seen
+        assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in seen["runtime_env"]["env_vars"]  # drains happen there

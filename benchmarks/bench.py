@@ -150,7 +150,9 @@ def speed_rows(folder: Path, repeats: int, steps: int, with_bf16: bool) -> list[
             shape),
         Row("time to first step (s)", f"{med(ours, 'ttfs'):.1f}", f"{med(torchrun, 'ttfs'):.1f} (torchrun loop)",
             med(ours, "ttfs") / med(torchrun, "ttfs"), "<= 25 s", med(ours, "ttfs") <= 25.0,
-            "from the command to its first step line, embedded Ray, ops already built"),
+            "from the command to its first step line, embedded Ray, ops already built; each run: "
+            + " / ".join(f"{r['ttfs']:.1f}" for r in ours) + " s (torchrun: "
+            + " / ".join(f"{r['ttfs']:.1f}" for r in torchrun) + " s)"),
     ]
     if with_bf16 and not fast_bf16_here():
         rows.append(Row("bf16 / fp32 speed-up", "-", "-", None, ">= 0.90", None,

@@ -159,3 +159,56 @@ def test_rank_classification_runs_the_prompt_once_and_scores_as_one_pass_per_lab
     assert [p for _, _, p in shared] == [p for _, _, p in per_label]
     assert [s for _, s, _ in shared] == pytest.approx([s for _, s, _ in per_label], abs=1e-4)
     assert len({len(tok(" " + label, add_special_tokens=False)["input_ids"]) for label in labels}) > 1
+
+
+@pytest.mark.parametrize("encoding", ["causal", "seq2seq"])
+def test_a_generated_answer_scores_the_mean_likelihood_of_its_tokens(causal_dir, seq2seq_dir, encoding):
+    """A text2text QA answer's score is exp(mean log p) of the tokens generated up to and with the
+    end token, as one teacher-forced pass over prompt and answer computes it (prompts of different
+    lengths, so a causal batch is left-padded)."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from trainer.evaluation import EvalSet, _generate
+    from trainer.models import build_model
+
+    folder = causal_dir if encoding == "causal" else seq2seq_dir
+    tok = AutoTokenizer.from_pretrained(folder)
+    torch.manual_seed(0)
+    model = build_model(kind="text2text", encoding=encoding, name_or_path=str(folder), heads=[])
+    model.eval()
+    c = ctx(tok, "extractive_qa", encoding, max_length=64, max_new_tokens=6)
+    rows = {1: {"question": "where does bob live ?", "context": "bob lives in rome .",
+                "answers": {"text": ["rome"], "answer_start": [13]}, "__row__": 1},
+            2: {"question": "who lives in a very long and winding city by the sea ?", "context": "ann does .",
+                "answers": {"text": ["ann"], "answer_start": [0]}, "__row__": 2}}
+    features = encode_split(list(rows.values()), registry.get("extractive_qa"), c).features
+    es = EvalSet("t", registry.get("extractive_qa"), c, features, rows, [])
+    chunk = features[[0, 1]]
+    config = model.lm.generation_config
+    with torch.no_grad():  # a random model rarely ends on its own: row 1's third token ends generations here
+        first = torch.tensor([chunk["input_ids"][0][:chunk["prompt_length"][0]] if encoding == "causal"
+                              else chunk["input_ids"][0]])
+        made = model.lm.generate(input_ids=first, max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id)
+        generated = made[0, first.shape[1]:] if encoding == "causal" else made[0, 1:]
+        config.eos_token_id = generated[min(2, len(generated) - 1)].item()
+    eos, start, ended = config.eos_token_id, config.decoder_start_token_id, 0
+    with torch.no_grad():
+        got = _generate(model, es, chunk, tok.pad_token_id, encoding, synced=False, device="cpu")
+        for number, (_, score, _) in enumerate(got):
+            ids = chunk["input_ids"][number]
+            prompt = ids[:chunk["prompt_length"][number]] if encoding == "causal" else ids
+            out = model.lm.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                    pad_token_id=tok.pad_token_id)[0].tolist()
+            answer = out[len(prompt):] if encoding == "causal" else out[1:]
+            ended += eos in answer
+            answer = answer[:answer.index(eos) + 1] if eos in answer else answer
+            if encoding == "causal":
+                logits = model.lm(input_ids=torch.tensor([prompt + answer])).logits[0, len(prompt) - 1:-1]
+            else:
+                logits = model.lm(input_ids=torch.tensor([prompt]),
+                                  decoder_input_ids=torch.tensor([[start] + answer[:-1]])).logits[0]
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(answer)[:, None]).squeeze(-1)
+            assert 0.0 < score <= 1.0
+            assert score == pytest.approx(logp.mean().exp().item(), rel=1e-4), number
+    assert ended  # and the batch padded that row after its end token

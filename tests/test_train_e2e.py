@@ -135,6 +135,8 @@ def predictions_match_eval(run: Path, job: dict, capsys) -> None:
             assert all(cut == answer for cut, answer in spans)
             if job["model"]["kind"] == "heads":  # heads always answer with a span of the context
                 assert len(spans) == len(got)
+            else:  # a generated answer's score: the mean likelihood of its tokens
+                assert all(0.0 < g["score"] <= 1.0 for g in got), got
     with pytest.raises(UserError, match="unknown task 'nope'; this version knows: sentiment"):
         pipe("nope", [{"text": "x"}])
     capsys.readouterr()

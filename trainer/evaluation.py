@@ -256,19 +256,40 @@ def _rank_causal_shared_prompt(lm, encoded: list[dict], pad_id: int, device) -> 
 
 
 def _generate(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synced: bool, device) -> list[tuple]:
+    """(example_id, score, text) per feature: the text generated and, for an answer (extractive QA),
+    its score: the geometric mean of its tokens' probabilities, the end token included. Other
+    generations score 0.0: keeping every step's logits costs batch x new tokens x vocabulary, and
+    only an answer's score is returned (trainer.pipeline)."""
     options = es.ctx.options
+    scored = es.task_type.name == "extractive_qa"
     kwargs = {"max_new_tokens": getattr(options, "max_new_tokens", 32), "num_beams": getattr(options, "num_beams", 1),
-              "do_sample": False, "synced_gpus": synced, "pad_token_id": pad_id}
+              "do_sample": False, "synced_gpus": synced, "pad_token_id": pad_id,
+              "return_dict_in_generate": True, "output_scores": scored}
     tok = es.ctx.tokenizer
     if encoding == "seq2seq":
         batch = to_device(collate({k: chunk[k] for k in ("input_ids", "attention_mask")}, pad_id), device)
         out = model.lm.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-        texts = tok.batch_decode(out, skip_special_tokens=True)
+        start = 1  # the decoder's start token
     else:  # causal: the prompt alone, padded on the left so generation continues from its end
         prompts = [ids[:n] for ids, n in zip(chunk["input_ids"], chunk["prompt_length"])]
-        width = max(len(p) for p in prompts)
-        input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        start = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[pad_id] * (start - len(p)) + p for p in prompts], device=device)
+        mask = torch.tensor([[0] * (start - len(p)) + [1] * len(p) for p in prompts], device=device)
         out = model.lm.generate(input_ids=input_ids, attention_mask=mask, **kwargs)
-        texts = tok.batch_decode(out[:, width:], skip_special_tokens=True)
-    return [(i, 0.0, t.strip()) for i, t in zip(chunk["example_id"], texts)]
+    generated = out.sequences[:, start:]
+    texts = tok.batch_decode(generated, skip_special_tokens=True)
+    scores = (_generated_scores(model.lm, out, generated, model.lm.generation_config.eos_token_id) if scored
+              else [0.0] * len(texts))
+    return [(i, score, t.strip()) for i, score, t in zip(chunk["example_id"], scores, texts)]
+
+
+def _generated_scores(lm, out, generated: torch.Tensor, eos) -> list[float]:
+    """exp(mean log-probability) of each row's generated tokens, up to and with its first end token
+    (after it a finished row is only padded)."""
+    logp = lm.compute_transition_scores(out.sequences, out.scores, getattr(out, "beam_indices", None),
+                                        normalize_logits=True).float()[:, :generated.shape[1]]
+    ends = [eos] if isinstance(eos, int) else list(eos or [])
+    is_end = torch.isin(generated, torch.tensor(ends, dtype=generated.dtype, device=generated.device)).long()
+    keep = (is_end.cumsum(-1) - is_end) == 0  # no end token before this one
+    logp = torch.where(keep, logp, torch.zeros_like(logp))
+    return torch.exp(logp.sum(-1) / keep.sum(-1).clamp(min=1)).tolist()

@@ -238,6 +238,12 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
     if address is None and not os.environ.get("RAY_ADDRESS"):  # an embedded Ray, started here
         # The dashboard serves Ray's state API, which Ray Train's cleanup polls; keep it on loopback.
         kwargs.setdefault("dashboard_host", "127.0.0.1")
+        if kwargs.get("include_dashboard") is not False:
+            # Ray Train's placement-group cleaner asks the state API without an address, which looks
+            # for every Ray on this machine and fails with a traceback when there are two (two runs,
+            # a run beside `mtl serve`). Told this Ray's dashboard, it asks this one.
+            port = kwargs.setdefault("dashboard_port", dashboard_port(kwargs["dashboard_host"]))
+            env.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
         # Ray starts one idle worker per CPU for the first driver. None of them can run this job's
         # actors (their runtime_env differs), and on a small machine starting them takes CPU from
         # the run's own start (time to first step 25.3-26.2 s -> 24.6-24.9 s on 2 CPUs).
@@ -249,6 +255,21 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
     plain_ray_logging()
     ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
     tidy_worker_output()
+
+
+def dashboard_port(host: str) -> int:
+    """Ray's usual dashboard port (8265) when it is free here, else a free one."""
+    import socket
+
+    from launcher.local_cluster import free_port
+    from launcher.ray_auth import DEFAULT_DASHBOARD_PORT
+
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, DEFAULT_DASHBOARD_PORT))
+            return DEFAULT_DASHBOARD_PORT
+        except OSError:
+            return free_port()
 
 
 def submitted_job_env() -> set[str]:

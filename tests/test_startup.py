@@ -26,7 +26,7 @@ def test_deepspeed_is_imported_without_mlflow_and_mlflow_still_imports():
     assert done.stdout.strip() == "ok"
 
 
-def test_embedded_ray_starts_no_idle_workers_or_preemption_watcher_but_keeps_the_callers_settings(monkeypatch):
+def test_embedded_ray_settings_and_a_clusters_own(monkeypatch):
     import ray
 
     from launcher import run
@@ -39,11 +39,27 @@ def test_embedded_ray_starts_no_idle_workers_or_preemption_watcher_but_keeps_the
     assert seen["_system_config"] == {"prestart_worker_first_driver": False, "object_spilling_threshold": 0.9}
     assert seen["num_cpus"] == 2 and seen["address"] is None
     assert seen["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    # Its actors ask this Ray's state API, wherever the dashboard went (8265 or, when taken, a free port).
+    assert seen["runtime_env"]["env_vars"]["RAY_API_SERVER_ADDRESS"] == f"http://127.0.0.1:{seen['dashboard_port']}"
 
     for address, env in (("ray://head:10001", None), (None, "10.0.0.1:6379")):  # a cluster's settings are its own
         seen.clear()
         if env:
             monkeypatch.setenv("RAY_ADDRESS", env)  # ray.init(address=None) joins it
         run.init_ray(address)
-        assert "_system_config" not in seen
+        assert "_system_config" not in seen and "dashboard_port" not in seen
+        assert "RAY_API_SERVER_ADDRESS" not in seen["runtime_env"]["env_vars"]
         assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in seen["runtime_env"]["env_vars"]  # drains happen there
+
+
+def test_a_second_embedded_ray_on_the_machine_gets_a_dashboard_port_of_its_own():
+    import socket
+
+    from launcher.run import dashboard_port
+
+    first = dashboard_port("127.0.0.1")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", first))
+        taken.listen()
+        second = dashboard_port("127.0.0.1")
+    assert second != first and 1024 < second < 65536

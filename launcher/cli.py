@@ -285,10 +285,20 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("multitask-launcher")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtl", description="Distributed multitask fine-tuning: Ray Train + DeepSpeed ZeRO, one YAML job.",
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("validate", help="check a job (spec, DeepSpeed config, model, every data row) before running it")
@@ -434,7 +444,6 @@ def experiment_command(sub, name: str, help: str, func, *, version: bool = False
 
 
 def main(argv: list[str] | None = None) -> int:
-    quiet_driver_libraries()
     parser = build_parser()
     # Overrides may come after flags (`mtl validate JOB --print train.steps=20`).
     args, extra = parser.parse_known_args(argv)
@@ -442,6 +451,7 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    quiet_driver_libraries()  # after parsing: --help and --version import no heavy library
     try:
         return args.func(args)
     except RunStopped as exc:

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 import ds_configs
 
 from trainer.spec import JobSpec
-from trainer.errors import UserError, did_you_mean
+from trainer.errors import SpecError, UserError, did_you_mean
 
 SHIPPED_DS_CONFIGS = Path(ds_configs.__file__).resolve().parent  # package data: found wherever mtl runs
 
@@ -92,9 +92,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_job(path: str, overrides: list[str] | None = None, *, resolve_paths: bool = True) -> JobSpec:
-    raw = merge(read_yaml(path), parse_overrides(overrides or []))
+    base, changes = read_yaml(path), parse_overrides(overrides or [])
+    _check_task_overrides(base, changes, path)
+    raw = merge(base, changes)
     spec = parse_job(raw, source=path)
     return resolve(spec) if resolve_paths else spec
+
+
+def _check_task_overrides(base: dict, changes: dict, path: str) -> None:
+    """An override of a task the file does not have is a typo unless it defines the task whole."""
+    known = list((base.get("tasks") or {}) if isinstance(base.get("tasks"), dict) else [])
+    for name, value in (changes.get("tasks") or {}).items():
+        if name in known or (isinstance(value, dict) and {"type", "data"} <= set(value)):
+            continue
+        close = [t for t in known if t.lower() == name.lower()] or known
+        raise UserError(f"override tasks.{name}: {path} has no task '{name}'{did_you_mean(name, close)}; "
+                        f"its tasks: {', '.join(known) or 'none'}")
 
 
 def parse_job(raw: dict, source: str = "job") -> JobSpec:
@@ -161,9 +174,13 @@ def resolve(spec: JobSpec) -> JobSpec:
     """Relative paths become absolute (against the current folder), so workers anywhere find them."""
     spec = spec.model_copy(deep=True)
     spec.deepspeed = resolve_ds_config(spec.deepspeed)
-    for task in spec.tasks.values():
+    for name, task in spec.tasks.items():
         for key in ("train", "validation", "test", "path"):
             value = getattr(task.data, key)
+            if value and "://" in value:  # would become /cwd/s3:/... below
+                raise SpecError(f"tasks.{name}.data.{key}", f"'{value}': data is read from files on a local or shared "
+                                "(NFS) path, or from the hub by name; copy it from object storage to a path every "
+                                "node sees (storage.path may be s3://, data may not)")
             if value:
                 setattr(task.data, key, os.path.abspath(os.path.expanduser(value)))
     if _local_path(spec.model.name_or_path):
@@ -176,9 +193,19 @@ def resolve(spec: JobSpec) -> JobSpec:
 def resolve_ds_config(value: str) -> str:
     """A shipped config by bare name ('zero2'), else a path."""
     shipped = SHIPPED_DS_CONFIGS / f"{value}.json"
-    if "/" not in value and not value.endswith(".json") and shipped.exists():
+    bare = "/" not in value and not value.endswith(".json")
+    if bare and shipped.exists():
         return str(shipped)
-    return os.path.abspath(os.path.expanduser(value))
+    path = os.path.abspath(os.path.expanduser(value))
+    if bare and not os.path.exists(path):
+        names = shipped_ds_configs()
+        raise SpecError("deepspeed", f"'{value}' is neither a shipped config ({', '.join(names)}) nor a file"
+                                     f"{did_you_mean(value, names)}")
+    return path
+
+
+def shipped_ds_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DS_CONFIGS.glob("*.json"))
 
 
 def _local_path(name: str) -> bool:

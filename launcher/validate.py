@@ -19,6 +19,8 @@ from trainer.errors import UserError
 from trainer.model_io import check_model
 from trainer.storage import storage_problem
 from trainer.check_encode import CheckedTask
+from trainer.read_data import ROW
+from trainer.tasks.text2text import CHARS_PER_TOKEN_BOUND
 from trainer.task_data import check_task_data
 
 
@@ -79,7 +81,11 @@ def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Repor
     report.notes.append(f"{name} ({checked.type}): {sizes}{labels}")
     for split, bad in checked.bad.items():
         if bad.count:
-            report.notes.append(f"  {name}/{split} ({bad.origin}): {bad.summary()}")
+            most = bad.count > bad.total / 2
+            report.notes.append(f"  {'warning: ' if most else ''}{name}/{split} ({bad.origin}): {bad.summary()}"
+                                + ("; most of the split is left out: check the data and the task's columns and "
+                                   "labels" if most else ""))
+    _note_certain_truncation(spec, name, checked, report)
     if "validation" not in checked.splits:
         report.notes.append(f"  {name}: no validation split; it is not evaluated during training")
     rows, workers = len(checked.splits["train"]), spec.scaling.num_workers
@@ -92,6 +98,20 @@ def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Repor
     elif batch and rows // workers < batch:
         report.errors.append(f"{field}: {batch} is more than the {rows // workers} train rows each worker gets "
                              f"of task '{name}' ({rows} rows / {workers} workers)")
+
+
+def _note_certain_truncation(spec: JobSpec, name: str, checked: CheckedTask, report: Report) -> None:
+    """Rows whose text alone is longer than max_length tokens could ever hold (no tokenizer
+    needed to know): a text pasted whole, a file read as one row."""
+    limit = (spec.tasks[name].max_length or spec.model.max_length) * CHARS_PER_TOKEN_BOUND
+    for split, rows in checked.splits.items():
+        sizes = [(sum(len(v) for k, v in row.items() if isinstance(v, str)), row[ROW]) for row in rows]
+        long = [(size, row) for size, row in sizes if size > limit]
+        if long:
+            size, row = max(long)
+            report.notes.append(f"  warning: {name}/{split}: {len(long)} row{'s' if len(long) > 1 else ''} far longer "
+                                f"than max_length ({limit // CHARS_PER_TOKEN_BOUND} tokens) will be truncated; the "
+                                f"longest, row {row}, has {size:,} characters")
 
 
 def _tracking_problems(spec: JobSpec) -> list[str]:
@@ -130,6 +150,10 @@ def _check_deepspeed(spec: JobSpec, report: Report) -> None:
 
 def _check_model(spec: JobSpec, report: Report) -> None:
     path = spec.model.name_or_path
+    if os.path.isfile(path):
+        report.errors.append(f"model.name_or_path: '{path}' is a file; give the folder that holds the model's "
+                             "config.json, weights and tokenizer (or a hub name)")
+        return
     if os.path.isabs(path) and not os.path.isdir(path):
         report.errors.append(f"model.name_or_path: folder not found: '{path}'")
         return

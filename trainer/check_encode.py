@@ -137,11 +137,24 @@ def check_task(task: str, task_type: TaskType, raw_splits: list[RawSplit], colum
             if len(fixed) < 2:
                 raise DataError(f"{raw.field} ({raw.origin}): task '{task}' has a single label "
                                 f"'{fixed[0]}' in train; classification needs at least two")
+            _refuse_labels_like_scores(raw, task, fixed, len(splits["train"]))
     return CheckedTask(task, task_type.name, fixed if task_type.has_labels else (), splits, bad)
 
 
 def _with_labels(ctx: TaskContext, labels: tuple[str, ...]) -> TaskContext:
     return replace(ctx, labels=labels)
+
+
+MOST = 0.5  # more distinct labels than this share of the train rows: not classes
+
+
+def _refuse_labels_like_scores(raw: RawSplit, task: str, labels: tuple[str, ...], rows: int) -> None:
+    """Classes repeat; a label column with nearly as many values as rows holds scores or ids."""
+    if len(labels) > 2 and len(labels) > MOST * rows:
+        shown = ", ".join(labels[:5]) + (", ..." if len(labels) > 5 else "")
+        raise DataError(f"{raw.field} ({raw.origin}): task '{task}' has {len(labels)} distinct labels in {rows} "
+                        f"train rows ({shown}): that looks like scores or ids, not classes. Map them to classes in "
+                        f"the data, or name the classes with tasks.{task}.labels")
 
 
 @dataclass

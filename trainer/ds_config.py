@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 
-from trainer.errors import SpecError
+from trainer.errors import SpecError, did_you_mean
 
 # ZeRO sizes that scale with the model; a file may leave them "auto" (fill_model_sizes).
 MODEL_SIZED_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold",
@@ -36,7 +36,79 @@ def read_ds_config(path: str, field: str = "deepspeed") -> dict:
     stage = zero_stage(config)
     if stage not in (0, 1, 2, 3):
         raise SpecError(field, f"'{path}': zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    check_file_keys(config, path, field)
     return config
+
+
+# The top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the sections it hands to
+# its sub-configs); anything else in a file is a typo DeepSpeed would ignore without a word.
+DEEPSPEED_KEYS = frozenset((
+    "activation_checkpointing", "aio", "amp", "autotuning", "bf16", "bfloat16", "checkpoint", "comet",
+    "comms_logger", "communication_data_type", "compile", "compression_training", "csv_monitor",
+    "curriculum_learning", "data_efficiency", "data_types", "dataloader_drop_last", "datastates_ckpt",
+    "disable_allgather", "disable_python_gc", "dump_state", "eigenvalue", "elasticity", "expert_parallel",
+    "flops_profiler", "fp16", "gradient_accumulation_steps", "gradient_allreduce_op", "gradient_clipping",
+    "gradient_predivide_factor", "graph_harvesting", "hybrid_engine", "log_level", "managed_gradient_accumulation",
+    "memory_breakdown", "nebula", "optimizer", "pipeline", "prescale_gradients", "progressive_layer_drop",
+    "quantize_training", "scheduler", "seq_parallel_communication_data_type", "sparse_attention",
+    "sparse_gradients", "steps_per_print", "tensor_parallel", "tensorboard", "timers", "torch_autocast",
+    "train_batch_size", "train_micro_batch_size_per_gpu", "use_data_before_expert_parallelism",
+    "vocabulary_size", "wall_clock_breakdown", "wandb", "weight_quantization", "zero_allow_untested_optimizer",
+    "zero_force_ds_cpu_optimizer", "zero_optimization",
+))
+# Precision is the job's (train.precision: one value for the loop, the model and DeepSpeed).
+PRECISION_KEYS = ("fp16", "bf16", "bfloat16", "amp", "torch_autocast")
+
+
+def check_file_keys(config: dict, path: str, field: str = "deepspeed") -> None:
+    """Every key of a DeepSpeed file is one DeepSpeed knows, checked by DeepSpeed's own config
+    models where it has them (zero_optimization); precision belongs to the job. Raises SpecError
+    naming the dotted key, with the closest valid one."""
+    for key in config:
+        if key in PRECISION_KEYS:
+            raise SpecError(field, f"'{path}' sets {key}; precision comes from train.precision (auto, fp32, bf16 "
+                                   f"or fp16) so the loop, the model and DeepSpeed agree: remove it from the file")
+        if key not in DEEPSPEED_KEYS:
+            raise SpecError(field, f"'{path}': {key} is not a DeepSpeed setting{did_you_mean(key, DEEPSPEED_KEYS)}")
+    zero = config.get("zero_optimization")
+    if zero is None:
+        return
+    if not isinstance(zero, dict):
+        raise SpecError(field, f"'{path}': zero_optimization must be an object")
+    for dotted, problem in _zero_problems(zero):
+        raise SpecError(field, f"'{path}': zero_optimization.{dotted}: {problem}")
+
+
+def _zero_problems(zero: dict):
+    """(dotted key, problem) for what DeepSpeed's ZeRO config model refuses in `zero`."""
+    import pydantic
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    sized = {k: 1 for k in MODEL_SIZED_KEYS if zero.get(k) == "auto"}  # filled on the workers
+    try:
+        DeepSpeedZeroConfig(**{**zero, **sized})
+    except pydantic.ValidationError as exc:
+        for err in exc.errors():
+            loc = [str(p) for p in err["loc"]]
+            if err["type"] == "extra_forbidden":
+                yield ".".join(loc), f"not a ZeRO setting{did_you_mean(loc[-1], _model_keys(DeepSpeedZeroConfig, loc[:-1]))}"
+            else:
+                yield ".".join(loc), err["msg"].removeprefix("Value error, ")
+
+
+def _model_keys(model, loc: list[str]) -> list[str]:
+    """Field names and aliases of the config model at `loc` inside `model`."""
+    import typing
+
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        model = next((a for a in (field.annotation, *typing.get_args(field.annotation))
+                      if isinstance(a, type) and hasattr(a, "model_fields")), None)
+        if model is None:
+            return []
+    return [k for name, f in model.model_fields.items() for k in (name, f.alias) if k]
 
 
 def zero_stage(config: dict | None) -> int:

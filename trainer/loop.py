@@ -184,6 +184,11 @@ def say_data_cache(rank: int, tasks: dict[str, TaskData]) -> None:
     parts = [f"{name} {'read from the node cache' if d.cache.status == 'hit' else 'prepared'} in {d.cache.seconds:.1f}s"
              for name, d in tasks.items() if d.cache is not None]
     say(f"[mtl] rank {rank} data: {', '.join(parts)}")
+    cut = [f"{name} {e.truncated} of {e.rows} {split}" for name, d in tasks.items()
+           for split, e in d.encoded.items() if e.truncated]
+    if rank == 0 and cut:
+        say(f"[mtl] rows longer than their task's max_length are truncated: {'; '.join(cut)} "
+            "(mtl data JOB shows each task's lengths)")
 
 
 def say_placement(rank: int, world: int, device: torch.device) -> None:

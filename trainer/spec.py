@@ -397,6 +397,9 @@ class JobSpec(_Strict):
             if task.type == "extractive_qa" and stride and stride * 2 > length:
                 raise ValueError(f"tasks.{name}.options.doc_stride ({stride}) must be at most half of the task's "
                                  f"max_length ({length}): consecutive windows overlap by it")
+        if self.tasks and all(task.weight == 0 for task in self.tasks.values()):
+            raise ValueError(f"every task's weight is 0 ({', '.join(f'tasks.{n}.weight' for n in self.tasks)}): "
+                             "the loss would be 0 and nothing would train; give at least one task a weight > 0")
         if self.mixture.strategy == "explicit":
             rates = self.explicit_rates()
             missing = [t for t in self.tasks if t not in rates and self.tasks[t].accumulation is None]

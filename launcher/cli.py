@@ -8,8 +8,14 @@ import os
 import sys
 from pathlib import Path
 
+from launcher.addresses import driver_address, jobs_address
 from launcher.console import quiet_driver_libraries
 from trainer.errors import RunStopped, UserError
+
+GCS = "the Ray cluster to join as a driver: its GCS, HEAD:6379 (auto on one of its nodes; ray://HEAD:10001 for " \
+      "Ray Client). Default: $RAY_ADDRESS, else an embedded local Ray"
+DASHBOARD = "the Ray cluster's dashboard (Jobs API), http://HEAD:8265. Default: $RAY_API_SERVER_ADDRESS, else " \
+            "$RAY_ADDRESS"
 
 EXAMPLES = """examples:
   mtl train jobs/demo.yaml
@@ -18,7 +24,7 @@ EXAMPLES = """examples:
   mtl validate jobs/demo.yaml train.steps=20 tasks.sentiment.weight=2 --print
   mtl eval jobs/demo.yaml --version best --split test
   mtl multinode jobs/demo.yaml --nodes 2          # a local 2-node Ray cluster, torn down afterwards
-  mtl submit jobs/demo.yaml --address http://HEAD:8265 --wait
+  mtl submit jobs/demo.yaml --address http://HEAD:8265      # follows the job's logs; --no-wait detaches
   mtl jobs logs JOB_ID --follow --address http://HEAD:8265
   mtl data jobs/demo.yaml
   mtl tasks
@@ -46,8 +52,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from trainer.job_env import load_job_env
 
     load_job_env()  # inside a submitted job: the secrets `mtl submit` forwarded (storage needs them here too)
+    address = driver_address(args.address, "train")
     spec = load_job(args.job, args.overrides)
-    train(spec, address=args.address, on_change=change_policy(args))
+    train(spec, address=address, on_change=change_policy(args))
     return 0
 
 
@@ -68,33 +75,36 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from launcher.jobfile import load_job
     from launcher.submit import submit
 
+    address = jobs_address(args.address)
     spec = load_job(args.job, args.overrides)
-    _, status = submit(spec, args.address, wait=args.wait, on_change=change_policy(args))
+    _, status = submit(spec, address, wait=args.wait, on_change=change_policy(args))
     return status
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
     from launcher import submit
 
+    address = jobs_address(args.address)
     if args.action == "list":
-        submit.list_jobs(args.address)
+        submit.list_jobs(address)
         return 0
     if not args.job_id:
         raise UserError(f"mtl jobs {args.action} needs a JOB_ID (see `mtl jobs list`)")
     if args.action == "status":
-        status = submit.job_status(args.address, args.job_id)
+        status = submit.job_status(address, args.job_id)
         return 0 if status in ("SUCCEEDED", "RUNNING", "PENDING") else 1
     if args.action == "logs":
-        return submit.job_logs(args.address, args.job_id, follow_logs=args.follow)
-    submit.stop_job(args.address, args.job_id)
+        return submit.job_logs(address, args.job_id, follow_logs=args.follow)
+    submit.stop_job(address, args.job_id)
     return 0
 
 
 def cmd_multinode(args: argparse.Namespace) -> int:
     from launcher.multinode import run_multinode
 
+    given = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     return run_multinode(args.job, args.overrides, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                         address=args.address, layout_file=args.layout)
+                         address=jobs_address(args.address) if given else None, layout_file=args.layout)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -106,10 +116,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise UserError(f"--limit: {args.limit} rows; give 1 or more")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     options = dict(versions=versions, split=args.split, baselines=not args.no_baselines, tasks=tasks, limit=args.limit)
-    if args.address:
+    address = driver_address(args.address, "eval")
+    if address:
         from launcher.evaluate import evaluate_on_cluster
 
-        report = evaluate_on_cluster(args.address, storage, name, gpus=args.gpus, **options)
+        report = evaluate_on_cluster(address, storage, name, gpus=args.gpus, **options)
         print(f"[mtl] evaluated as a Ray task on node {report['node']}", file=sys.stderr)
     else:
         report = evaluate_experiment(storage, name, **options)
@@ -145,8 +156,9 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from launcher.baselines import format_table, run_baselines
     from launcher.jobfile import load_job
 
+    address = driver_address(args.address, "baselines")
     spec = load_job(args.job, args.overrides)
-    print(format_table(run_baselines(spec, split=args.split, address=args.address)), end="")
+    print(format_table(run_baselines(spec, split=args.split, address=address)), end="")
     return 0
 
 
@@ -205,11 +217,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from launcher.serve import ServeOptions, serving, wait_for_stop
 
+    address = driver_address(args.address, "serve")
     storage, name = experiment(args)
     options = ServeOptions(host=args.host, port=args.port, replicas=args.replicas,
                            cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
                            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
-    with serving(storage, name, args.version, options, address=args.address) as (version, url):
+    with serving(storage, name, args.version, options, address=address) as (version, url):
         task = next(iter(_version_tasks(storage, name, version)), "TASK")
         print(f"[mtl] serving {name}/{version} at {url} (Ctrl-C stops it)\n"
               f"      curl {url}/tasks\n"
@@ -314,33 +327,32 @@ def build_parser() -> argparse.ArgumentParser:
                               "130 / 143); a second Ctrl-C stops at once.")
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--address", help=GCS)
     add_change_flags(p)
     p.set_defaults(func=cmd_train)
 
-    dashboard = "Ray dashboard address of the cluster, e.g. http://HOST:8265 (default: $RAY_ADDRESS)"
     p = sub.add_parser("baselines", help="one single-task run per task (same model, settings and examples seen), "
                                          "scored beside the multitask version: the table and the cost of N models")
     p.add_argument("job", help="the multitask job YAML file (train it first)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
     p.add_argument("--split", default="test", choices=["validation", "test"], help="held-out split (default: test)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="Ray cluster address for the single-task runs (default: $RAY_ADDRESS, else embedded)")
+    p.add_argument("--address", help=GCS)
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("submit", help="submit a job to a Ray cluster through the Jobs API (validated here first)")
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=dashboard)
-    p.add_argument("--wait", action="store_true", help="stream the job's logs until it ends; exit with its status")
+    p.add_argument("--address", help=DASHBOARD)
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="stream the job's logs until it ends and exit with its status (default; --no-wait: print "
+                        "the job id and return, like `ray job submit --no-wait`)")
     add_change_flags(p)
     p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("jobs", help="jobs on a Ray cluster: list, status, logs [--follow], stop")
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="job id (as `mtl submit` printed it)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"), help=dashboard)
+    p.add_argument("--address", help=DASHBOARD)
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
 
@@ -352,8 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-node", type=float, default=None,
                    help="CPUs each local node offers (default: the layout's, else this machine's CPUs / nodes)")
     p.add_argument("--layout", default=None, help="local cluster layout (default: cluster_configs/local.yaml)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="submit to this cluster instead of starting one (default: $RAY_ADDRESS)")
+    p.add_argument("--address", help="submit to this cluster's dashboard (http://HEAD:8265) instead of starting "
+                                      "a local one (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
     p.set_defaults(func=cmd_multinode)
 
     p = sub.add_parser("eval", help="evaluate a committed version per task on a held-out split, beside baselines")
@@ -369,9 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, metavar="N", help="only the first N rows of the split per task (a quick look; "
                                                           "saved as <split>-partial.json)")
     p.add_argument("--no-baselines", action="store_true", help="skip the trivial baselines")
-    p.add_argument("--address", default=None,
-                   help="evaluate as a Ray task on this cluster (its GCS host:port, or auto), where its GPUs are; "
-                        "storage and data must be reachable from its nodes (default: here, in this process)")
+    p.add_argument("--address", help="evaluate as a Ray task on this cluster (its GCS HEAD:6379, or auto), where its "
+                                      "GPUs are; storage and data must be reachable from its nodes (default: "
+                                      "$RAY_ADDRESS, else here, in this process)")
     p.add_argument("--gpus", type=float, default=None,
                    help="with --address: GPUs the task reserves (default: 1 when the cluster has GPUs, else 0)")
     p.set_defaults(func=cmd_eval)
@@ -403,8 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of concurrent requests run through the model together (default: 16)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long a batch waits for more requests (default: 10 ms)")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="a Ray cluster to serve on (host:port of its GCS, or auto); default: an embedded local Ray")
+    p.add_argument("--address", help=GCS)
     p = experiment_command(sub, "export", "write a version as a Hugging Face folder (safetensors, tokenizer, heads, "
                                           "task map, model card) that transformers loads without mtl", cmd_export,
                            version=True)

@@ -131,7 +131,8 @@ def test_multinode_checks_the_job_before_starting_any_node(tmp_path, data_dir, m
 
 def test_a_submitted_job_can_be_stopped(cluster, data_dir, model_dir, tmp_path):
     job = tiny_heads_job(data_dir, model_dir, tmp_path, "long", num_workers=1)
-    submitted = mtl("submit", job, "train.steps=100000", "--address", cluster.dashboard_url, env=cluster.auth_env)
+    submitted = mtl("submit", job, "train.steps=100000", "--address", cluster.dashboard_url, "--no-wait",
+                    env=cluster.auth_env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
     stopped = mtl("jobs", "stop", job_id, "--address", cluster.dashboard_url, env=cluster.auth_env)
@@ -156,7 +157,8 @@ def test_a_preemption_notice_writes_a_version_and_training_goes_on(cluster, data
     from launcher.submit import rank_placement
 
     job = tiny_heads_job(data_dir, model_dir, tmp_path, "spot")
-    submitted = mtl("submit", job, "train.steps=100000", "--address", cluster.dashboard_url, env=cluster.auth_env)
+    submitted = mtl("submit", job, "train.steps=100000", "--address", cluster.dashboard_url, "--no-wait",
+                    env=cluster.auth_env)
     assert submitted.returncode == 0, submitted.stderr
     job_id = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
 

@@ -1,0 +1,69 @@
+"""Cluster addresses as Ray's own tools read them: a dashboard for the Jobs API, a GCS for a
+driver; RAY_API_SERVER_ADDRESS and RAY_ADDRESS as defaults; the wrong kind named without a traceback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, job_dict
+from launcher.addresses import driver_address, jobs_address
+from launcher.cli import build_parser
+from trainer.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def no_cluster_in_the_environment(monkeypatch):
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_a_driver_joins_the_flag_else_ray_address_else_an_embedded_ray(monkeypatch):
+    assert driver_address(None, "train") is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert driver_address(None, "train") == "10.0.0.1:6379"
+    assert driver_address("auto", "train") == "auto"
+    assert driver_address("ray://head:10001", "serve") == "ray://head:10001"
+
+
+def test_a_dashboard_given_to_a_driver_says_to_submit(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    with pytest.raises(UserError) as err:
+        driver_address(None, "train")
+    message = str(err.value)
+    assert message.startswith("RAY_ADDRESS=http://head:8265 is a cluster's dashboard")
+    assert "mtl submit JOB --address http://head:8265" in message and "unset RAY_ADDRESS" in message
+
+
+def test_jobs_read_ray_api_server_address_before_ray_address(monkeypatch):
+    with pytest.raises(UserError, match="no cluster address"):
+        jobs_address(None)
+    monkeypatch.setenv("RAY_ADDRESS", "http://other:8265")
+    assert jobs_address(None) == "http://other:8265"
+    monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://head:8265")
+    assert jobs_address(None) == "http://head:8265"
+    assert jobs_address("head") == "http://head:8265"
+    with pytest.raises(UserError, match="auto is a driver's address; the Jobs API is the head node's dashboard"):
+        jobs_address("auto")
+
+
+def test_submit_waits_and_follows_by_default():
+    parser = build_parser()
+    assert parser.parse_args(["submit", "job.yaml"]).wait is True
+    assert parser.parse_args(["submit", "job.yaml", "--no-wait"]).wait is False
+
+
+def test_train_with_a_dashboard_in_ray_address_is_one_line_not_a_traceback(data_dir, write_job):
+    job = write_job(job_dict(data_dir))
+    done = subprocess.run([sys.executable, "-m", "launcher.cli", "train", job], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": "http://127.0.0.1:1"})
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "mtl train: error: RAY_ADDRESS=http://127.0.0.1:1 is a cluster's dashboard (the Jobs API); `mtl train` joins "
+        "a cluster as a driver, through its GCS address (HEAD:6379, or auto on one of its nodes). To run there from "
+        "this machine, use `mtl submit JOB --address http://127.0.0.1:1`, or unset RAY_ADDRESS for an embedded "
+        "local Ray"]

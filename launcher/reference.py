@@ -1,6 +1,6 @@
 """The job spec reference, generated from the typed tree and the task registry.
 
-`mtl schema` prints it; the README embeds it (a test keeps the two equal), so the
+`mtl schema` prints it; docs/reference.md embeds it (a test keeps the two equal), so the
 documentation cannot drift from what the validator accepts.
 """
 
@@ -72,8 +72,8 @@ def markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(path: str = "README.md") -> None:
-    """Replace the generated block of the README with the current reference."""
+def update_readme(path: str = "docs/reference.md") -> None:
+    """Replace the generated block of docs/reference.md with the current reference."""
     text = open(path).read()
     head, rest = text.split(BEGIN, 1)
     _, tail = rest.split(END, 1)

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -63,3 +65,14 @@ def test_a_second_embedded_ray_on_the_machine_gets_a_dashboard_port_of_its_own()
         taken.listen()
         second = dashboard_port("127.0.0.1")
     assert second != first and 1024 < second < 65536
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["validate", "--help"], ["train", "--help"]])
+def test_help_and_version_import_no_heavy_library(argv):
+    """`mtl --help` answers at once: torch, Ray, transformers and DeepSpeed load only for a verb that runs."""
+    code = ("import sys\nfrom launcher.cli import main\ntry:\n    main(%r)\nexcept SystemExit:\n    pass\n"
+            "print('loaded:', ','.join(m for m in ('torch', 'ray', 'transformers', 'deepspeed') if m in sys.modules))"
+            % argv)
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "loaded:"

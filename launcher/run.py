@@ -22,7 +22,7 @@ from launcher.validate import require_valid
 from launcher.versions import resume_point
 from trainer import init_from
 from trainer.ds_config import read_ds_config
-from trainer.errors import RunStopped, UserError
+from trainer.errors import RunStopped, UserError, first_line
 from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
@@ -253,7 +253,15 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
         # by trainer.stopping). Its actor started beside the workers and took their CPU.
         env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     plain_ray_logging()
-    ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+    try:
+        ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
+    except (ConnectionError, ValueError) as exc:  # nothing at that address, or an address Ray cannot read
+        where = address or os.environ.get("RAY_ADDRESS")
+        if not where:
+            raise
+        raise UserError(f"cannot join the Ray cluster at {where}: {first_line(exc)} (a driver needs the cluster's "
+                        "GCS address, HEAD:6379, reachable from here; `ray status --address HEAD:6379` checks it)"
+                        ) from None
     tidy_worker_output()
 
 

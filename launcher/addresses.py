@@ -49,6 +49,30 @@ def driver_address(flag: str | None, verb: str) -> str | None:
     return address
 
 
+PROBE_TIMEOUT_S = 5.0
+
+
+def require_listening(address: str) -> None:
+    """A GCS (or Ray Client) address with nothing listening is refused at once: ray.init would
+    retry it for minutes, printing a warning every few seconds."""
+    import socket
+
+    if address == "auto":
+        return
+    hostport = address.removeprefix("ray://").rsplit("/", 1)[0]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UserError(f"cluster address '{address}': expected HEAD:PORT (the GCS, port 6379 by default), auto, "
+                        f"or ray://HEAD:10001")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise UserError(f"cannot join the Ray cluster at {address}: nothing answers there ({exc.strerror or exc}). "
+                        f"Is the cluster up, and is this its GCS address (`ray status --address {hostport}` on a "
+                        f"node checks it)?") from None
+
+
 def jobs_address(flag: str | None) -> str:
     """The dashboard URL of the cluster whose Jobs API a verb talks to."""
     address, source = _given(flag, "RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")

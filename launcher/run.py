@@ -14,6 +14,7 @@ import threading
 import uuid
 from contextlib import contextmanager
 
+from launcher.addresses import require_listening
 from launcher.console import plain_ray_logging, tidy_worker_output
 from launcher.jobfile import dump_job
 from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_bundle
@@ -253,6 +254,8 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
         # by trainer.stopping). Its actor started beside the workers and took their CPU.
         env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     plain_ray_logging()
+    if address or os.environ.get("RAY_ADDRESS"):
+        require_listening(address or os.environ["RAY_ADDRESS"])
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
     except (ConnectionError, ValueError) as exc:  # nothing at that address, or an address Ray cannot read

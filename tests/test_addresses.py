@@ -67,3 +67,23 @@ def test_train_with_a_dashboard_in_ray_address_is_one_line_not_a_traceback(data_
         "a cluster as a driver, through its GCS address (HEAD:6379, or auto on one of its nodes). To run there from "
         "this machine, use `mtl submit JOB --address http://127.0.0.1:1`, or unset RAY_ADDRESS for an embedded "
         "local Ray"]
+
+
+def test_a_gcs_address_with_nothing_listening_is_refused_at_once():
+    import socket
+
+    from launcher.addresses import require_listening
+
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen(1)
+        require_listening(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: no error
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+    with pytest.raises(UserError, match=f"cannot join the Ray cluster at 127.0.0.1:{port}: nothing answers there"):
+        require_listening(f"127.0.0.1:{port}")
+    with pytest.raises(UserError, match="expected HEAD:PORT"):
+        require_listening("head-without-port")
+    require_listening("auto")  # Ray finds the cluster of this node itself

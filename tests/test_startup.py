@@ -37,7 +37,10 @@ def test_embedded_ray_settings_and_a_clusters_own(monkeypatch):
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setattr(run, "tidy_worker_output", lambda: None)
+    probed = []
+    monkeypatch.setattr(run, "require_listening", probed.append)  # no connection to the made-up addresses
     run.init_ray(num_cpus=2, _system_config={"object_spilling_threshold": 0.9})
+    assert probed == []  # an embedded Ray: nothing to probe
     assert seen["_system_config"] == {"prestart_worker_first_driver": False, "object_spilling_threshold": 0.9}
     assert seen["num_cpus"] == 2 and seen["address"] is None
     assert seen["runtime_env"]["env_vars"]["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
@@ -52,6 +55,7 @@ def test_embedded_ray_settings_and_a_clusters_own(monkeypatch):
         assert "_system_config" not in seen and "dashboard_port" not in seen
         assert "RAY_API_SERVER_ADDRESS" not in seen["runtime_env"]["env_vars"]
         assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in seen["runtime_env"]["env_vars"]  # drains happen there
+    assert probed == ["ray://head:10001", "10.0.0.1:6379"]
 
 
 def test_a_second_embedded_ray_on_the_machine_gets_a_dashboard_port_of_its_own():

@@ -67,12 +67,12 @@ demo: demo-data
 	$(VENV)/bin/mtl train jobs/demo.yaml $(ARGS)
 	$(VENV)/bin/mtl eval jobs/demo.yaml --split test --compare untrained,latest
 
-# The demo's short form, end to end (CI runs it): 3 steps, then 4 test rows per task scored for the
+# The demo's short form, end to end (CI runs it): 4 steps, then 4 test rows per task scored for the
 # untrained model and the version, in a folder of its own that starts empty.
 CHECK_RUNS := $(CURDIR)/.cache/demo-check
 demo-check: demo-data
 	rm -rf $(CHECK_RUNS)
-	$(VENV)/bin/mtl train jobs/demo.yaml train.steps=3 storage.path=$(CHECK_RUNS)
+	$(VENV)/bin/mtl train jobs/demo.yaml train.steps=4 storage.path=$(CHECK_RUNS)
 	$(VENV)/bin/mtl eval jobs/demo.yaml storage.path=$(CHECK_RUNS) --split test --compare untrained,latest --limit 4
 
 # A job on several Ray nodes. With RAY_ADDRESS (a cluster's dashboard, http://HEAD:8265) it is

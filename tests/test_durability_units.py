@@ -54,6 +54,43 @@ def test_storage_gives_up_with_the_operation_and_path_named(tmp_path):
         storage.write_json("exp/registry.json", {})
 
 
+class HalfWrites:
+    """A local file system whose writes stop half-way with a full disk."""
+
+    type_name = "local"
+
+    def __init__(self):
+        self.inner = pafs.LocalFileSystem()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def open_output_stream(self, path):
+        inner = self.inner.open_output_stream(path)
+
+        class Broken:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                inner.close()
+
+            def write(self, data):
+                inner.write(data[: len(data) // 2])
+                raise OSError("No space left on device")
+        return Broken()
+
+
+def test_a_small_file_is_replaced_whole_or_not_at_all(tmp_path):
+    """tags.json, registry.json, markers: a write cut short leaves the old file, never half a new one."""
+    Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path)).write_json("exp/tags.json", {"prod": "step-1"})
+    broken = Storage(HalfWrites(), str(tmp_path), str(tmp_path), retry_delays_s=(0.0,))
+    with pytest.raises(StorageError, match="could not write .*tags.json after 2 attempts: No space left on device"):
+        broken.write_json("exp/tags.json", {"prod": "step-2", "best": "step-2"})
+    assert json.loads((tmp_path / "exp" / "tags.json").read_text()) == {"prod": "step-1"}
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["tags.json"]  # no temporary file left
+
+
 def test_a_missing_file_is_an_answer_not_a_failure(tmp_path):
     fs = FlakyFs(failures=0)
     storage = Storage(fs, str(tmp_path), str(tmp_path), retry_delays_s=(0.0, 0.0))

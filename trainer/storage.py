@@ -11,11 +11,13 @@ A missing file is an answer, not a failure, and is never retried.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 
 from trainer.errors import UserError, first_line
@@ -52,12 +54,28 @@ class Storage:
         return f"{root}/{relative}" if relative else root
 
     def write_text(self, relative: str, text: str) -> None:
+        """The whole file or nothing. On a file system (a folder, NFS) the text goes to a temporary
+        name beside the target and is renamed over it, so no reader (another node, a run after a
+        crash) ever sees a truncated marker, registry or tags file; an object store's PUT is
+        whole by itself."""
         path = self.path(relative)
+        data = text.encode()
 
         def write():
             self.fs.create_dir(os.path.dirname(path), recursive=True)
-            with self.fs.open_output_stream(path) as out:
-                out.write(text.encode())
+            if getattr(self.fs, "type_name", None) != "local":
+                with self.fs.open_output_stream(path) as out:
+                    out.write(data)
+                return
+            temporary = f"{path}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            try:
+                with self.fs.open_output_stream(temporary) as out:
+                    out.write(data)
+                self.fs.move(temporary, path)  # rename(2): atomic within a file system
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(temporary)
+                raise
         self.retried("write", relative, write)
 
     def write_json(self, relative: str, data) -> None:

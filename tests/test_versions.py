@@ -136,3 +136,21 @@ def test_tags_name_versions_and_resolve_like_them(storage):
     assert untag(storage, "exp", "prod") == "step-000004"
     with pytest.raises(UserError, match="'exp' has no tag 'prod' \\(tags: none\\)"):
         untag(storage, "exp", "prod")
+
+
+def test_a_version_whose_task_name_is_a_path_is_refused_before_it_becomes_one(tmp_path):
+    """tasks.json is read from shared storage: a crafted task name ('../../x') would make export
+    write heads/../../x.safetensors outside --out. No name a job could not have is accepted."""
+    import json
+
+    from trainer.errors import UserError
+    from trainer.version_io import load_version
+
+    folder = tmp_path / "crafted" / "step-000001"
+    folder.mkdir(parents=True)
+    (folder / "COMMITTED").write_text("ok\n")
+    (folder / "tasks.json").write_text(json.dumps({"kind": "heads", "encoding": "heads", "tasks": {
+        "../../escaped": {"type": "classification", "labels": ["a", "b"]}}}))
+    with pytest.raises(UserError, match=r"tasks.json: task name '../../escaped' must be letters, digits, '_' or '-'"):
+        load_version(folder)
+    assert not (tmp_path / "escaped.safetensors").exists()

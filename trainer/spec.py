@@ -355,6 +355,14 @@ class InitFromSpec(_Strict):
                                    "learning-rate schedule and the step count start afresh.")
 
 
+def task_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a task, or None. A task's name becomes a file name (a version's
+    heads/<task>.safetensors, an export's), so it holds letters, digits, '_' and '-' only."""
+    if not isinstance(name, str) or not name.replace("_", "").replace("-", "").isalnum():
+        return f"task name {name!r} must be letters, digits, '_' or '-'"
+    return None
+
+
 class JobSpec(_Strict):
     name: str = Field(description="Experiment name; running the same name again resumes it.", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelSpec
@@ -378,8 +386,8 @@ class JobSpec(_Strict):
         if not tasks:
             raise ValueError("at least one task is needed")
         for name in tasks:
-            if not name.replace("_", "").replace("-", "").isalnum():
-                raise ValueError(f"task name '{name}' must be letters, digits, '_' or '-'")
+            if problem := task_name_problem(name):
+                raise ValueError(problem)
         return tasks
 
     @model_validator(mode="after")

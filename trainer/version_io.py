@@ -19,6 +19,7 @@ import yaml
 
 from trainer.checkpoint import COMMITTED, DS_TAG, MODEL_STATES, WHOLE_WEIGHTS
 from trainer.safe_load import weights_only_loads
+from trainer.spec import task_name_problem
 from trainer.errors import UserError
 from trainer.models import HeadSpec, MultiTaskModel, build_model_from_config
 from trainer.weighting import UncertaintyWeighting
@@ -63,6 +64,17 @@ def whole_weights(folder: Path, fetch_optimizer_shards=None) -> dict[str, torch.
         return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
 
 
+def check_manifest(manifest, where: str) -> None:
+    """A version's tasks.json is read from storage that others may write: every task name must be
+    one a job could have given, before any of them becomes part of a path (export's heads/<task>)."""
+    tasks = manifest.get("tasks") if isinstance(manifest, dict) else None
+    if not isinstance(tasks, dict):
+        raise UserError(f"{where}: no task map; not a version mtl wrote")
+    for name in tasks:
+        if problem := task_name_problem(name):
+            raise UserError(f"{where}: {problem}; refusing a version whose tasks.json mtl did not write as it is")
+
+
 def _settings(folder: Path) -> tuple[dict, dict, object]:
     """A committed version's tasks.json, job and tokenizer: how its model reads and writes text."""
     from transformers import AutoTokenizer
@@ -70,6 +82,7 @@ def _settings(folder: Path) -> tuple[dict, dict, object]:
     if not (folder / COMMITTED).exists():
         raise UserError(f"{folder} is not a committed version (no COMMITTED marker)")
     manifest = json.loads((folder / "tasks.json").read_text())
+    check_manifest(manifest, str(folder / "tasks.json"))
     job = yaml.safe_load((folder / "job.yaml").read_text())
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
     tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True  # we truncate

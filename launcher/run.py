@@ -38,7 +38,6 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     that shapes training — "refuse" (list the differences), "new" (a fresh experiment under the first
     free `<name>-N`), or "allow" (continue with the changes). See launcher.drift."""
     from ray.train import FailureConfig, LoggingConfig, RunConfig
-    from ray.train.torch import TorchConfig
 
     from trainer.loop import train_loop_per_worker
     from trainer.stopping import clear_stop
@@ -67,7 +66,7 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
             # The DeepSpeed file is read here: workers on other nodes need its content, not its path.
             train_loop_config={"job": spec.model_dump(mode="json"), "ds_config": read_ds_config(spec.deepspeed),
                                "run_id": run_id},
-            torch_config=TorchConfig(backend="nccl" if spec.scaling.use_gpu else "gloo"),
+            torch_config=torch_config(spec.scaling),
             scaling_config=scaling_config(spec.scaling),
             run_config=RunConfig(name=spec.name, storage_path=storage.ray_path, storage_filesystem=storage.fs,
                                  # No checkpoint_config: Ray is told metrics only; the versions, their
@@ -184,6 +183,14 @@ def check_drift(spec: JobSpec, storage: Storage, version: str, on_change: str) -
     if note:
         print(f"[mtl] {note}", file=sys.stderr)
     return spec, version
+
+
+def torch_config(scaling):
+    """Ray Train's process group for the job: NCCL on GPUs, gloo on CPUs, with the job's timeout
+    (DeepSpeed joins the group Ray made, so this is every collective's timeout)."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend="nccl" if scaling.use_gpu else "gloo", timeout_s=int(scaling.collective_timeout_s))
 
 
 def scaling_config(scaling):

@@ -63,6 +63,17 @@ def test_scaling_config_carries_placement_resources_and_accelerator():
     assert config.resources_per_worker == {"CPU": 1.0, "GPU": 1.0} and config.accelerator_type == "A100"
 
 
+def test_the_process_group_timeout_is_the_jobs():
+    from launcher.jobfile import JobErrors
+    from launcher.run import torch_config
+
+    assert (torch_config(scaling()).backend, torch_config(scaling()).timeout_s) == ("gloo", 1800)
+    config = torch_config(scaling(use_gpu=True, collective_timeout_s=7200))
+    assert (config.backend, config.timeout_s) == ("nccl", 7200)
+    with pytest.raises(JobErrors, match="scaling.collective_timeout_s"):
+        scaling(collective_timeout_s=5)
+
+
 def test_gpu_fields_without_use_gpu_are_refused_and_a_resolved_job_reloads():
     from launcher.jobfile import JobErrors, dump_job
 

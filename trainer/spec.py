@@ -300,6 +300,11 @@ class ScalingSpec(_Strict):
     wait_for_nodes_s: float = Field(
         60.0, ge=0.0, description="How long to wait for nodes that can hold the workers to join a cluster before "
                                   "giving up with what was asked and what the cluster has (0: do not wait).")
+    collective_timeout_s: float = Field(
+        1800.0, ge=60.0, description="How long a collective (all-reduce, barrier) waits for the slowest rank before "
+                                     "the run fails: longer than the slowest thing one rank does while the others "
+                                     "wait (a node's first tokenization, a universal-checkpoint conversion, a large "
+                                     "final upload).")
 
     @model_validator(mode="after")
     def _gpu_fields(self) -> ScalingSpec:

@@ -73,10 +73,13 @@ def require_listening(address: str) -> None:
                         f"node checks it)?") from None
 
 
-def jobs_address(flag: str | None) -> str:
-    """The dashboard URL of the cluster whose Jobs API a verb talks to."""
+def jobs_address(flag: str | None, *, required: bool = True) -> str | None:
+    """The dashboard URL of the cluster whose Jobs API a verb talks to (None when none is given
+    and the verb has something else to do without one)."""
     address, source = _given(flag, "RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
     if address is None:
+        if not required:
+            return None
         raise UserError(f"no cluster address: pass --address http://HEAD:{DEFAULT_DASHBOARD_PORT} (the head node's "
                         f"dashboard) or set RAY_API_SERVER_ADDRESS / RAY_ADDRESS")
     if address == "auto" or address.startswith("ray://"):

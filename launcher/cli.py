@@ -4,7 +4,6 @@ message that names the problem and exit 2, without a traceback."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -102,9 +101,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 def cmd_multinode(args: argparse.Namespace) -> int:
     from launcher.multinode import run_multinode
 
-    given = args.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     return run_multinode(args.job, args.overrides, nodes=args.nodes, cpus_per_node=args.cpus_per_node,
-                         address=jobs_address(args.address) if given else None, layout_file=args.layout)
+                         address=jobs_address(args.address, required=False), layout_file=args.layout)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

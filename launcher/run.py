@@ -261,12 +261,12 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
         # by trainer.stopping). Its actor started beside the workers and took their CPU.
         env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     plain_ray_logging()
-    if address or os.environ.get("RAY_ADDRESS"):
-        require_listening(address or os.environ["RAY_ADDRESS"])
+    where = address or os.environ.get("RAY_ADDRESS")  # what ray.init joins; None: it starts one
+    if where:
+        require_listening(where)
     try:
         ray.init(address=address, runtime_env={"env_vars": env}, **kwargs)
-    except (ConnectionError, ValueError) as exc:  # nothing at that address, or an address Ray cannot read
-        where = address or os.environ.get("RAY_ADDRESS")
+    except (ConnectionError, ValueError) as exc:  # an address Ray cannot read, or a cluster that fails to answer
         if not where:
             raise
         raise UserError(f"cannot join the Ray cluster at {where}: {first_line(exc)} (a driver needs the cluster's "

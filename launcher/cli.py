@@ -76,7 +76,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     address = jobs_address(args.address)
     spec = load_job(args.job, args.overrides)
-    _, status = submit(spec, address, wait=args.wait, on_change=change_policy(args))
+    if args.override_credentials and not args.forward_credentials:
+        raise UserError("--override-credentials goes with --forward-credentials (it says whose credentials win)")
+    forward = ("override" if args.override_credentials else "missing") if args.forward_credentials else None
+    _, status = submit(spec, address, wait=args.wait, on_change=change_policy(args), forward=forward)
     return status
 
 
@@ -344,6 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="stream the job's logs until it ends and exit with its status (default; --no-wait: print "
                         "the job id and return, like `ray job submit --no-wait`)")
+    p.add_argument("--forward-credentials", action="store_true",
+                   help="send this shell's secrets (HF_TOKEN, AWS keys, W&B / MLflow tokens) to the job in its "
+                        "package, never in its metadata; a node's own credentials win (default: not sent, the "
+                        "cluster uses its own)")
+    p.add_argument("--override-credentials", action="store_true",
+                   help="with --forward-credentials: the forwarded ones replace the nodes' own (instance role, IRSA)")
     add_change_flags(p)
     p.set_defaults(func=cmd_submit)
 

@@ -24,13 +24,14 @@ from launcher.versions import resume_point
 from trainer import init_from
 from trainer.ds_config import read_ds_config
 from trainer.errors import RunStopped, UserError, first_line
+from trainer.job_env import is_secret, secrets_for_workers
 from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
                  "HF_HOME", "TOKENIZERS_PARALLELISM", "MTL_SCRATCH_DIR", "MTL_DATA_CACHE")
 RAY_TRAIN_POLL_S = "0.5"
-TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_")  # their settings and keys, for rank 0's trackers (trainer.trackers)
+TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_")  # their settings, for rank 0's trackers (trainer.trackers)
 
 
 def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse") -> dict:
@@ -65,7 +66,7 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
             train_loop_per_worker,
             # The DeepSpeed file is read here: workers on other nodes need its content, not its path.
             train_loop_config={"job": spec.model_dump(mode="json"), "ds_config": read_ds_config(spec.deepspeed),
-                               "run_id": run_id},
+                               "run_id": run_id, "secrets": secrets_for_workers()},
             torch_config=torch_config(spec.scaling),
             scaling_config=scaling_config(spec.scaling),
             run_config=RunConfig(name=spec.name, storage_path=storage.ray_path, storage_filesystem=storage.fs,
@@ -204,8 +205,9 @@ def scaling_config(scaling):
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k in FORWARDED_ENV or k.startswith(TRACKER_ENV_PREFIXES)
-           or k == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"}
+    # Secrets never: Ray shows every runtime_env (trainer.job_env says how they reach the workers).
+    env = {k: v for k, v in os.environ.items() if (k in FORWARDED_ENV or k.startswith(TRACKER_ENV_PREFIXES)
+                                                   or k == "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S") and not is_secret(k)}
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Ray Train turns print() into log records; dill (under datasets) prints while it captures
     # stdout, and those records would flood the console with bytecode dumps.

@@ -7,7 +7,10 @@ package Ray unpacks on the cluster as the job's working directory:
                               runs the version you have
     .mtl/job.yaml             the resolved job (no secrets in it)
     .mtl/deepspeed.json       its DeepSpeed config (the job names it relatively)
-    .mtl/env.json             forwarded secrets (HF_TOKEN, S3 credentials), mode 0600
+    .mtl/submission.json      the submission's id and time (each package is new, so a node's
+                              cache never serves one job's files to another)
+    .mtl/env.json             with --forward-credentials only: this shell's secrets (HF_TOKEN,
+                              S3 and tracker keys), mode 0600, removed once the job has read it
 
 and runs `python -m launcher.cli train .mtl/job.yaml` there, which starts Ray Train on the
 cluster. Plain settings (offline flags, regions) go in the runtime_env's env_vars; secrets go
@@ -33,7 +36,7 @@ from trainer.spec import JobSpec
 from launcher.validate import require_valid
 from trainer.ds_config import read_ds_config
 from trainer.errors import UserError, first_line
-from trainer.job_env import JOB_ENV_FILE
+from trainer.job_env import JOB_ENV_FILE, MODE_KEY, SECRET_ENV
 
 # Settings safe to show in a job's runtime_env.
 PUBLIC_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TOKENIZERS_PARALLELISM",
@@ -42,19 +45,17 @@ PUBLIC_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "T
               "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME")
 # Paths on this machine: only meaningful to a cluster on this machine.
 LOCAL_PATH_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "MTL_DATA_CACHE")
-# Never in metadata or logs: they travel in the package's .mtl/env.json.
-SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-              "AWS_SESSION_TOKEN", "WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_USERNAME",
-              "MLFLOW_TRACKING_PASSWORD")
 ENTRYPOINT = "python -m launcher.cli train .mtl/job.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def submit(spec: JobSpec, address: str, *, wait: bool = False, on_change: str = "refuse",
-           validated: bool = False, out=sys.stdout) -> tuple[str, int]:
+           forward: str | None = None, validated: bool = False, out=sys.stdout) -> tuple[str, int]:
     """Submit `spec` to the cluster's Jobs API; (job id, exit status: 0 unless waiting on a failed job).
 
+    forward: None (the cluster uses its own credentials), "missing" (this shell's secrets fill in
+    what a node lacks) or "override" (they replace the nodes' own); see trainer.job_env.
     validated: the caller already ran require_valid on this spec (it reads every data row).
     """
     if not validated:
@@ -64,11 +65,14 @@ def submit(spec: JobSpec, address: str, *, wait: bool = False, on_change: str = 
     if not on_this_machine:
         for line in local_only_paths(spec):
             print(f"[mtl] warning: {line}", file=sys.stderr)
+    for line in credential_notes(forward):
+        print(f"[mtl] {line}", file=sys.stderr)
+    submission_id = f"mtl-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     with tempfile.TemporaryDirectory(prefix="mtl-submit-") as staging:
-        package(spec, Path(staging))
+        package(spec, Path(staging), submission_id, forward)
         job_id = client.submit_job(
             entrypoint=ENTRYPOINT + {"refuse": "", "new": " --new", "allow": " --allow-changes"}[on_change],
-            submission_id=f"mtl-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+            submission_id=submission_id,
             runtime_env={"working_dir": staging, "env_vars": {**public_env(on_this_machine),
                                                               **stop_wait_env(spec)}},
             metadata={"mtl_name": spec.name, "mtl_storage": spec.storage.path},
@@ -80,7 +84,7 @@ def submit(spec: JobSpec, address: str, *, wait: bool = False, on_change: str = 
     return job_id, follow(client, job_id, out=out)
 
 
-def package(spec: JobSpec, folder: Path) -> None:
+def package(spec: JobSpec, folder: Path, submission_id: str = "", forward: str | None = None) -> None:
     """The job's working directory on the cluster (see the module docstring)."""
     import ds_configs
     import launcher
@@ -96,10 +100,33 @@ def package(spec: JobSpec, folder: Path) -> None:
     shipped = spec.model_copy(deep=True)
     shipped.deepspeed = ".mtl/deepspeed.json"  # relative to the working directory on the cluster
     (meta / "job.yaml").write_text(dump_job(shipped))
-    secrets = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
-    env_file = folder / JOB_ENV_FILE
-    env_file.write_text(json.dumps(secrets))
-    env_file.chmod(0o600)
+    (meta / "submission.json").write_text(json.dumps({"submission_id": submission_id, "submitted_at": time.time(),
+                                                      "nonce": os.urandom(8).hex()}))
+    secrets = forwarded_secrets() if forward else {}
+    if secrets:
+        env_file = folder / JOB_ENV_FILE
+        env_file.touch(mode=0o600)  # private before the secrets are in it
+        env_file.write_text(json.dumps({**secrets, MODE_KEY: forward}))
+
+
+def forwarded_secrets() -> dict[str, str]:
+    return {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
+
+
+def credential_notes(forward: str | None) -> list[str]:
+    """What a user should know about the secrets in this shell before the job leaves."""
+    present = sorted(forwarded_secrets())
+    if not present:
+        return []
+    if not forward:
+        return [f"not forwarded: {', '.join(present)} (the cluster uses its own credentials; "
+                "--forward-credentials sends this shell's to the job)"]
+    notes = [f"forwarded to the job, never shown in its metadata: {', '.join(present)}"
+             + (" (they replace the nodes' own)" if forward == "override" else " (where a node lacks its own)")]
+    if "AWS_SESSION_TOKEN" in present:
+        notes.append("AWS_SESSION_TOKEN: temporary credentials expire (often within 1-12 h) and nothing on the "
+                     "cluster can renew them; give the nodes a role (instance profile, IRSA) for long runs")
+    return notes
 
 
 def stop_wait_env(spec: JobSpec) -> dict[str, str]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -20,13 +21,17 @@ pytestmark = pytest.mark.e2e
 
 SECRET = "hf_not-a-real-token-4c1d"
 AWS_SECRET = "aws-secret-not-real-77aa"
+WANDB_SECRET = "wandb-key-not-real-93f0"
+SECRETS = (SECRET, AWS_SECRET, WANDB_SECRET)
 
 
 @pytest.fixture(scope="module")
 def cluster():
     from launcher.local_cluster import LocalCluster
 
-    cluster = LocalCluster(nodes=2, cpus_per_node=1, stop_grace_s=5).start()  # SIGKILL sooner at teardown
+    # Ray Train's record of each run (what its dashboard page shows) on, as clusters often have it.
+    with mock.patch.dict(os.environ, {"RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}):
+        cluster = LocalCluster(nodes=2, cpus_per_node=1, stop_grace_s=5).start()  # SIGKILL sooner at teardown
     started = cluster.pids()
     yield cluster
     cluster.stop()
@@ -56,10 +61,12 @@ def tiny_heads_job(data_dir, model_dir, tmp_path, name: str, **scaling) -> str:
     return str(path)
 
 
-def test_submit_runs_on_two_nodes_and_jobs_commands_follow_it(cluster, data_dir, model_dir, tmp_path):
+def test_submit_runs_on_two_nodes_and_jobs_commands_follow_it(cluster, data_dir, model_dir, tmp_path, monkeypatch):
     job = tiny_heads_job(data_dir, model_dir, tmp_path, "submitted")
-    env = {**cluster.auth_env, "HF_TOKEN": SECRET, "AWS_SECRET_ACCESS_KEY": AWS_SECRET}
-    submitted = mtl("submit", job, "--address", cluster.dashboard_url, "--wait", env=env)
+    # Secrets in the shell, forwarded on request; no metadata service to ask on loopback (public setting).
+    env = {**cluster.auth_env, "HF_TOKEN": SECRET, "AWS_ACCESS_KEY_ID": "AKIANOTREAL", "AWS_SECRET_ACCESS_KEY": AWS_SECRET,
+           "WANDB_API_KEY": WANDB_SECRET, "WANDB_MODE": "offline", "AWS_EC2_METADATA_DISABLED": "true"}
+    submitted = mtl("submit", job, "--address", cluster.dashboard_url, "--wait", "--forward-credentials", env=env)
     assert submitted.returncode == 0, submitted.stdout[-3000:] + submitted.stderr[-3000:]
     job_id = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
     assert f"mtl jobs logs {job_id} --follow" in submitted.stdout
@@ -80,17 +87,32 @@ def test_submit_runs_on_two_nodes_and_jobs_commands_follow_it(cluster, data_dir,
     listed = mtl("jobs", "list", "--address", cluster.dashboard_url, env=env)
     assert job_id in listed.stdout
 
-    # The version landed on storage; secrets are nowhere a person or Ray shows them.
+    # The version landed on storage; every rank, on both nodes, had the secrets from its driver...
     assert (tmp_path / "runs" / "submitted" / "step-000002" / "COMMITTED").exists()
+    for rank in (0, 1):
+        assert (f"[mtl] rank {rank}: secrets from the driver: HF_TOKEN, WANDB_API_KEY, AWS_ACCESS_KEY_ID, "
+                f"AWS_SECRET_ACCESS_KEY") in logs.stdout
+    # ... and they are nowhere a person or Ray shows them: not in the job's runtime_env, metadata or
+    # logs, nor in any actor's or task's runtime_env, nor in Ray Train's record of the run.
+    from launcher.ray_auth import get_json
     from ray.job_submission import JobSubmissionClient
 
     client = JobSubmissionClient(cluster.dashboard_url, headers={"Authorization": f"Bearer {cluster.token_path.read_text()}"})
     info = client.get_job_info(job_id)
+    for key, value in cluster.auth_env.items():
+        monkeypatch.setenv(key, value)
+    state = [json.dumps(get_json(f"{cluster.dashboard_url}/api/v0/{kind}?limit=10000&detail=true"))
+             for kind in ("actors", "tasks", "jobs")]
+    state.append(json.dumps(get_json(f"{cluster.dashboard_url}/api/train/v2/runs/v1")))
+    assert '"serialized_runtime_env"' in state[0] and "train_loop_config" in state[3]  # what is searched is there
     shown = [submitted.stdout, submitted.stderr, logs.stdout, status.stdout, listed.stdout,
              json.dumps(info.runtime_env), json.dumps(info.metadata), info.entrypoint,
-             (tmp_path / "runs" / "submitted" / "job.yaml").read_text()]
+             (tmp_path / "runs" / "submitted" / "job.yaml").read_text(), *state]
     for text in shown:
-        assert SECRET not in text and AWS_SECRET not in text
+        assert not [secret for secret in SECRETS if secret in text]
+    # The package's secrets file was read and removed on every node that unpacked the package.
+    assert not list(cluster.root.rglob(".mtl/env.json"))
+    assert list(cluster.root.rglob(".mtl/job.yaml"))  # the packages themselves are still cached
 
     # The version is evaluated as a Ray task on one of the cluster's nodes, as `mtl eval` here would.
     scored = mtl("eval", str(tmp_path / "runs" / "submitted"), "--address", cluster.gcs_address, "--split",

@@ -99,7 +99,7 @@ def test_the_package_ships_code_and_job_and_keeps_secrets_out_of_metadata(tmp_pa
     spec = resolve(parse_job(job_dict(Path("/d"))))
     folder = tmp_path / "pkg"
     folder.mkdir()
-    submit.package(spec, folder)
+    submit.package(spec, folder, "mtl-x-1", forward="missing")
     assert (folder / "launcher" / "cli.py").exists() and (folder / "trainer" / "loop.py").exists()
     assert (folder / "ds_configs" / "zero3.json").exists()  # shipped names resolve on the cluster too
     assert not list(folder.rglob("__pycache__"))
@@ -107,8 +107,17 @@ def test_the_package_ships_code_and_job_and_keeps_secrets_out_of_metadata(tmp_pa
     assert "deepspeed: .mtl/deepspeed.json" in job and "secret" not in job
     assert json.loads((folder / ".mtl" / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 2
     env_file = folder / ".mtl" / "env.json"
-    assert json.loads(env_file.read_text()) == {"HF_TOKEN": "hf_secret", "AWS_SECRET_ACCESS_KEY": "aws_secret"}
+    assert json.loads(env_file.read_text()) == {"HF_TOKEN": "hf_secret", "AWS_SECRET_ACCESS_KEY": "aws_secret",
+                                                "__mode__": "missing"}
     assert env_file.stat().st_mode & 0o077 == 0
+    # Without --forward-credentials no secret leaves this machine, and two packages of one job differ
+    # (a node's cache of one never serves another's files).
+    again = tmp_path / "again"
+    again.mkdir()
+    submit.package(spec, again, "mtl-x-2")
+    assert not (again / ".mtl" / "env.json").exists()
+    assert (again / ".mtl" / "submission.json").read_text() != (folder / ".mtl" / "submission.json").read_text()
+    assert "not forwarded: AWS_SECRET_ACCESS_KEY, HF_TOKEN" in submit.credential_notes(None)[0]
     # What Ray shows as the job's runtime_env: no secret, and no local path for a remote cluster.
     remote, local = submit.public_env(on_this_machine=False), submit.public_env(on_this_machine=True)
     assert remote["HF_HUB_OFFLINE"] == "1" and "TORCH_EXTENSIONS_DIR" not in remote
@@ -116,7 +125,7 @@ def test_the_package_ships_code_and_job_and_keeps_secrets_out_of_metadata(tmp_pa
     assert not {"HF_TOKEN", "AWS_SECRET_ACCESS_KEY"} & set(local)
 
 
-def test_forwarded_secrets_fill_only_what_the_node_lacks(tmp_path, monkeypatch):
+def test_forwarded_secrets_fill_only_what_the_node_lacks_and_the_file_is_gone_once_read(tmp_path, monkeypatch):
     from trainer.job_env import JOB_ENV_FILE, load_job_env
 
     (tmp_path / ".mtl").mkdir()
@@ -125,8 +134,67 @@ def test_forwarded_secrets_fill_only_what_the_node_lacks(tmp_path, monkeypatch):
     monkeypatch.delenv("MTL_TEST_A", raising=False)
     assert load_job_env(str(tmp_path)) == ["MTL_TEST_A"]
     assert os.environ["MTL_TEST_A"] == "from-job" and os.environ["MTL_TEST_B"] == "node-own"
+    assert not (tmp_path / JOB_ENV_FILE).exists()  # not left in the node's working-dir cache
     monkeypatch.delenv("MTL_TEST_A")
     assert load_job_env(str(tmp_path / "elsewhere")) == []
+
+
+AWS_NODE_SOURCES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_WEB_IDENTITY_TOKEN_FILE",
+                    "AWS_ROLE_ARN", "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    "AWS_PROFILE")
+
+
+@pytest.fixture
+def bare_aws_node(monkeypatch, tmp_path):
+    """A node with no AWS credentials of its own (and no metadata service to ask)."""
+    from trainer import job_env
+
+    for key in AWS_NODE_SOURCES:
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    job_env.node_aws_credentials.cache_clear()
+    yield job_env
+    job_env.node_aws_credentials.cache_clear()
+
+
+FORWARDED_AWS = {"AWS_ACCESS_KEY_ID": "AKIAFORWARDED", "AWS_SECRET_ACCESS_KEY": "fwd-secret",
+                 "AWS_SESSION_TOKEN": "fwd-session"}
+
+
+def test_forwarded_aws_keys_never_override_a_role_the_node_has_unless_asked(bare_aws_node, monkeypatch, capsys):
+    job_env = bare_aws_node
+    # IRSA: a web identity the SDK renews by itself; forwarded keys would win over it in the chain.
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/token")
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::1:role/node")
+    assert job_env.apply_secrets(FORWARDED_AWS) == []
+    assert "AWS_ACCESS_KEY_ID" not in os.environ
+    assert "own (web identity (IRSA))" in capsys.readouterr().err
+    assert job_env.apply_secrets(FORWARDED_AWS, override=True) == list(FORWARDED_AWS)
+    assert os.environ["AWS_ACCESS_KEY_ID"] == "AKIAFORWARDED"
+
+
+def test_forwarded_aws_keys_go_together_where_the_node_has_none(bare_aws_node, monkeypatch):
+    job_env = bare_aws_node
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "a-stale-token-of-the-node")  # no key pair: not a credential
+    assert job_env.apply_secrets(FORWARDED_AWS) == list(FORWARDED_AWS)
+    assert os.environ["AWS_SESSION_TOKEN"] == "fwd-session"
+    job_env.node_aws_credentials.cache_clear()
+    monkeypatch.delenv("AWS_SESSION_TOKEN")
+    assert job_env.apply_secrets({k: v for k, v in FORWARDED_AWS.items() if k != "AWS_SESSION_TOKEN"}) == []
+    assert "AWS_SESSION_TOKEN" not in os.environ  # the node's pair (set above) stays whole
+
+
+def test_no_secret_enters_the_runtime_env_ray_shows(monkeypatch):
+    from launcher.run import worker_env
+
+    for key, value in {"WANDB_API_KEY": "wandb-secret", "MLFLOW_TRACKING_TOKEN": "mlflow-secret",
+                       "MLFLOW_TRACKING_PASSWORD": "pw", "WANDB_PROJECT": "p", "MLFLOW_TRACKING_URI": "http://m",
+                       "HF_TOKEN": "hf"}.items():
+        monkeypatch.setenv(key, value)
+    env = worker_env(use_gpu=False)
+    assert env["WANDB_PROJECT"] == "p" and env["MLFLOW_TRACKING_URI"] == "http://m"
+    assert not {"WANDB_API_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "HF_TOKEN"} & set(env)
 
 
 def test_remote_submissions_name_the_paths_only_this_machine_has():

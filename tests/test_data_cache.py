@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import subprocess
 import sys
 import textwrap
+from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO, job_dict, sentiment_rows, write_jsonl
 from launcher.jobfile import parse_job, resolve
-from trainer.task_data import prepare_tasks
+from trainer.check_encode import BadRows, CheckedTask
+from trainer.data_cache import DataCache
+from trainer.task_data import TaskData, _load_task, _store_task, prepare_tasks
 
 
 @pytest.fixture
@@ -129,7 +134,7 @@ def test_a_broken_entry_is_prepared_anew_and_an_unusable_folder_only_costs_the_r
                                                                                       cache, monkeypatch):
     job = job_dict(data_dir, tasks=("sentiment",))
     first = prepared(job, tokenizer)["sentiment"]
-    (cache / first.cache.entry.split("/")[-1] / "checked.pkl").write_bytes(b"cut short")
+    (cache / first.cache.entry.split("/")[-1] / "checked.json").write_bytes(b'{"cut short')
     again = prepared(job, tokenizer)["sentiment"]
     assert again.cache.status == "built" and contents(again) == contents(first)
     assert prepared(job, tokenizer)["sentiment"].cache.status == "hit"
@@ -138,3 +143,73 @@ def test_a_broken_entry_is_prepared_anew_and_an_unusable_folder_only_costs_the_r
     monkeypatch.setenv("MTL_DATA_CACHE", str(tmp_path / "a-file" / "cache"))  # cannot be a folder
     fallback = prepared(job, tokenizer)["sentiment"]
     assert fallback.cache.status == "off" and contents(fallback) == contents(first)
+
+
+class RunsOnLoad:
+    """A pickle that touches `marker` when it is loaded: what anyone who can write to a shared cache folder
+    could drop into an entry to run code in every job that reads it."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_pickle_dropped_in_an_entry_is_never_run(data_dir, tokenizer, tmp_path, cache):
+    job = job_dict(data_dir, tasks=("sentiment",))
+    first = prepared(job, tokenizer)["sentiment"]
+    entry = Path(first.cache.entry)
+    marker = tmp_path / "ran"
+    (entry / "checked.json").unlink(missing_ok=True)
+    (entry / "checked.pkl").write_bytes(pickle.dumps(RunsOnLoad(marker)))
+    assert (entry / "meta.json").exists()  # it looks like a complete entry
+    again = prepared(job, tokenizer)["sentiment"]
+    assert not marker.exists()
+    assert again.cache.status == "built" and contents(again) == contents(first)
+
+
+def test_an_entry_is_plain_json_that_loads_back_exactly(data_dir, tokenizer, cache):
+    """A hit is the data the build made, types included: the label set stays a tuple, the skipped-row
+    counts stay a Counter (reports call most_common on it)."""
+    for split, extra in (("train", [{"text": " ", "label": "positive"}, {"text": "dull"}]),
+                         ("validation", [{"text": "great", "label": "neutral"}])):
+        path = data_dir / "sentiment" / f"{split}.jsonl"
+        path.write_text(path.read_text() + "".join(json.dumps(r) + "\n" for r in extra))
+    job = job_dict(data_dir, tasks=("sentiment", "qa"))
+    job["model"]["max_length"] = 16  # some rows are cut: the truncated counts are stored too
+    first = prepared(job, tokenizer)
+    second = prepared(job, tokenizer)
+    for task, built in first.items():
+        hit = second[task]
+        assert (built.cache.status, hit.cache.status) == ("built", "hit")
+        entry = Path(hit.cache.entry)
+        assert not list(entry.glob("*.pkl"))
+        assert json.loads((entry / "checked.json").read_text())
+        assert isinstance(hit.labels, tuple) and isinstance(hit.checked.labels, tuple)
+        assert (hit.name, hit.type, hit.labels) == (built.name, built.type, built.labels)
+        assert (hit.checked.name, hit.checked.type, hit.checked.labels) == (
+            built.checked.name, built.checked.type, built.checked.labels)
+        assert hit.checked.splits == built.checked.splits
+        assert hit.checked.bad.keys() == built.checked.bad.keys()
+        for split, bad in built.checked.bad.items():
+            again = hit.checked.bad[split]
+            assert isinstance(again, BadRows) and isinstance(again.reasons, Counter)
+            assert (again.origin, again.total, again.rows) == (bad.origin, bad.total, bad.rows)
+            assert again.reasons == bad.reasons and list(again.reasons) == list(bad.reasons)
+            assert again.summary() == bad.summary()
+        assert {s: (e.rows, e.truncated) for s, e in hit.encoded.items()} == {
+            s: (e.rows, e.truncated) for s, e in built.encoded.items()}
+        assert contents(hit) == contents(built)
+    sentiment = second["sentiment"].checked.bad
+    assert sentiment["train"].count == 2 and sentiment["validation"].count == 1
+    assert any(e.truncated for d in second.values() for e in d.encoded.values())
+
+
+def test_data_json_cannot_hold_only_costs_the_reuse(tmp_path):
+    rows = {"train": [{"text": b"raw bytes", "label": "a", "__row__": 1}]}  # a binary column mapped to a field
+    checked = CheckedTask("t", "classification", ("a", "b"), rows, {})
+    data = TaskData("t", "classification", ("a", "b"), checked)
+    got, use = DataCache(tmp_path / "cache").get_or_build("t", "key", lambda: data, store=_store_task, load=_load_task)
+    assert got is data and use.status == "off"
+    assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # no entry, and no half-written one

@@ -17,7 +17,7 @@ import pytest
 
 from trainer import stopping
 from trainer.checkpoint import Upload
-from trainer.scratch import remove_orphans, scratch_dir
+from trainer.scratch import owner_prefix, remove_orphans, scratch_dir
 from trainer.storage import Storage, StorageError
 
 
@@ -207,9 +207,10 @@ def test_a_failed_upload_is_raised_on_the_training_thread(tmp_path):
 def test_scratch_of_processes_that_are_gone_is_removed(tmp_path):
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
-    stale = tmp_path / f"{gone.pid}-version-abc"
+    owner = owner_prefix()  # only this host's and PID namespace's folders are removed (see test_scratch.py)
+    stale = tmp_path / f"{owner}-{gone.pid}-version-abc"
     (stale / "deepspeed").mkdir(parents=True)
-    mine = tmp_path / f"{os.getpid()}-version-def"
+    mine = tmp_path / f"{owner}-{os.getpid()}-version-def"
     mine.mkdir()
     unrelated = tmp_path / "notes"
     unrelated.mkdir()

@@ -9,11 +9,12 @@ fingerprint), the model encoding, the splits asked for, and the code that reads,
 encodes and stores (these modules' text, so a change of the entry layout is a new key; and the
 versions of tokenizers/transformers/datasets). Anything else changes nothing here.
 
-An entry is `<root>/<task>-<key>/`: `checked.pkl` (rows and skipped-row reports) and one
-`datasets` folder per encoded split, which ranks memory-map rather than copy. It is written
-under a temporary name and renamed when complete, so a killed writer leaves no half entry;
-a file lock per entry makes the other ranks of a node wait for the first one's work instead
-of repeating it.
+An entry is `<root>/<task>-<key>/`: `checked.json` (rows and skipped-row reports) and one
+`datasets` folder per encoded split, which ranks memory-map rather than copy. Both are plain data,
+never pickles: the root may be a shared folder where others can write, and loading a pickle runs
+whatever code it names. An entry is written under a temporary name and renamed when complete, so
+a killed writer leaves no half entry; a file lock per entry makes the other ranks of a node wait
+for the first one's work instead of repeating it.
 
 The root is `$MTL_DATA_CACHE`, else `$XDG_CACHE_HOME/mtl/data` (`~/.cache/mtl/data`);
 `MTL_DATA_CACHE=off` turns the cache off. Removing the folder is always safe.
@@ -24,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import tempfile
 import time
@@ -113,7 +113,7 @@ class DataCache:
             if (folder / "meta.json").exists():
                 try:
                     return load(folder), CacheUse("hit", time.perf_counter() - started, str(folder))
-                except Exception:  # noqa: BLE001 - unreadable (another Python, a cut copy): prepare anew
+                except Exception:  # noqa: BLE001 - unreadable (a cut copy, an older layout): prepare anew
                     pass
             data = build()
             stored = self._store(folder, data, store)
@@ -124,7 +124,8 @@ class DataCache:
 
     def _store(self, folder: Path, data, store) -> bool:
         """Write the entry under a temporary name, then rename it into place. A cache that cannot be
-        written (a full disk, a folder of someone else's) costs the reuse, never the run."""
+        written (a full disk, a folder of someone else's), or data that JSON cannot hold (TypeError,
+        ValueError from `store`), costs the reuse, never the run."""
         partial = None
         try:
             partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-{os.getpid()}-", dir=self.root))
@@ -136,19 +137,8 @@ class DataCache:
             shutil.rmtree(folder, ignore_errors=True)  # an entry without meta.json, or one that did not load
             os.rename(partial, folder)
             return True
-        except OSError:
+        except (OSError, TypeError, ValueError):
             return False
         finally:
             if partial is not None:
                 shutil.rmtree(partial, ignore_errors=True)
-
-
-def store_pickle(value: object, path: Path) -> None:
-    with open(path, "wb") as fh:
-        pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
-
-
-def load_pickle(path: Path) -> object:
-    # Only this node's own cache folder is read here, written by this code.
-    with open(path, "rb") as fh:
-        return pickle.load(fh)

@@ -24,7 +24,7 @@ from trainer.ds_config import DEEPSPEED_SUB_GROUP_SIZE, fill_model_sizes, job_ds
 from trainer.errors import first_line
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.init_from import forgetting_table, load_init_optimizer, load_init_weights
-from trainer.job_env import load_job_env
+from trainer.job_env import receive_secrets
 from trainer.model_io import load_model_files
 from trainer.precision import agreed_precision
 from trainer.adapt_mixture import MixtureAdapter
@@ -85,11 +85,14 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from trainer.spec import JobSpec
 
-    load_job_env()  # secrets a submitted job forwarded (S3, hub token), before storage or the hub is touched
+    # The driver's secrets (storage keys, hub and tracker tokens), before storage or the hub is touched.
+    received = receive_secrets(config.get("secrets"))
     weights_only_loads()  # a version on shared storage is data, never code
     quiet_libraries()
     spec = JobSpec.model_validate(config["job"])
     context = ray.train.get_context()
+    if received:
+        say(f"[mtl] rank {context.get_world_rank()}: secrets from the driver: {', '.join(received)}")
     stops = StopRequests(config.get("run_id"), context.get_world_rank(), spec.train.stop_grace_s)
     stops.install_sigterm_hook()
     for folder in remove_orphans():  # left by workers that were killed on this node

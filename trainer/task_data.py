@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import glob
 import inspect
+import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from trainer.batching import group_micro_batches, shard_indices, task_salt
-from trainer.data_cache import (CacheUse, DataCache, cache_root, file_identity, fingerprint, library_versions,
-                                load_pickle, store_pickle)
+from trainer.data_cache import CacheUse, DataCache, cache_root, file_identity, fingerprint, library_versions
 from trainer.read_data import RawSplit, read_splits, source_files
-from trainer.check_encode import CheckedTask, EncodedSplit, check_task, encode_split
+from trainer.check_encode import BadRows, CheckedTask, EncodedSplit, check_task, encode_split
 from trainer.tasks import registry
 from trainer.tasks.registry import TaskContext
 
@@ -138,11 +139,15 @@ def _code_hash(task_type) -> str:
 
 
 def _store_task(data: TaskData, folder: Path) -> None:
+    """The checked rows and reports as JSON, the features as `datasets` folders (Arrow): an entry is
+    read back as data, never unpickled, since anyone who can write to the cache folder could plant it.
+    A value JSON cannot hold (bytes, a date) raises TypeError, a cycle ValueError: DataCache then
+    keeps no entry, and the run goes on with the data it built."""
     import datasets
 
     datasets.disable_progress_bars()
-    store_pickle({"data": TaskData(data.name, data.type, data.labels, data.checked),
-                  "encoded": {s: (e.rows, e.truncated) for s, e in data.encoded.items()}}, folder / "checked.pkl")
+    text = json.dumps(_task_json(data))  # one shot, in C: json.dump to a file runs the pure-Python encoder
+    (folder / "checked.json").write_text(text, encoding="utf-8")
     for split, enc in data.encoded.items():
         enc.features.save_to_disk(str(folder / split))
 
@@ -150,11 +155,32 @@ def _store_task(data: TaskData, folder: Path) -> None:
 def _load_task(folder: Path) -> TaskData:
     import datasets
 
-    stored = load_pickle(folder / "checked.pkl")
-    data = stored["data"]
+    stored = json.loads((folder / "checked.json").read_text(encoding="utf-8"))
+    data = _task_from_json(stored)
     data.encoded = {split: EncodedSplit(datasets.load_from_disk(str(folder / split)), rows, truncated)
                     for split, (rows, truncated) in stored["encoded"].items()}
     return data
+
+
+def _task_json(data: TaskData) -> dict:
+    """A task's checked data as JSON values. Rows need no conversion: they come from Arrow's
+    `to_list` (str, numbers, bool, None, lists, dicts with str keys), which JSON holds exactly."""
+    checked = data.checked
+    bad = {split: {"origin": b.origin, "total": b.total, "reasons": dict(b.reasons), "rows": b.rows}
+           for split, b in checked.bad.items()}
+    return {"name": data.name, "type": data.type, "labels": list(data.labels),
+            "checked": {"name": checked.name, "type": checked.type, "labels": list(checked.labels),
+                        "splits": checked.splits, "bad": bad},
+            "encoded": {split: [e.rows, e.truncated] for split, e in data.encoded.items()}}
+
+
+def _task_from_json(stored: dict) -> TaskData:
+    """The inverse of `_task_json`, with the types JSON drops put back (label tuples, Counters;
+    JSON objects keep their order, so `most_common` breaks ties as it did before)."""
+    c = stored["checked"]
+    bad = {split: BadRows(b["origin"], b["total"], Counter(b["reasons"]), b["rows"]) for split, b in c["bad"].items()}
+    checked = CheckedTask(c["name"], c["type"], tuple(c["labels"]), c["splits"], bad)
+    return TaskData(stored["name"], stored["type"], tuple(stored["labels"]), checked)
 
 
 @dataclass

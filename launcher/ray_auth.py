@@ -13,10 +13,14 @@ import json
 import os
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 from trainer.errors import UserError, first_line
 
 DEFAULT_DASHBOARD_PORT = 8265
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+# `--insecure`: send the token over plain http to another host anyway (a network the user trusts).
+allow_plain_http = False
 
 
 def auth_token() -> str | None:
@@ -32,9 +36,20 @@ def auth_token() -> str | None:
     return None
 
 
-def auth_headers() -> dict[str, str]:
+def auth_headers(url: str) -> dict[str, str]:
+    """The Authorization header for a request to `url`; refused where plain http would carry the
+    token across a network (anyone on the path could read it and then run code on the cluster)."""
     token = auth_token()
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    if not token:
+        return {}
+    parsed = urlparse(url)
+    if parsed.scheme == "http" and parsed.hostname not in LOOPBACK and not allow_plain_http:
+        raise UserError(f"refusing to send the cluster's auth token over plain http to {parsed.hostname}: anyone on "
+                        f"the network path could read it. Use https:// (a TLS proxy in front of the dashboard) or a "
+                        f"tunnel (ssh -L {DEFAULT_DASHBOARD_PORT}:localhost:{DEFAULT_DASHBOARD_PORT} HEAD, or kubectl "
+                        f"port-forward) with --address http://127.0.0.1:{DEFAULT_DASHBOARD_PORT}; or pass --insecure "
+                        f"on a network you trust")
+    return {"Authorization": f"Bearer {token}"}
 
 
 def dashboard_url(address: str | None) -> str:
@@ -54,8 +69,9 @@ def jobs_client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     url = dashboard_url(address)
+    headers = auth_headers(url)
     try:
-        return JobSubmissionClient(url, headers=auth_headers())
+        return JobSubmissionClient(url, headers=headers)
     except Exception as exc:  # ConnectionError, or Ray's auth error with its own advice
         raise UserError(f"cannot reach the Ray Jobs API at {url}: {first_line(exc)}\n"
                         f"  Is the cluster up and its dashboard on? With token auth, set RAY_AUTH_MODE=token and "
@@ -64,7 +80,7 @@ def jobs_client(address: str | None):
 
 def get_json(url: str, timeout: float = 10.0):
     """GET a dashboard endpoint with the auth header; the decoded JSON."""
-    request = urllib.request.Request(url, headers=auth_headers())
+    request = urllib.request.Request(url, headers=auth_headers(url))
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read().decode())
 

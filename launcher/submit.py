@@ -31,7 +31,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from launcher.jobfile import dump_job
-from launcher.ray_auth import jobs_client
+from launcher.ray_auth import LOOPBACK, jobs_client
 from trainer.spec import JobSpec
 from launcher.validate import require_valid
 from trainer.ds_config import read_ds_config
@@ -47,7 +47,6 @@ PUBLIC_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "T
 LOCAL_PATH_ENV = ("TORCH_EXTENSIONS_DIR", "HF_HOME", "MTL_DATA_CACHE")
 ENTRYPOINT = "python -m launcher.cli train .mtl/job.yaml"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 def submit(spec: JobSpec, address: str, *, wait: bool = False, on_change: str = "refuse",

@@ -88,3 +88,28 @@ def test_a_gcs_address_with_nothing_listening_is_refused_at_once():
     with pytest.raises(UserError, match="expected HEAD:PORT"):
         require_listening("head-without-port")
     require_listening("auto")  # Ray finds the cluster of this node itself
+
+
+def test_the_auth_token_never_crosses_a_network_in_plain_http(monkeypatch):
+    from launcher import ray_auth
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok-not-real")
+    assert ray_auth.auth_headers("http://127.0.0.1:8265") == {"Authorization": "Bearer tok-not-real"}
+    assert ray_auth.auth_headers("https://head.example:8443") == {"Authorization": "Bearer tok-not-real"}
+    with pytest.raises(UserError, match="refusing to send the cluster's auth token over plain http to 10.0.0.5") as err:
+        ray_auth.auth_headers("http://10.0.0.5:8265")
+    assert "ssh -L 8265:localhost:8265" in str(err.value) and "--insecure" in str(err.value)
+    monkeypatch.setattr(ray_auth, "allow_plain_http", True)
+    assert ray_auth.auth_headers("http://10.0.0.5:8265") == {"Authorization": "Bearer tok-not-real"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    monkeypatch.setattr(ray_auth, "allow_plain_http", False)
+    assert ray_auth.auth_headers("http://10.0.0.5:8265") == {}  # no token: nothing to leak
+
+
+def test_jobs_refuse_plain_http_to_another_host_before_connecting():
+    # A documentation address (TEST-NET-1): refused before anything is sent.
+    env = {**os.environ, "RAY_AUTH_TOKEN": "tok-not-real"}
+    done = subprocess.run([sys.executable, "-m", "launcher.cli", "jobs", "list", "--address", "http://192.0.2.1:8265"],
+                          cwd=REPO, env=env, text=True, capture_output=True, timeout=60)
+    assert done.returncode == 2 and "refusing to send the cluster's auth token over plain http" in done.stderr
+    assert "Traceback" not in done.stderr

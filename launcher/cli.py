@@ -216,13 +216,23 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from launcher.serve import ServeOptions, serving, wait_for_stop
+    from pydantic import ValidationError
+
+    from launcher.serve import ServeOptions, read_token_file, serving, token_digest, wait_for_stop
+    from trainer.spec import ServeSpec
 
     address = driver_address(args.address, "serve")
     storage, name = experiment(args)
+    limits = {name: getattr(args, name) for name in SERVE_LIMIT_FLAGS if getattr(args, name) is not None}
+    try:
+        ServeSpec(**limits)
+    except ValidationError as exc:
+        raise UserError("; ".join(f"--{e['loc'][0].replace('_', '-')}: {e['msg']}" for e in exc.errors())) from None
+    token = read_token_file(args.token_file) if args.token_file else None
     options = ServeOptions(host=args.host, port=args.port, replicas=args.replicas,
                            cpus_per_replica=args.cpus_per_replica, gpus_per_replica=args.gpus_per_replica,
-                           max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms)
+                           max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, limits=limits,
+                           token_sha256=token_digest(token) if token else None)
     with serving(storage, name, args.version, options, address=address) as (version, url):
         task = next(iter(_version_tasks(storage, name, version)), "TASK")
         print(f"[mtl] serving {name}/{version} at {url} (Ctrl-C stops it)\n"
@@ -232,6 +242,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         wait_for_stop()
     print(f"[mtl] {name}/{version} no longer served")
     return 0
+
+
+SERVE_LIMITS = (("max_new_tokens", int, "most tokens a request may generate"),
+                ("max_beams", int, "widest beam search a request may ask for"),
+                ("timeout_s", float, "seconds before a request gets 504 and its generation stops"),
+                ("max_body_bytes", int, "largest request body"),
+                ("max_inputs", int, "rows in one request"),
+                ("max_input_chars", int, "characters in one field of a row"))
+SERVE_LIMIT_FLAGS = tuple(name for name, _, _ in SERVE_LIMITS)
 
 
 def _version_tasks(storage, name: str, version: str) -> list[str]:
@@ -428,6 +447,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows of concurrent requests run through the model together (default: 16)")
     p.add_argument("--batch-wait-ms", type=float, default=10.0,
                    help="how long a batch waits for more requests (default: 10 ms)")
+    p.add_argument("--token-file", help="clients must send 'Authorization: Bearer <this file's content>' (needed "
+                                        "with a --host other than loopback)")
+    for name, kind, what in SERVE_LIMITS:
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                       help=f"{what} (default: the version's job's serve.{name})")
     p.add_argument("--address", help=GCS)
     p = experiment_command(sub, "export", "write a version as a Hugging Face folder (safetensors, tokenizer, heads, "
                                           "task map, model card) that transformers loads without mtl", cmd_export,

@@ -7,11 +7,17 @@
 
 Answers are JSON: {"task", "version", "outputs": [...]} with the pipeline's results
 (trainer.pipeline). A request is checked before it waits for a batch, so a bad one gets its
-own 4xx and never fails the requests batched with it: 400 for a body that is not JSON or not
-shaped as above, 404 for an unknown task, 413 for too many rows or too long a field, 422 for a
-row that lacks a field the task reads or for options that are not the task's decoding options.
-Rows of concurrent requests for the same task and options run through the model together
-(`serve.batch`).
+own 4xx and never fails the requests batched with it: 401 without the server's token (when it
+has one), 400 for a body that is not JSON or not shaped as above, 404 for an unknown task, 413
+for a body, a row count or a field over the limits, 422 for a row that lacks a field the task
+reads or for options that are not the task's decoding options or exceed the caps. A request
+not answered in `serve.timeout_s` gets 504 and its generation stops there, so no request holds
+a replica longer than that. Rows of concurrent requests for the same task and options run
+through the model together (`serve.batch`).
+
+The limits are the served version's job's `serve:` section (trainer.spec.ServeSpec), each
+overridable on the command line. Serving beyond loopback needs a token (`--token-file`); the
+replicas hold only its SHA-256, so no secret travels to them or shows in Ray's state.
 
 Every replica loads the same version: the driver resolves `latest`, `best` or a tag once, so
 a version committed while the server starts does not split replicas between two models.
@@ -19,19 +25,26 @@ a version committed while the server starts does not split replicas between two 
 
 
 import asyncio
+import hashlib
+import hmac
 import json
 import signal
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
 from trainer.errors import UserError
+from trainer.evaluation import DeadlineExceeded, generation_deadline
+from trainer.spec import ServeSpec
 
 api = FastAPI(title="mtl", description="a multitask version's predictions per task")
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+# Request options and the ServeSpec cap each is held to.
+CAPPED_OPTIONS = {"max_new_tokens": "max_new_tokens", "num_beams": "max_beams"}
 
 
 @dataclass(frozen=True)
@@ -43,8 +56,23 @@ class ServeOptions:
     gpus_per_replica: float = 0.0
     max_batch_size: int = 16  # rows of concurrent requests run together
     batch_wait_ms: float = 10.0  # how long a batch waits for more requests
-    max_inputs: int = 64  # rows per request
-    max_input_chars: int = 20_000  # characters per field of a row
+    limits: dict = field(default_factory=dict)  # ServeSpec fields that override the version's job's
+    token_sha256: str | None = None  # clients must send the token whose SHA-256 this is
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def read_token_file(path: str) -> str:
+    try:
+        token = open(path).read().strip()
+    except OSError as exc:
+        raise UserError(f"--token-file {path}: {exc.strerror or exc}") from None
+    if len(token) < 16:
+        raise UserError(f"--token-file {path}: the token must have at least 16 characters (e.g. "
+                        f"`python -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}`)")
+    return token
 
 
 class RequestProblem(Exception):
@@ -53,15 +81,36 @@ class RequestProblem(Exception):
         self.status = status
 
 
-async def _json_body(request: Request):
+async def _json_body(request: Request, max_bytes: int):
+    """The body as JSON, refused unread when its Content-Length is over `max_bytes` and as soon as
+    a body without one grows past it."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise RequestProblem(400, f"Content-Length '{declared}' is not a number of bytes")
+        if int(declared) > max_bytes:
+            raise RequestProblem(413, f"the body has {int(declared)} bytes; at most {max_bytes} (serve.max_body_bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestProblem(413, f"the body is over {max_bytes} bytes (serve.max_body_bytes)")
+        chunks.append(chunk)
     try:
-        return json.loads(await request.body())
+        return json.loads(b"".join(chunks))
     except ValueError as exc:
         raise RequestProblem(400, f"the body is not JSON: {exc}") from None
 
 
 def _error(problem: RequestProblem) -> JSONResponse:
-    return JSONResponse({"error": str(problem)}, status_code=problem.status)
+    headers = {"WWW-Authenticate": "Bearer"} if problem.status == 401 else None
+    return JSONResponse({"error": str(problem)}, status_code=problem.status, headers=headers)
+
+
+def _consume(task: asyncio.Task) -> None:
+    """A batch whose requests already timed out: its outcome is nobody's; never 'never retrieved'."""
+    if not task.cancelled():
+        task.exception()
 
 
 @serve.deployment
@@ -72,15 +121,31 @@ class MultitaskServer:
 
         self.pipe = MultitaskPipeline.from_version((storage, name), version=version)
         self.name, self.options = name, options
+        self.limits = ServeSpec(**{**self.pipe.spec.serve.model_dump(), **options.limits})
         self._batched.set_max_batch_size(options.max_batch_size)
         self._batched.set_batch_wait_timeout_s(options.batch_wait_ms / 1000)
 
+    def _authorize(self, request: Request) -> None:
+        if self.options.token_sha256 is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), self.options.token_sha256):
+            raise RequestProblem(401, "this server needs its token: send 'Authorization: Bearer TOKEN'")
+
     @api.get("/health")
-    def health(self) -> dict:
+    def health(self, request: Request):
+        try:
+            self._authorize(request)
+        except RequestProblem as problem:
+            return _error(problem)
         return {"status": "ok", "experiment": self.name, "version": self.pipe.version, "tasks": self.pipe.tasks}
 
     @api.get("/tasks")
-    def tasks(self) -> dict:
+    def tasks(self, request: Request):
+        try:
+            self._authorize(request)
+        except RequestProblem as problem:
+            return _error(problem)
         return {task: {"type": info["type"], "inputs": list(self.pipe.task_type(task).prompt_fields),
                        **({"labels": info["labels"]} if info.get("labels") else {})}
                 for task, info in self.pipe.manifest["tasks"].items()}
@@ -88,7 +153,8 @@ class MultitaskServer:
     @api.post("/predict")
     async def predict(self, request: Request) -> JSONResponse:
         try:
-            body = await _json_body(request)
+            self._authorize(request)
+            body = await _json_body(request, self.limits.max_body_bytes)
             if not isinstance(body, dict) or not isinstance(body.get("task"), str):
                 raise RequestProblem(400, 'the body must be {"task": NAME, "inputs": [...]}')
             return await self._answer(body["task"], body)
@@ -98,13 +164,22 @@ class MultitaskServer:
     @api.post("/{task}")
     async def predict_task(self, task: str, request: Request) -> JSONResponse:
         try:
-            return await self._answer(task, await _json_body(request))
+            self._authorize(request)
+            return await self._answer(task, await _json_body(request, self.limits.max_body_bytes))
         except RequestProblem as problem:
             return _error(problem)
 
     async def _answer(self, task: str, body) -> JSONResponse:
         rows, options = self._check(task, body)
-        outputs = await self._batched((task, json.dumps(options, sort_keys=True), rows))
+        # Shielded: a request that times out leaves its batch (and the other requests in it) running;
+        # the batch itself stops generating at the same deadline (_batched).
+        batch = asyncio.ensure_future(self._batched((task, json.dumps(options, sort_keys=True), rows)))
+        batch.add_done_callback(_consume)
+        try:
+            outputs = await asyncio.wait_for(asyncio.shield(batch), self.limits.timeout_s)
+        except (asyncio.TimeoutError, DeadlineExceeded):
+            raise RequestProblem(504, f"not answered within {self.limits.timeout_s:g}s (serve.timeout_s); ask for "
+                                      f"fewer rows or tokens") from None
         return JSONResponse({"task": task, "version": self.pipe.version, "outputs": outputs})
 
     def _check(self, task: str, body) -> tuple[list[dict], dict]:
@@ -120,13 +195,19 @@ class MultitaskServer:
         rows = [inputs] if isinstance(inputs, dict) else inputs
         if not isinstance(rows, list) or not rows:
             raise RequestProblem(400, "inputs must be a row object or a non-empty list of them")
-        if len(rows) > self.options.max_inputs:
-            raise RequestProblem(413, f"{len(rows)} inputs in one request; at most {self.options.max_inputs}")
+        limits = self.limits
+        if len(rows) > limits.max_inputs:
+            raise RequestProblem(413, f"{len(rows)} inputs in one request; at most {limits.max_inputs}")
         for number, row in enumerate(rows, 1):
-            for field, value in (row.items() if isinstance(row, dict) else ()):
-                if isinstance(value, str) and len(value) > self.options.max_input_chars:
-                    raise RequestProblem(413, f"input {number}: '{field}' has {len(value)} characters; "
-                                              f"at most {self.options.max_input_chars}")
+            for name, value in (row.items() if isinstance(row, dict) else ()):
+                if isinstance(value, str) and len(value) > limits.max_input_chars:
+                    raise RequestProblem(413, f"input {number}: '{name}' has {len(value)} characters; "
+                                              f"at most {limits.max_input_chars}")
+        for option, cap_name in CAPPED_OPTIONS.items():
+            value, cap = options.get(option), getattr(limits, cap_name)
+            if isinstance(value, int) and value > cap:
+                raise RequestProblem(422, f"options.{option} is {value}; this server allows at most {cap} "
+                                          f"(serve.{cap_name})")
         try:
             checked = self.pipe.check(task, rows)
             self.pipe.context(task, options)
@@ -143,10 +224,14 @@ class MultitaskServer:
         answers: list[list[dict]] = [[] for _ in requests]
         for (task, options), positions in groups.items():
             rows = [row for p in positions for row in requests[p][2]]
-            outputs = await asyncio.to_thread(self.pipe, task, rows, self.options.max_batch_size, json.loads(options))
+            outputs = await asyncio.to_thread(self._run, task, rows, json.loads(options))
             for p in positions:
                 answers[p], outputs = outputs[:len(requests[p][2])], outputs[len(requests[p][2]):]
         return answers
+
+    def _run(self, task: str, rows: list[dict], options: dict) -> list[dict]:
+        with generation_deadline(self.limits.timeout_s):  # no batch holds the replica longer than a request waits
+            return self.pipe(task, rows, self.options.max_batch_size, options)
 
 
 def app_name(experiment: str) -> str:
@@ -164,6 +249,9 @@ def serving(storage, name: str, version: str, options: ServeOptions, *, address:
     from launcher.run import ray_session
     from trainer.registry import pick_version
 
+    if options.host not in LOOPBACK_HOSTS and options.token_sha256 is None:
+        raise UserError(f"--host {options.host} serves beyond this machine: give --token-file FILE (clients then send "
+                        f"'Authorization: Bearer <its content>'), or serve on 127.0.0.1 behind your own gateway")
     chosen = pick_version(storage, name, version)
     with ray_session(address) as started_here:  # a Python caller's own Ray stays up, as it was
         serve.start(http_options={"host": options.host, "port": options.port})

@@ -174,18 +174,23 @@ def trackers_have_the_run(tmp_path: Path, monkeypatch) -> None:
 
 
 def serve_and_ask(run: Path, rows: dict[str, list[dict]]) -> None:
-    """`mtl serve`'s app over loopback HTTP: each task answers as the pipeline does, bad requests get 4xx."""
+    """`mtl serve`'s app over loopback HTTP: each task answers as the pipeline does, bad requests get 4xx,
+    every request is bounded (token, body, rows, fields, decoding caps, time)."""
+    import http.client
     import urllib.error
     import urllib.request
 
     from launcher.local_cluster import free_port
-    from launcher.serve import ServeOptions, serving
+    from launcher.serve import ServeOptions, serving, token_digest
     from trainer.pipeline import MultitaskPipeline
     from trainer.storage import open_experiment
 
-    def call(path: str, body=None, raw: bytes | None = None) -> tuple[int, dict]:
+    token = "serve-token-not-real-5f2a9c"
+
+    def call(path: str, body=None, raw: bytes | None = None, auth: str | None = token) -> tuple[int, dict]:
         data = raw if raw is not None else None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {auth}"} if auth else {})}
+        request = urllib.request.Request(url + path, data=data, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=60) as response:
                 return response.status, json.loads(response.read())
@@ -193,7 +198,10 @@ def serve_and_ask(run: Path, rows: dict[str, list[dict]]) -> None:
             return error.code, json.loads(error.read())
 
     pipe = MultitaskPipeline.from_version(run)
-    options = ServeOptions(port=free_port(), max_inputs=4, max_input_chars=500)
+    port = free_port()  # Serve keeps its HTTP proxy on the first port a process gave it
+    options = ServeOptions(port=port, limits={"max_inputs": 4, "max_input_chars": 500, "max_body_bytes": 4096,
+                                                     "max_new_tokens": 8, "max_beams": 2},
+                           token_sha256=token_digest(token))
     with serving(*open_experiment(str(run)), "latest", options) as (version, url):
         assert call("/health") == (200, {"status": "ok", "experiment": run.name, "version": version,
                                          "tasks": pipe.tasks})
@@ -214,6 +222,31 @@ def serve_and_ask(run: Path, rows: dict[str, list[dict]]) -> None:
         assert call("/summary", {"inputs": [{"source": "x"}], "options": {"max_target_length": 3}})[0] == 422
         assert call("/sentiment", raw=b"{not json")[0] == 400
         assert call("/predict", {"inputs": []})[0] == 400
+        # Without the token, or with another: 401, whatever the route.
+        assert call("/health", auth=None)[0] == 401 and call("/sentiment", {"inputs": rows["sentiment"]}, auth=None)[0] == 401
+        status, answer = call("/tasks", auth="serve-token-not-real-5f2a9d")
+        assert status == 401 and "Authorization: Bearer" in answer["error"]
+        # Decoding over the caps: refused before it waits for a batch.
+        status, answer = call("/summary", {"inputs": rows["summary"][:1], "options": {"max_new_tokens": 1000000}})
+        assert status == 422 and "options.max_new_tokens is 1000000; this server allows at most 8" in answer["error"]
+        status, answer = call("/summary", {"inputs": rows["summary"][:1], "options": {"num_beams": 64}})
+        assert status == 422 and "serve.max_beams" in answer["error"]
+        # A body over the limit: refused by its Content-Length, or as it streams in without one.
+        status, answer = call("/sentiment", raw=b" " * 5000)
+        assert status == 413 and "5000 bytes; at most 4096" in answer["error"]
+        conn = http.client.HTTPConnection(url.split("//")[1], timeout=60)
+        conn.request("POST", "/sentiment", body=iter([b" " * 3000, b" " * 3000]), encode_chunked=True,
+                     headers={"Authorization": f"Bearer {token}", "Transfer-Encoding": "chunked"})
+        response = conn.getresponse()
+        assert response.status == 413 and "over 4096 bytes" in json.loads(response.read())["error"]
+        conn.close()
+
+    # A request not answered in serve.timeout_s gets 504; the replica is free and answers the next.
+    options = ServeOptions(port=port, limits={"timeout_s": 0.001})
+    with serving(*open_experiment(str(run)), "latest", options) as (version, url):
+        status, answer = call("/summary", {"inputs": rows["summary"]}, auth=None)
+        assert status == 504 and "not answered within 0.001s (serve.timeout_s)" in answer["error"]
+        assert call("/health", auth=None)[0] == 200
 
 
 def three_task_job(data_dir, model_dir, tmp_path, name, **train):

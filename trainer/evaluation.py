@@ -9,7 +9,9 @@ text2text models either generate (QA, generation) or rank the label words by lik
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +23,33 @@ from trainer.models import forward_accepts
 from trainer.tasks.registry import TaskContext, TaskType
 
 SAMPLES = 3  # predictions kept per task for logs and TensorBoard
+# When generation must end (time.monotonic()), set by a caller that answers within a time (mtl serve).
+GENERATION_DEADLINE: ContextVar[float | None] = ContextVar("mtl_generation_deadline", default=None)
+
+
+class DeadlineExceeded(TimeoutError):
+    """The time a caller gave generation (GENERATION_DEADLINE) ran out before it began."""
+
+
+@contextmanager
+def generation_deadline(seconds: float):
+    """Generation in this block (this thread and threads started with its context) stops by then."""
+    token = GENERATION_DEADLINE.set(time.monotonic() + seconds)
+    try:
+        yield
+    finally:
+        GENERATION_DEADLINE.reset(token)
+
+
+def _time_left() -> dict:
+    """generate()'s max_time for the deadline in force; none without one."""
+    deadline = GENERATION_DEADLINE.get()
+    if deadline is None:
+        return {}
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("no time left to generate")
+    return {"max_time": left}
 
 
 @dataclass
@@ -264,7 +293,7 @@ def _generate(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synce
     scored = es.task_type.name == "extractive_qa"
     kwargs = {"max_new_tokens": getattr(options, "max_new_tokens", 32), "num_beams": getattr(options, "num_beams", 1),
               "do_sample": False, "synced_gpus": synced, "pad_token_id": pad_id,
-              "return_dict_in_generate": True, "output_scores": scored}
+              "return_dict_in_generate": True, "output_scores": scored, **_time_left()}
     tok = es.ctx.tokenizer
     if encoding == "seq2seq":
         batch = to_device(collate({k: chunk[k] for k in ("input_ids", "attention_mask")}, pad_id), device)

@@ -322,6 +322,21 @@ class StorageSpec(_Strict):
     region: str | None = Field(None, description="S3 region.")
 
 
+class ServeSpec(_Strict):
+    """What one request to `mtl serve` may cost: checked before it waits for a batch."""
+
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens a request may ask to generate "
+                                "(`options.max_new_tokens`); over it: 422. The tasks' own settings are not capped.")
+    max_beams: int = Field(4, ge=1, description="Widest beam search a request may ask for (`options.num_beams`); "
+                                                "over it: 422.")
+    timeout_s: float = Field(60.0, gt=0, description="A request not answered in this time gets 504, and its "
+                                                     "generation stops: the replica is free again.")
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body; larger: 413, refused on "
+                                "Content-Length before it is read, or as soon as a body without one grows past it.")
+    max_inputs: int = Field(64, ge=1, description="Rows in one request; more: 413.")
+    max_input_chars: int = Field(20_000, ge=1, description="Characters in one field of a row; more: 413.")
+
+
 TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
@@ -380,6 +395,8 @@ class JobSpec(_Strict):
     scaling: ScalingSpec = Field(default_factory=ScalingSpec)
     storage: StorageSpec = Field(default_factory=StorageSpec)
     tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec, description="Limits of `mtl serve` for this job's versions "
+                             "(each `mtl serve --max-...` flag overrides one).")
     init_from: InitFromSpec | None = Field(
         None, description="Start a new run from a version's weights (a fresh optimizer): tasks it knows keep their "
         "heads (or prompts), new tasks get new heads; old tasks' validation metrics are reported before and "

@@ -87,6 +87,7 @@ train-multinode: $(if $(filter jobs/demo.yaml,$(JOB)),demo-data,setup)
 # the table goes into BENCHMARKS.md. Measurements, not tests: run it alone on the machine.
 bench: demo-data s3-server
 	$(PY) benchmarks/bench.py --update BENCHMARKS.md $(ARGS)
+	$(PY) benchmarks/serve_load.py --update BENCHMARKS.md
 
 clean:
 	rm -rf $(VENV) $(S3_VENV) .cache data/demo

@@ -220,15 +220,15 @@ def test_dashboard_addresses_and_auth_headers(tmp_path, monkeypatch):
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert auth_headers() == {}
+    assert auth_headers("http://127.0.0.1:8265") == {}
     token = tmp_path / "token"
     token.write_text("abc\n")
     monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
-    assert auth_headers() == {"Authorization": "Bearer abc"}
+    assert auth_headers("http://127.0.0.1:8265") == {"Authorization": "Bearer abc"}
     monkeypatch.setenv("RAY_AUTH_TOKEN", "xyz")
-    assert auth_headers() == {"Authorization": "Bearer xyz"}
+    assert auth_headers("http://127.0.0.1:8265") == {"Authorization": "Bearer xyz"}
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    assert auth_headers() == {}
+    assert auth_headers("http://127.0.0.1:8265") == {}
 
 
 def test_a_submitted_driver_does_not_repeat_the_jobs_env_vars(monkeypatch):
@@ -381,3 +381,26 @@ def test_auto_precision_takes_bf16_only_where_every_rank_computes_it_natively(mo
     other_rank = iter([1.0, 0.0])  # what the other rank adds: itself to the count, "not fast" to the flags
     monkeypatch.setattr(dist, "all_reduce", lambda t, *a, **k: t.add_(next(other_rank)))
     assert precision.agreed_precision("auto", cpu)[0] == "fp32"
+
+
+def test_a_worker_with_credentials_of_its_own_writes_with_them_not_the_drivers(bare_aws_node, monkeypatch):
+    """The driver's keys (a session token that expires) travel pickled in Ray's filesystem; a node
+    with its own renewing credentials (here IRSA) opens the bucket with its own chain."""
+    from trainer.spec import StorageSpec
+    from trainer.storage import open_storage, worker_filesystem
+
+    spec = StorageSpec(path="s3://bucket/runs", endpoint_url="http://127.0.0.1:1", region="us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKDRIVER")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "SKDRIVER")
+    monkeypatch.setenv("AWS_SESSION_TOKEN", "driver-session")
+    drivers = open_storage(spec).fs
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key)
+    assert worker_filesystem(spec, drivers) is drivers  # a node with nothing of its own: the driver's keys
+    monkeypatch.setenv("AWS_WEB_IDENTITY_TOKEN_FILE", "/var/run/secrets/token")
+    monkeypatch.setenv("AWS_ROLE_ARN", "arn:aws:iam::1:role/node")
+    bare_aws_node.node_aws_credentials.cache_clear()
+    own = worker_filesystem(spec, drivers)
+    assert own.__reduce__()[1][0]["access_key"] is None  # the SDK's chain on this node, which renews
+    local = StorageSpec(path="/shared/runs")
+    assert worker_filesystem(local, drivers) is drivers

@@ -94,6 +94,7 @@ def apply_secrets(values: dict[str, str], *, override: bool = False) -> list[str
                 os.environ.pop(key, None)
             os.environ.update(aws)
             applied.extend(aws)
+            node_aws_credentials.cache_clear()  # the node has these now
     return applied
 
 

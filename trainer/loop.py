@@ -38,7 +38,7 @@ from trainer.sampling import StepPlanner, mixture_rates
 from trainer.safe_load import weights_only_loads
 from trainer.scratch import remove_orphans, scratch, scratch_dir
 from trainer.stopping import StopRequests, agreed
-from trainer.storage import Storage
+from trainer.storage import Storage, worker_filesystem
 from trainer.trackers import Trackers, open_trackers
 from trainer.task_data import TaskData, prepare_tasks, primary_metric, task_context, task_metrics
 from trainer.weighting import UncertaintyWeighting, build_weighting
@@ -129,7 +129,8 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     if warning and rank == 0:
         say(f"[mtl] warning: {warning}")
     spec.train.precision = precision  # what the run trains in, as its versions record it
-    storage = Storage(storage.storage_filesystem, storage.experiment_fs_path, storage.experiment_fs_path)
+    storage = Storage(worker_filesystem(spec.storage, storage.storage_filesystem), storage.experiment_fs_path,
+                      storage.experiment_fs_path)
     versions = ckpt.committed_versions(storage)
     ds_config = job_ds_config(spec, world, base=ds_base)
     fill_model_sizes(ds_config, hidden_size(base_config), keep=resumed_layout(storage, versions, zero_stage(ds_config)))

@@ -192,6 +192,19 @@ def open_storage(spec) -> Storage:
     return Storage(pafs.LocalFileSystem(), path, path)
 
 
+def worker_filesystem(spec, given):
+    """The filesystem a worker writes versions with. Ray hands every worker the driver's (`given`),
+    pickled with the keys the driver had in its environment, often a session token that expires
+    within hours. Where this node has AWS credentials of its own (an instance role, IRSA, a profile:
+    providers that renew themselves) or was given keys (trainer.job_env), the worker opens the
+    bucket with its own credential chain instead."""
+    from trainer.job_env import node_aws_credentials
+
+    if not spec.path.startswith("s3://") or not node_aws_credentials():
+        return given
+    return open_storage(spec).fs
+
+
 def open_experiment(location: str) -> tuple[Storage, str]:
     """(storage, name) of an experiment given by its folder or URI: `runs/demo`,
     `s3://bucket/runs/demo` ($AWS_ENDPOINT_URL for other S3-compatible servers)."""

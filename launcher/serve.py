@@ -29,6 +29,7 @@ import hashlib
 import hmac
 import json
 import signal
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -249,20 +250,43 @@ def serving(storage, name: str, version: str, options: ServeOptions, *, address:
     from launcher.run import ray_session
     from trainer.registry import pick_version
 
-    if options.host not in LOOPBACK_HOSTS and options.token_sha256 is None:
-        raise UserError(f"--host {options.host} serves beyond this machine: give --token-file FILE (clients then send "
-                        f"'Authorization: Bearer <its content>'), or serve on 127.0.0.1 behind your own gateway")
+    _require_token_beyond_loopback(options.host, options)
     chosen = pick_version(storage, name, version)
     with ray_session(address) as started_here:  # a Python caller's own Ray stays up, as it was
         serve.start(http_options={"host": options.host, "port": options.port})
+        host, port = _serving_address(options)
+        _require_token_beyond_loopback(host, options)  # Serve that was already up keeps its own host
         deployment = MultitaskServer.options(
             num_replicas=options.replicas,
             ray_actor_options={"num_cpus": options.cpus_per_replica, "num_gpus": options.gpus_per_replica})
         serve.run(deployment.bind(storage, name, chosen, options), name=app_name(name), route_prefix="/")
         try:
-            yield chosen, f"http://{options.host}:{options.port}"
+            yield chosen, f"http://{host}:{port}"
         finally:
             serve.delete(app_name(name)) if address or not started_here else serve.shutdown()
+
+
+def _require_token_beyond_loopback(host: str, options: ServeOptions) -> None:
+    if host not in LOOPBACK_HOSTS and options.token_sha256 is None:
+        raise UserError(f"--host {host} serves beyond this machine: give --token-file FILE (clients then send "
+                        f"'Authorization: Bearer <its content>'), or serve on 127.0.0.1 behind your own gateway")
+
+
+def _serving_address(options: ServeOptions) -> tuple[str, int]:
+    """Where Serve's HTTP proxy really listens. Serve already running in this Ray (another app, an
+    earlier `serving` in this process) keeps its own host and port and ignores the ones asked for;
+    the URL printed must be the one that answers."""
+    try:
+        from ray.serve.context import _get_global_client  # no public way to read the running config
+
+        config = _get_global_client().http_config
+        host, port = config.host, config.port
+    except Exception:  # noqa: BLE001 - a Serve without this internal: what was asked is what it took
+        return options.host, options.port
+    if (host, port) != (options.host, options.port):
+        print(f"[mtl] Ray Serve already runs here with HTTP on {host}:{port}; --host/--port are not applied to it",
+              file=sys.stderr, flush=True)
+    return host, port
 
 
 def wait_for_stop() -> None:

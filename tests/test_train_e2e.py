@@ -198,8 +198,7 @@ def serve_and_ask(run: Path, rows: dict[str, list[dict]]) -> None:
             return error.code, json.loads(error.read())
 
     pipe = MultitaskPipeline.from_version(run)
-    port = free_port()  # Serve keeps its HTTP proxy on the first port a process gave it
-    options = ServeOptions(port=port, limits={"max_inputs": 4, "max_input_chars": 500, "max_body_bytes": 4096,
+    options = ServeOptions(port=free_port(), limits={"max_inputs": 4, "max_input_chars": 500, "max_body_bytes": 4096,
                                                      "max_new_tokens": 8, "max_beams": 2},
                            token_sha256=token_digest(token))
     with serving(*open_experiment(str(run)), "latest", options) as (version, url):
@@ -242,8 +241,10 @@ def serve_and_ask(run: Path, rows: dict[str, list[dict]]) -> None:
         conn.close()
 
     # A request not answered in serve.timeout_s gets 504; the replica is free and answers the next.
-    options = ServeOptions(port=port, limits={"timeout_s": 0.001})
+    # (Serve keeps running in this process with its first port: the URL given is that one, not the new.)
+    first, options = url, ServeOptions(port=free_port(), limits={"timeout_s": 0.001})
     with serving(*open_experiment(str(run)), "latest", options) as (version, url):
+        assert url == first
         status, answer = call("/summary", {"inputs": rows["summary"]}, auth=None)
         assert status == 504 and "not answered within 0.001s (serve.timeout_s)" in answer["error"]
         assert call("/health", auth=None)[0] == 200

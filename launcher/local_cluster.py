@@ -15,6 +15,7 @@ period. Never `ray stop`, which kills every Ray process on the machine.
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -55,6 +56,10 @@ class LocalCluster:
     gpus_per_node: int = 0
     root: Path | None = None
     stop_grace_s: float = STOP_GRACE_S
+    # Folders each node sees as its own disk, as on machines that do not share one: path -> one
+    # folder per node (head first) whose files that node finds there, or None for an empty one.
+    # Each node then runs in a mount namespace of its own with a tmpfs at the path (needs root).
+    node_local: dict[str, list[str | None]] = field(default_factory=dict)
     started: list[Node] = field(default_factory=list)
 
     def __post_init__(self):
@@ -93,19 +98,33 @@ class LocalCluster:
         self.token_path.write_text(uuid.uuid4().hex + uuid.uuid4().hex)
         self.token_path.chmod(0o600)
         try:
-            self._start_node("head", ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
+            self._start_node("head", 0, ["--head", f"--port={self.gcs_port}", "--include-dashboard=true",
                                       "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
                                       f"--ray-client-server-port={free_port()}"])
             self.wait_for_nodes(1, timeout)
             for i in range(1, self.nodes):
-                self._start_node(f"node{i}", [f"--address={self.gcs_address}"])
+                self._start_node(f"node{i}", i, [f"--address={self.gcs_address}"])
             self.wait_for_nodes(self.nodes, timeout)
         except BaseException:
             self.stop()
             raise
         return self
 
-    def _start_node(self, name: str, role_args: list[str]) -> None:
+    def _on_own_disks(self, index: int, cmd: list[str]) -> list[str]:
+        """`cmd` in a mount namespace where each node_local path is this node's own (see node_local)."""
+        if not self.node_local:
+            return cmd
+        steps = []
+        for path, seeds in self.node_local.items():
+            os.makedirs(path, exist_ok=True)  # the mount point, also what the driver and other processes see
+            steps.append(f"mount -t tmpfs tmpfs {shlex.quote(path)}")
+            if seeds[index]:
+                steps.append(f"cp -a {shlex.quote(seeds[index])}/. {shlex.quote(path)}")
+        # unshare execs in place: the PID stop() signals is still `ray start`'s.
+        return ["unshare", "--mount", "--propagation", "private", "sh", "-c", " && ".join([*steps, 'exec "$@"']),
+                "sh", *cmd]
+
+    def _start_node(self, name: str, index: int, role_args: list[str]) -> None:
         temp_dir = self.root / name
         temp_dir.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
@@ -119,7 +138,7 @@ class LocalCluster:
                "--disable-usage-stats", "--log-style=record", "--log-color=false"]
         with open(log, "wb") as out:
             # A session of its own: a Ctrl-C meant for us does not kill the nodes half-way; stop() does.
-            process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env(),
+            process = subprocess.Popen(self._on_own_disks(index, cmd), stdout=out, stderr=subprocess.STDOUT, env=self.env(),
                                        start_new_session=True)
         self.started.append(Node(name, process, log))
 

@@ -29,7 +29,7 @@ from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
-                 "HF_HOME", "TOKENIZERS_PARALLELISM", "MTL_SCRATCH_DIR", "MTL_DATA_CACHE")
+                 "HF_HOME", "TOKENIZERS_PARALLELISM", "MTL_SCRATCH_DIR", "MTL_DATA_CACHE", "MTL_STORAGE_PROBE_WAIT_S")
 RAY_TRAIN_POLL_S = "0.5"
 TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_")  # their settings, for rank 0's trackers (trainer.trackers)
 

@@ -139,6 +139,7 @@ class Upload:
         self.version = version
         self.error: BaseException | None = None
         self.seconds: float | None = None
+        self.files: dict[str, int] = {}  # what this rank put in the version: path -> bytes
         self._thread = threading.Thread(target=self._run, args=(storage, folder, pending or []), name=f"mtl-upload-{version}",
                                          daemon=True)
         self._thread.start()
@@ -147,6 +148,7 @@ class Upload:
         started = time.perf_counter()
         try:
             write_pending(pending)
+            self.files = {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
             upload_part(storage, folder, self.version)
         except BaseException as exc:  # raised on the training thread by finished()/wait()
             self.error = exc

@@ -35,6 +35,11 @@ def all_gather_objects(obj) -> list:
     return gathered
 
 
+def from_rank0(obj):
+    """Rank 0's `obj` on every rank: what rank 0 decided (or saw), agreed by all."""
+    return all_gather_objects(obj)[0]
+
+
 def barrier() -> None:
     if distributed():
         dist.barrier()

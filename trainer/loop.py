@@ -18,12 +18,13 @@ import torch
 
 from trainer import checkpoint as ckpt
 from trainer.batching import TaskStream
-from trainer.collectives import barrier, to_device
+from trainer.collectives import all_gather_objects, to_device
 from trainer.deferred_writes import DeferredWrites
 from trainer.ds_config import DEEPSPEED_SUB_GROUP_SIZE, fill_model_sizes, job_ds_config, zero_stage
 from trainer.errors import first_line
 from trainer.evaluation import build_eval_set, evaluate_task
 from trainer.init_from import forgetting_table, load_init_optimizer, load_init_weights
+from trainer.agreement import agreed_versions, require_parts_on_storage, require_same_data, require_shared_storage
 from trainer.job_env import receive_secrets
 from trainer.model_io import load_model_files
 from trainer.precision import agreed_precision
@@ -40,7 +41,7 @@ from trainer.scratch import remove_orphans, scratch, scratch_dir
 from trainer.stopping import StopRequests, agreed
 from trainer.storage import Storage, worker_filesystem
 from trainer.trackers import Trackers, open_trackers
-from trainer.task_data import TaskData, prepare_tasks, primary_metric, task_context, task_metrics
+from trainer.task_data import TaskData, data_signature, prepare_tasks, primary_metric, task_context, task_metrics
 from trainer.weighting import UncertaintyWeighting, build_weighting
 
 TRAIN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
@@ -119,6 +120,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     base_config, tokenizer, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
     tasks = prepare_tasks(spec, tokenizer, encoding)
     say_data_cache(rank, tasks)
+    require_same_data(data_signature(tasks), rank)
     streams = build_streams(spec, tasks, tokenizer, rank, world)
     planner = build_planner(spec, tasks)
     static = {t: s.weight for t, s in spec.tasks.items()}
@@ -131,7 +133,8 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     spec.train.precision = precision  # what the run trains in, as its versions record it
     storage = Storage(worker_filesystem(spec.storage, storage.storage_filesystem), storage.experiment_fs_path,
                       storage.experiment_fs_path)
-    versions = ckpt.committed_versions(storage)
+    require_shared_storage(storage, rank, spec.storage.path)
+    versions = agreed_versions(ckpt.committed_versions(storage) if rank == 0 else None)
     ds_config = job_ds_config(spec, world, base=ds_base)
     fill_model_sizes(ds_config, hidden_size(base_config), keep=resumed_layout(storage, versions, zero_stage(ds_config)))
     torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
@@ -261,13 +264,13 @@ def follow_job_hyperparameters(engine, job_groups: list[dict]) -> None:
 def restore_latest(run: Run) -> bool:
     """Continue from the latest committed version on storage, if there is one (see trainer.checkpoint);
     returns whether there was one."""
-    folders = ckpt.version_folders(run.storage)
+    folders = ckpt.version_folders(run.storage) if run.rank == 0 else {}
     if run.rank == 0:
         for name in [v for v, committed in folders.items() if not committed]:  # cut short by a crash or kill
             run.storage.delete_dir(name)
             say(f"[mtl] removed {name}: its write never finished (no commit marker)")
-    barrier()  # no rank reads storage while rank 0 deletes from it
-    versions = [v for v, committed in folders.items() if committed]
+    # Rank 0's listing, after its deletes: every rank resumes the same version.
+    versions = agreed_versions([v for v, committed in folders.items() if committed])
     if not versions:
         return False
     state = run.storage.read_json(f"{versions[-1]}/trainer_state.json")
@@ -574,7 +577,9 @@ def finish_upload(run: Run) -> None:
         return
     started = time.perf_counter()
     run.upload.wait()
-    barrier()  # every rank's files are on storage before the marker says so
+    files = all_gather_objects(run.upload.files)  # also the barrier: every rank's upload has finished
+    if run.rank == 0:  # the marker says every rank's files are there: see that they are
+        require_parts_on_storage(run.storage, run.upload.version, files, run.spec.storage.path)
     run.blocked_s += time.perf_counter() - started
     commit_version(run)
 

@@ -118,6 +118,15 @@ class Storage:
         infos = self.retried("list", relative, lambda: self.fs.get_file_info(selector))
         return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
 
+    def list_files(self, relative: str) -> dict[str, int]:
+        """Every file under `relative` (path relative to it -> bytes), in one recursive listing."""
+        import pyarrow.fs as pafs
+
+        root = self.path(relative).rstrip("/")
+        selector = pafs.FileSelector(root, recursive=True, allow_not_found=True)
+        infos = self.retried("list", relative, lambda: self.fs.get_file_info(selector))
+        return {i.path[len(root):].lstrip("/"): i.size or 0 for i in infos if i.type == pafs.FileType.File}
+
     def download(self, relative: str, local: str) -> None:
         import pyarrow.fs as pafs
 

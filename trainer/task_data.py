@@ -31,6 +31,7 @@ class TaskData:
     checked: CheckedTask
     encoded: dict[str, EncodedSplit] = field(default_factory=dict)
     cache: CacheUse | None = None  # how it was had: prepared here, or read from the node's cache
+    source: str = ""  # what it is made of, wherever the node keeps the files (see data_signature)
 
 
 def model_encoding(kind: str, is_encoder_decoder: bool) -> str:
@@ -84,11 +85,11 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
             out[name].cache = CacheUse("off", time.perf_counter() - started)
             continue
         raw = read_splits(name, spec.tasks[name].data) if spec.tasks[name].data.hub else None
-        key = fingerprint(cache_key(spec, name, tokenizer, encoding, splits, limit, raw))
+        parts = cache_key(spec, name, tokenizer, encoding, splits, limit, raw)
         data, use = DataCache(root).get_or_build(
-            name, key, lambda: _prepare_task(spec, name, tokenizer, encoding, splits, limit, raw),
+            name, fingerprint(parts), lambda: _prepare_task(spec, name, tokenizer, encoding, splits, limit, raw),
             store=_store_task, load=_load_task)
-        data.cache = use
+        data.cache, data.source = use, source_fingerprint(parts)
         out[name] = data
     return out
 
@@ -124,6 +125,33 @@ def cache_key(spec, name: str, tokenizer, encoding: str, splits, limit: int | No
             "max_length": ctx.max_length, "prompt": ctx.prompt, "options": ctx.options.model_dump(mode="json"),
             "tokenizer": Hasher.hash(tokenizer) if tokenizer is not None else None, "encoding": encoding,
             "splits": list(splits), "limit": limit, "code": _code_hash(task_type), "libraries": library_versions()}
+
+
+def source_fingerprint(parts: dict) -> str:
+    """The cache key's parts without where a node keeps things: each data file's content hash (past
+    the hashing limit its size: a copy's modification time differs), and not the code's identity,
+    whose paths differ where a job's package is unpacked per node, nor the tokenizer's hash, which
+    may hold the path of its files in a node's hub cache (data_signature compares tokens instead)."""
+    content = [list(entry[1:2]) for entry in parts["data"]]  # [path, sha] -> [sha]; [path, size, mtime] -> [size]
+    return fingerprint({**{k: v for k, v in parts.items() if k not in ("code", "tokenizer")}, "data": content})
+
+
+def token_sample(features, count: int = 32) -> str:
+    """A hash of the token ids of up to `count` features spread over a split: tokenizers that differ
+    between nodes encode them differently, at the cost of reading `count` rows."""
+    n = len(features)
+    picked = sorted({i * n // count for i in range(count)}) if n > count else list(range(n))
+    return fingerprint(features.select(picked)["input_ids"] if picked else [])
+
+
+def data_signature(tasks: dict[str, TaskData]) -> dict:
+    """task -> what every rank must agree on: the data's identity (content, settings, tokenizer) and
+    its prepared counts (trainer.agreement)."""
+    return {name: {"source": data.source, "labels": list(data.labels),
+                   "rows": {split: enc.rows for split, enc in data.encoded.items()},
+                   "features": {split: len(enc.features) for split, enc in data.encoded.items()},
+                   "tokens": {split: token_sample(enc.features) for split, enc in data.encoded.items()}}
+            for name, data in tasks.items()}
 
 
 def _code_hash(task_type) -> str:

@@ -44,11 +44,11 @@ def test_strict_spread_needs_a_node_per_worker():
 
 
 def test_gpu_workers_need_gpus_and_the_accelerator_type():
-    spec = scaling(num_workers=2, use_gpu=True, gpus_per_worker=0.5, accelerator_type="H100")
+    spec = scaling(num_workers=2, use_gpu=True, gpus_per_worker=1, accelerator_type="H100")
     bundle = worker_bundle(spec)
-    assert bundle == {"CPU": 1.0, "GPU": 0.5, "accelerator_type:H100": 0.001}
+    assert bundle == {"CPU": 1.0, "GPU": 1.0, "accelerator_type:H100": 0.001}
     assert "GPU" in placement_problem(nodes(8, 8), workers=2, bundle=bundle, placement="pack")
-    h100 = [NodeResources("a" * 40, "10.0.0.9", {"CPU": 8, "GPU": 1, "accelerator_type:H100": 1})]
+    h100 = [NodeResources("a" * 40, "10.0.0.9", {"CPU": 8, "GPU": 2, "accelerator_type:H100": 1})]
     assert placement_problem(h100, workers=2, bundle=bundle, placement="pack") is None
     assert "accelerator H100" in placement_problem(nodes(8, gpus=4), workers=2, bundle=bundle, placement="pack")
 
@@ -79,6 +79,10 @@ def test_gpu_fields_without_use_gpu_are_refused_and_a_resolved_job_reloads():
 
     with pytest.raises(JobErrors, match="gpus_per_worker needs scaling.use_gpu: true"):
         scaling(gpus_per_worker=2)
+    for value in (2, 0.5):  # the model would land on another rank's GPU, or two ranks share one
+        with pytest.raises(JobErrors, match=f"scaling.gpus_per_worker: {value:g} is not supported; each worker trains "
+                                            f"on one GPU"):
+            scaling(use_gpu=True, gpus_per_worker=value)
     with pytest.raises(JobErrors, match="placement"):
         scaling(placement="scatter")
     import yaml

@@ -66,7 +66,8 @@ def capture_rng() -> dict:
     return {"python": [version, list(keys), gauss],
             "numpy": [kind, keys_np.tolist(), int(pos), int(has_gauss), float(cached)],
             "torch": torch.get_rng_state().tolist(),
-            "cuda": [s.tolist() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None}
+            # This rank's own GPU only: another rank's device may be visible here and is not ours to touch.
+            "cuda": torch.cuda.get_rng_state().tolist() if torch.cuda.is_available() else None}
 
 
 def restore_rng(state: dict) -> None:
@@ -76,7 +77,10 @@ def restore_rng(state: dict) -> None:
     np.random.set_state((kind, np.asarray(keys_np, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        saved = state["cuda"]
+        if saved and isinstance(saved[0], list):  # written by older versions: every visible device's
+            saved = saved[torch.cuda.current_device()] if len(saved) > 1 else saved[0]
+        torch.cuda.set_rng_state(torch.tensor(saved, dtype=torch.uint8))
 
 
 def write_pending(pending: list[tuple[object, str]]) -> None:

@@ -25,6 +25,7 @@ import torch
 from pydantic import ValidationError
 
 from trainer.check_encode import encode_split
+from trainer.devices import helper_device
 from trainer.errors import UserError
 from trainer.evaluation import EvalSet, best_per_example, label_probabilities, predict_features
 from trainer.read_data import ROW
@@ -46,7 +47,7 @@ DECODING_OPTIONS = ("max_new_tokens", "num_beams")
 class MultitaskPipeline:
     def __init__(self, loaded: LoadedVersion, version: str = "", device: torch.device | None = None):
         self.version = version
-        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = device or helper_device()  # a replica with --gpus-per-replica 0 stays off the GPUs
         self.model = loaded.model.to(self.device).eval()
         self.tokenizer, self.manifest = loaded.tokenizer, loaded.manifest
         self.spec = JobSpec.model_validate(loaded.job)

@@ -31,7 +31,7 @@ def cpu_flags() -> set[str]:
 
 def fast_bf16(device: torch.device) -> bool:
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)  # emulated bf16 (pre-Ampere) is slow
     return any(flag in cpu_flags() for flag in CPU_BF16_FLAGS)
 
 

@@ -291,7 +291,8 @@ class TrainSpec(_Strict):
 class ScalingSpec(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
     use_gpu: bool = Field(False, description="Train on GPUs (NCCL): each worker reserves `gpus_per_worker` GPUs.")
-    gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs reserved per worker with use_gpu (a fraction shares a GPU).")
+    gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs reserved per worker with use_gpu: 1, one GPU per "
+                                   "rank (more GPUs: more workers).")
     cpus_per_worker: float = Field(1.0, gt=0.0, description="CPUs reserved per worker; CPU workers run that many torch threads.")
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         "pack", description="Ray placement of the workers: pack onto few nodes, spread over nodes when possible, "
@@ -313,6 +314,12 @@ class ScalingSpec(_Strict):
                 raise ValueError("scaling.gpus_per_worker needs scaling.use_gpu: true")
             if self.accelerator_type:
                 raise ValueError("scaling.accelerator_type needs scaling.use_gpu: true")
+        elif self.gpus_per_worker != 1.0:
+            # DeepSpeed puts the model on the device of the worker's local rank while the batches and
+            # collectives use the GPU Ray gave it: with 2 per worker the model lands on another
+            # worker's GPU, with 0.5 two ranks share one and NCCL refuses them.
+            raise ValueError(f"scaling.gpus_per_worker: {self.gpus_per_worker:g} is not supported; each worker "
+                             f"trains on one GPU (1): for more GPUs use more workers (scaling.num_workers)")
         return self
 
 

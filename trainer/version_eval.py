@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from trainer.devices import helper_device
 from trainer.errors import UserError
 from trainer.spec import JobSpec
 
@@ -25,7 +26,7 @@ def score_version(storage, name: str, chosen: str, split: str, *, untrained: boo
 
     with tempfile.TemporaryDirectory(prefix="mtl-eval-") as tmp:
         loaded = load_from_storage(storage, name, chosen, Path(tmp) / chosen, untrained=untrained)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # a GPU where the command runs has one
+    device = helper_device()  # a GPU where the command runs, or one its Ray task reserved
     loaded.model.to(device)
     trained = JobSpec.model_validate(loaded.job)  # the version's own resolved job
     known = loaded.manifest["tasks"]

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from launcher.addresses import require_listening
 from launcher.console import plain_ray_logging, tidy_worker_output
 from launcher.jobfile import dump_job
+from launcher.lease import Lease
 from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_bundle
 from trainer.spec import JobSpec
 from launcher.validate import require_valid
@@ -38,11 +39,6 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     """on_change: what to do when the job differs from the version it would resume from in anything
     that shapes training — "refuse" (list the differences), "new" (a fresh experiment under the first
     free `<name>-N`), or "allow" (continue with the changes). See launcher.drift."""
-    from ray.train import FailureConfig, LoggingConfig, RunConfig
-
-    from trainer.loop import train_loop_per_worker
-    from trainer.stopping import clear_stop
-
     for line in require_valid(spec).notes:  # data sizes and skipped bad rows: never dropped silently
         print(f"[mtl] {line}", file=sys.stderr)
     storage = open_storage(spec.storage)
@@ -56,12 +52,22 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     elif spec.init_from is not None:
         spec = init_from.pinned(spec)  # latest / best / a tag: the same version on every rank and restart
         print(f"[mtl] '{spec.name}' starts from {spec.init_from.experiment}/{spec.init_from.version}", file=sys.stderr)
+    run_id = uuid.uuid4().hex  # names this run's lease on storage and its stop request in Ray's key-value store
+    with Lease(storage, spec.name, run_id, spec.storage.lease_ttl_s):  # one run per experiment (launcher.lease)
+        return _train_holding_the_lease(spec, storage, run_id, address)
+
+
+def _train_holding_the_lease(spec: JobSpec, storage: Storage, run_id: str, address: str | None) -> dict:
+    from ray.train import FailureConfig, LoggingConfig, RunConfig
+
+    from trainer.loop import train_loop_per_worker
+    from trainer.stopping import clear_stop
+
     storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
     with ray_session(address, use_gpu=spec.scaling.use_gpu) as started_here:
         # An embedded Ray has all the nodes it will ever have; a cluster may still be adding some.
         embedded = started_here and address is None
         require_resources(spec.scaling, wait_s=0.0 if embedded else spec.scaling.wait_for_nodes_s)
-        run_id = uuid.uuid4().hex  # names this run's stop request in Ray's key-value store
         trainer = _stoppable_trainer()(
             train_loop_per_worker,
             # The DeepSpeed file is read here: workers on other nodes need its content, not its path.

@@ -327,6 +327,8 @@ class StorageSpec(_Strict):
     path: str = Field("./runs", description="Local/NFS folder or s3://bucket/prefix for versions and metrics.")
     endpoint_url: str | None = Field(None, description="S3-compatible endpoint (e.g. http://127.0.0.1:9000).")
     region: str | None = Field(None, description="S3 region.")
+    lease_ttl_s: float = Field(60.0, ge=3.0, description="One run per experiment: a run's driver renews its lease "
+                               "on storage every ttl/4; a lease unrenewed this long (a killed driver) is taken over.")
 
 
 class ServeSpec(_Strict):

@@ -33,3 +33,4 @@ def test_one_rank_sees_its_own_probe_and_leaves_nothing(storage, tmp_path):
 
 def test_one_rank_agrees_with_itself_on_its_data():
     require_same_data({"sentiment": {"source": "abc", "labels": ["a"], "rows": {"train": 3}, "features": {"train": 3}}}, 0)
+

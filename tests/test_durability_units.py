@@ -360,3 +360,29 @@ def test_console_noise_is_recognised_and_useful_lines_are_kept():
     assert not is_noise("[mtl] step 4/6 | loss sentiment 0.878 | grad norm 14.6")
     assert not is_noise("core_worker.cc:2465: Actor with class name: 'MyActor' died")  # others' errors stay
     assert [duration(9.4), duration(312), duration(3725)] == ["9s", "5m12s", "1h02m"]
+
+
+def test_a_universal_conversion_cut_short_is_done_again_not_loaded(tmp_path, monkeypatch):
+    """A kill mid-upload left part of state_universal/ in the version: before, "the prefix exists"
+    counted as done and every later resize of the version loaded half a checkpoint."""
+    import pyarrow.fs as pafs
+
+    from trainer import resize
+    from trainer.storage import Storage
+
+    storage = Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    storage.write_text("step-000004/deepspeed/state/mp_rank_00_model_states.pt", "weights")
+    storage.write_text("step-000004/deepspeed/state_universal/zero/layer.0/fp32.pt", "half")  # cut short
+    conversions = []
+
+    def convert(folder, stage):
+        conversions.append(stage)
+        (folder / "state_universal" / "zero" / "layer.1").mkdir(parents=True)
+        (folder / "state_universal" / "zero" / "layer.1" / "fp32.pt").write_text("whole")
+
+    monkeypatch.setattr(resize, "convert_to_universal", convert)
+    resize.universal_on_storage(storage, "step-000004", 2)
+    files = storage.list_files("step-000004/deepspeed/state_universal")
+    assert conversions == [2] and set(files) == {"zero/layer.1/fp32.pt", "COMPLETE"}
+    resize.universal_on_storage(storage, "step-000004", 2)  # complete: reused as it is
+    assert conversions == [2]

@@ -355,8 +355,11 @@ def fit(run: Run) -> None:
                 say(f"[mtl] a node of this run is being preempted: writing a version at step {run.step}")
         if final or stopping or preempted or (spec.train.checkpoint_every and run.step % spec.train.checkpoint_every == 0):
             save_version(run, metrics)
-        if stopping:
+        if stopping or preempted:  # committed now: a drained node may not live to see a later step
             finish_upload(run)
+            if preempted and run.rank == 0:
+                say(f"[mtl] version {ckpt.version_name(run.step)} committed before training goes on (preemption)")
+        if stopping:
             stop_early(run, reasons)
             break
     finish_upload(run)

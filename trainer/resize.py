@@ -3,8 +3,10 @@
 ZeRO-1/2/3 shards belong to the world size that wrote them. Rank 0 converts the version once
 into DeepSpeed's universal checkpoint (`ds_to_universal`: one folder per parameter with its
 fp32 weights and optimizer moments, loadable by any world size) and adds it to the version on
-storage as `deepspeed/state_universal/`, so a second resize reuses it; every rank then loads
-it with `load_universal`. ZeRO-0 keeps whole states and loads as it is.
+storage as `deepspeed/state_universal/`, its marker `COMPLETE` written last: a second resize
+reuses it, and a conversion cut short (a kill mid-upload) is removed and done again rather than
+loaded half. Each node downloads the files it needs once, into a folder its ranks share; every
+rank then loads it with `load_universal`. ZeRO-0 keeps whole states and loads as it is.
 
 The data streams continue from global positions (trainer.batching.TaskStream.continue_from):
 every rank reads every old rank's stream state. Ranks that existed before take their RNG
@@ -14,6 +16,9 @@ micro_batches_per_step` micro-batches: the driver says how it changes (launcher.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,9 +28,10 @@ import torch
 from trainer import checkpoint as ckpt
 from trainer.collectives import barrier
 from trainer.reporting import say
-from trainer.scratch import scratch
+from trainer.scratch import ROOT, scratch
 
 UNIVERSAL_TAG = "state_universal"
+COMPLETE = "COMPLETE"
 
 
 def convert_to_universal(ds_folder: Path, stage: int) -> None:
@@ -42,12 +48,39 @@ def convert_to_universal(ds_folder: Path, stage: int) -> None:
 
 def universal_on_storage(storage, version: str, stage: int) -> None:
     """Rank 0: make sure the version has its universal form on storage (converted once)."""
-    if storage.exists(f"{version}/deepspeed/{UNIVERSAL_TAG}/zero"):
+    universal = f"{version}/deepspeed/{UNIVERSAL_TAG}"
+    if storage.exists(f"{universal}/{COMPLETE}"):
         return
+    storage.delete_dir(universal)  # a conversion whose upload was cut short: never loaded, done again
     with scratch("universal") as local:
         storage.download(f"{version}/deepspeed/{ckpt.DS_TAG}", str(local / ckpt.DS_TAG))
         convert_to_universal(local, stage)
-        storage.upload(str(local / UNIVERSAL_TAG), f"{version}/deepspeed/{UNIVERSAL_TAG}")
+        storage.upload(str(local / UNIVERSAL_TAG), universal)
+    storage.write_text(f"{universal}/{COMPLETE}", "ok\n")
+
+
+@contextlib.contextmanager
+def node_copy(storage, version: str, keep, local_rank: int):
+    """The files of `version` that `keep` selects, downloaded once per node into a folder its ranks
+    share (the first rank there downloads while the others wait), removed by local rank 0 after
+    every rank has loaded them."""
+    from filelock import FileLock
+
+    key = hashlib.sha256(storage.describe(version).encode()).hexdigest()[:16]
+    folder = ROOT / f"node-copy-{key}"
+    ROOT.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / COMPLETE).exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            storage.download_files(version, str(folder), keep=keep)
+            (folder / COMPLETE).write_text("ok\n")
+    try:
+        yield folder
+    finally:
+        barrier()  # every rank of every node has loaded its part
+        if local_rank == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+            Path(str(folder) + ".lock").unlink(missing_ok=True)
 
 
 def load_resized(run, version: str, old_world: int) -> None:
@@ -64,8 +97,7 @@ def load_resized(run, version: str, old_world: int) -> None:
     def needed(relative: str) -> bool:
         return relative.startswith((f"deepspeed/{tag}/", "rng/"))
 
-    with scratch("resume") as local:
-        run.storage.download_files(version, str(local), keep=needed)
+    with node_copy(run.storage, version, needed, local_rank()) as local:
         if stage > 0:
             run.engine._config.load_universal_checkpoint = True
         path, _ = run.engine.load_checkpoint(str(local / "deepspeed"), tag=tag)
@@ -78,6 +110,12 @@ def load_resized(run, version: str, old_world: int) -> None:
         stream.continue_from([part["streams"][task] for part in parts], old_world)
     if run.rank < old_world:
         ckpt.restore_rng(parts[run.rank]["rng"])
+
+
+def local_rank() -> int:
+    import ray.train
+
+    return ray.train.get_context().get_local_rank()
 
 
 def _restore_zero3_param_groups(engine, universal: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import re
 
 import pytest
@@ -61,6 +63,14 @@ def test_cloud_launcher_configs(name, provider):
     starts = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
     assert any("--dashboard-host=127.0.0.1" in c for c in config["head_start_ray_commands"])
+    assert any(".[cluster]" in c for c in config["setup_commands"])  # the autoscaler's cloud SDK on the head
+    # Ray's own preparation and schema (what `ray up` runs first) take it as it is.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    validate_config(prepare_config(copy.deepcopy(config)))
+    images = re.findall(r"(?:ImageId|sourceImage): (\S+)", yaml.safe_dump(config))
+    assert images and "latest_dlami" not in images  # Ray maps that to Ubuntu 18.04: no Python 3.10 there
+    assert all("22.04" in image or "2204" in image for image in images)
 
 
 def test_kuberay_cluster_and_job():

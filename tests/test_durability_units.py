@@ -386,3 +386,30 @@ def test_a_universal_conversion_cut_short_is_done_again_not_loaded(tmp_path, mon
     assert conversions == [2] and set(files) == {"zero/layer.1/fp32.pt", "COMPLETE"}
     resize.universal_on_storage(storage, "step-000004", 2)  # complete: reused as it is
     assert conversions == [2]
+
+
+def test_a_version_tagged_while_the_run_prunes_is_kept(tmp_path, monkeypatch):
+    """`mtl tag` runs in another process: a tag written after pruning chose what to delete, but
+    before the delete, keeps its version (tags are read again right before each delete)."""
+    from types import SimpleNamespace
+
+    import pyarrow.fs as pafs
+
+    from trainer import checkpoint as ckpt
+    from trainer import loop
+    from trainer.storage import Storage
+
+    storage = Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    for step in (1, 2, 3):
+        storage.write_text(f"step-00000{step}/COMMITTED", "ok\n")
+    reads = []
+
+    def tags_as_mtl_tag_writes_them(storage_):  # empty when pruning starts, then a user tags step-000001
+        reads.append(1)
+        return {} if len(reads) == 1 else {"prod": "step-000001"}
+
+    monkeypatch.setattr(ckpt, "read_tags", tags_as_mtl_tag_writes_them)
+    run = SimpleNamespace(storage=storage, version_scores={}, background=None,
+                          spec=SimpleNamespace(train=SimpleNamespace(keep_best=False, keep_last=1)))
+    kept = loop.prune_versions(run)
+    assert ckpt.committed_versions(storage) == ["step-000001", "step-000003"] == kept

@@ -614,10 +614,14 @@ def prune_versions(run: Run) -> list[str]:
     protected |= set(ckpt.read_tags(run.storage).values())  # `mtl tag`: kept until untagged
     protected |= set(run.background.pending) if run.background is not None else set()  # still being validated
     doomed = ckpt.versions_to_delete(committed, run.spec.train.keep_last, protected)
+    removed = []
     for name in doomed:
+        if name in ckpt.read_tags(run.storage).values():  # `mtl tag` while this run pruned: read right before
+            continue
         ckpt.delete_version(run.storage, name)
+        removed.append(name)
         say(f"[mtl] removed version {name} (train.keep_last={run.spec.train.keep_last})")
-    return [v for v in committed if v not in doomed]
+    return [v for v in committed if v not in removed]
 
 
 def resumed_layout(storage, versions: list[str], stage: int) -> dict:

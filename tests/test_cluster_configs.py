@@ -73,8 +73,33 @@ def test_cloud_launcher_configs(name, provider):
     assert all("22.04" in image or "2204" in image for image in images)
 
 
+def pod_specs(ray_cluster_spec: dict) -> list[dict]:
+    return [ray_cluster_spec["headGroupSpec"]["template"]["spec"],
+            *(group["template"]["spec"] for group in ray_cluster_spec["workerGroupSpecs"])]
+
+
+def check_pods(ray_cluster_spec: dict, accounts: set[str], stop_grace_s: float) -> None:
+    """Every pod runs as a ServiceAccount the manifest creates, has the grace to write a version on
+    SIGTERM, and the workers stage version shards on an emptyDir named by MTL_SCRATCH_DIR."""
+    for pod in pod_specs(ray_cluster_spec):
+        assert pod["serviceAccountName"] in accounts
+        assert pod["terminationGracePeriodSeconds"] >= stop_grace_s + 30
+    for group in ray_cluster_spec["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        (container,) = pod["containers"]
+        scratch = {e["name"]: e["value"] for e in container["env"]}["MTL_SCRATCH_DIR"]
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == scratch]
+        (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+        assert "emptyDir" in volume
+
+
 def test_kuberay_cluster_and_job():
-    (cluster,) = load_all(CONFIGS / "kuberay" / "raycluster.yaml")
+    from trainer.spec import TrainSpec
+
+    account, cluster = load_all(CONFIGS / "kuberay" / "raycluster.yaml")
+    assert account["kind"] == "ServiceAccount"
+    check_pods(cluster["spec"], {account["metadata"]["name"]}, TrainSpec().stop_grace_s)
+    assert cluster["spec"]["workerGroupSpecs"][0]["maxReplicas"] >= 8  # the shipped hub job's GPU workers
     assert cluster["kind"] == "RayCluster" and cluster["spec"]["authOptions"]["mode"] == "token"
     assert cluster["spec"]["rayVersion"].startswith("2.6")
     head = cluster["spec"]["headGroupSpec"]
@@ -82,8 +107,8 @@ def test_kuberay_cluster_and_job():
     gpu = cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu["nvidia.com/gpu"] == "1"
 
-    config_map, job = load_all(CONFIGS / "kuberay" / "rayjob.yaml")
-    assert config_map["kind"] == "ConfigMap" and job["kind"] == "RayJob"
+    account, config_map, job = load_all(CONFIGS / "kuberay" / "rayjob.yaml")
+    assert account["kind"] == "ServiceAccount" and config_map["kind"] == "ConfigMap" and job["kind"] == "RayJob"
     assert job["spec"]["entrypoint"].startswith("mtl train /home/ray/jobs/job.yaml")
     assert job["spec"]["rayClusterSpec"]["authOptions"]["mode"] == "token"
     mounts = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["volumeMounts"]
@@ -95,9 +120,14 @@ def test_kuberay_cluster_and_job():
     assert spec.storage.path.startswith("s3://") and spec.scaling.use_gpu and spec.scaling.placement == "spread"
     workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"]
     assert spec.scaling.num_workers == workers  # one GPU worker per pod
+    check_pods(job["spec"]["rayClusterSpec"], {account["metadata"]["name"]}, spec.train.stop_grace_s)
+    assert "kubectl logs -f job/mtl-t5 " in (CONFIGS / "kuberay" / "rayjob.yaml").read_text()  # KubeRay's submitter Job
 
 
 def test_the_image_installs_like_make_setup():
     text = (CONFIGS / "kuberay" / "Dockerfile").read_text()
     assert "FROM rayproject/ray:2.60.0" in text
     assert text.index("pip install --no-cache-dir torch==2.13.0") < text.index("-c requirements.lock")
+    assert "-e '.[tracking]'" in text  # what `make setup` installs besides the test tools
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    assert {".venv", "data", "runs", ".cache", ".git"} <= ignored

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+import time
 
-from trainer.checkpoint import TAGS, committed_versions, read_tags, version_step
+from trainer.checkpoint import COMMITTED, TAGS, committed_versions, read_tags, version_step
 from trainer.registry import UNTRAINED, existing_versions, pick_version
 from trainer.errors import UserError
 from trainer.storage import Storage
@@ -32,6 +33,9 @@ def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> t
                           f"{num_workers}×{per_step} micro-batches instead of {old_world}×{per_step}{hint}")
 
 
+TAG_WAIT_S = 3.0
+
+
 def tag_version(storage: Storage, name: str, version: str, tag: str) -> str:
     """Names a committed version (latest, best, best:TASK, step-N or another tag); returns the version."""
     if not TAG_NAME.match(tag) or tag in RESERVED or tag.startswith("step-"):
@@ -41,7 +45,25 @@ def tag_version(storage: Storage, name: str, version: str, tag: str) -> str:
     tags = read_tags(storage, name)
     tags[tag] = chosen
     storage.write_json(f"{name}/{TAGS}", dict(sorted(tags.items())))
+    if not still_committed(storage, name, chosen):  # a running job pruned it as the tag was written
+        tags = read_tags(storage, name)
+        tags.pop(tag, None)
+        storage.write_json(f"{name}/{TAGS}", tags)
+        raise UserError(f"{chosen} was removed by the run's retention (train.keep_last) while it was being tagged; "
+                        f"tag a newer version")
     return chosen
+
+
+def still_committed(storage: Storage, name: str, version: str, wait_s: float = TAG_WAIT_S) -> bool:
+    """Whether `version` keeps its marker. A run that is deleting it puts the marker back within
+    moments if it sees the new tag (trainer.checkpoint.delete_version): give it that time."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        if storage.exists(f"{name}/{version}/{COMMITTED}"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
 
 
 def untag(storage: Storage, name: str, tag: str) -> str:

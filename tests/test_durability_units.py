@@ -404,12 +404,36 @@ def test_a_version_tagged_while_the_run_prunes_is_kept(tmp_path, monkeypatch):
         storage.write_text(f"step-00000{step}/COMMITTED", "ok\n")
     reads = []
 
-    def tags_as_mtl_tag_writes_them(storage_):  # empty when pruning starts, then a user tags step-000001
+    def tags_as_mtl_tag_writes_them(*_):  # a user tags step-000001 just after the marker went
         reads.append(1)
-        return {} if len(reads) == 1 else {"prod": "step-000001"}
+        return {} if len(reads) <= 2 else {"prod": "step-000001"}
 
     monkeypatch.setattr(ckpt, "read_tags", tags_as_mtl_tag_writes_them)
     run = SimpleNamespace(storage=storage, version_scores={}, background=None,
                           spec=SimpleNamespace(train=SimpleNamespace(keep_best=False, keep_last=1)))
     kept = loop.prune_versions(run)
-    assert ckpt.committed_versions(storage) == ["step-000001", "step-000003"] == kept
+    assert ckpt.committed_versions(storage) == ["step-000001", "step-000003"] == kept  # its marker put back
+
+
+def test_a_tag_on_a_version_the_run_just_pruned_is_refused_and_not_kept(tmp_path, monkeypatch):
+    import pyarrow.fs as pafs
+
+    from launcher import versions
+    from trainer.errors import UserError
+    from trainer.storage import Storage
+
+    storage = Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
+    for step in (1, 2):
+        storage.write_text(f"exp/step-00000{step}/COMMITTED", "ok\n")
+    monkeypatch.setattr(versions, "TAG_WAIT_S", 0.3)
+    real_write = storage.write_json
+
+    def write_then_pruned(relative, value):  # the run's retention removes step-000001 as the tag lands
+        real_write(relative, value)
+        if "prod" in value:
+            storage.delete_file("exp/step-000001/COMMITTED")
+
+    monkeypatch.setattr(storage, "write_json", write_then_pruned)
+    with pytest.raises(UserError, match="step-000001 was removed by the run's retention .* while it was being tagged"):
+        versions.tag_version(storage, "exp", "step-000001", "prod")
+    assert "prod" not in (storage.read_json("exp/tags.json") or {})

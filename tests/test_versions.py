@@ -95,7 +95,7 @@ def test_pruning_removes_the_marker_before_the_files(storage, monkeypatch):
     monkeypatch.setattr(storage, "delete_dir", lambda rel: (calls.append(("dir", rel)), real_delete_dir(rel)))
     real_delete_file = storage.delete_file
     monkeypatch.setattr(storage, "delete_file", lambda rel: (calls.append(("file", rel)), real_delete_file(rel)))
-    delete_version(storage, "exp/step-000002")
+    assert delete_version(storage, "step-000002", "exp")
     assert calls == [("file", "exp/step-000002/COMMITTED"), ("dir", "exp/step-000002")]
     assert committed_versions(storage, "exp") == ["step-000004"]
 

@@ -217,11 +217,22 @@ def versions_to_delete(committed: list[str], keep_last: int | None, protected: s
     return [v for v in sorted(committed) if v not in keep]
 
 
-def delete_version(storage, version: str) -> None:
-    """Marker first: a delete cut short leaves an uncommitted folder, never a version that looks complete."""
-    if storage.exists(f"{version}/{COMMITTED}"):
-        storage.delete_file(f"{version}/{COMMITTED}")
-    storage.delete_dir(version)
+def delete_version(storage, version: str, experiment: str = "") -> bool:
+    """Delete a version unless `mtl tag` (another process) names it; whether it was deleted.
+
+    Marker first: a delete cut short leaves an uncommitted folder, never a version that looks
+    complete. Tags are read right before the marker goes and again right after: a tag written
+    before the second read keeps the version (the marker is put back, and `mtl tag` waits for it),
+    one written after finds the marker gone and is refused (launcher.versions.tag_version)."""
+    folder = f"{experiment}/{version}" if experiment else version
+    if version in read_tags(storage, experiment).values():
+        return False
+    storage.delete_file(f"{folder}/{COMMITTED}")
+    if version in read_tags(storage, experiment).values():
+        mark_committed(storage, folder)
+        return False
+    storage.delete_dir(folder)
+    return True
 
 
 def version_folders(storage, experiment: str = "") -> dict[str, bool]:

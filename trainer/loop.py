@@ -616,9 +616,8 @@ def prune_versions(run: Run) -> list[str]:
     doomed = ckpt.versions_to_delete(committed, run.spec.train.keep_last, protected)
     removed = []
     for name in doomed:
-        if name in ckpt.read_tags(run.storage).values():  # `mtl tag` while this run pruned: read right before
+        if not ckpt.delete_version(run.storage, name):  # tagged meanwhile by `mtl tag`: kept
             continue
-        ckpt.delete_version(run.storage, name)
         removed.append(name)
         say(f"[mtl] removed version {name} (train.keep_last={run.spec.train.keep_last})")
     return [v for v in committed if v not in removed]

@@ -65,6 +65,15 @@ class Lease:
 
     def acquire(self) -> None:
         """Hold the lease or raise LeaseHeld naming the run that does; then keep it alive."""
+        try:
+            self._contend()
+        except BaseException:
+            self._remove(self.run_id)  # no candidate of ours outlives a run that did not start
+            raise
+        self._thread = threading.Thread(target=self._beat_on, name="mtl-lease", daemon=True)
+        self._thread.start()
+
+    def _contend(self) -> None:
         self._write()
         self._beat_once()
         time.sleep(self.settle_s)
@@ -74,17 +83,14 @@ class Lease:
             if holder is None or holder == self.run_id:
                 break
             info = self._read(holder)
-            state = self._holder_state(holder, info, candidates[holder])
+            state = self._holder_state(holder, info)
             if state == "alive":
-                self._remove(self.run_id)
                 raise LeaseHeld(f"experiment '{self.experiment}' is being trained by another run: {describe(info)}. "
                                 f"Wait for it to end, stop it, or give this run another name (--new)")
             if state == "gone":
                 self._remove(holder)
                 self.say(f"took over '{self.experiment}' from {describe(info)}: its heartbeat stopped "
                          f"(storage.lease_ttl_s {self.ttl_s:g}s)")
-        self._thread = threading.Thread(target=self._beat_on, name="mtl-lease", daemon=True)
-        self._thread.start()
 
     def release(self) -> None:
         self._stop.set()
@@ -112,8 +118,8 @@ class Lease:
         self.storage.delete_file(self._file(run, "json"))
         self.storage.delete_file(self._file(run, "beat"))
 
-    def _candidates(self) -> dict[str, tuple]:
-        """run id -> (storage mtime, size), oldest first (ties: by name)."""
+    def _candidates(self) -> dict[str, int]:
+        """run id -> when storage wrote its candidate (ns, by the storage's clock), oldest first (ties: by name)."""
         listed = self.storage.list_file_times(f"{self.experiment}/{FOLDER}")
         runs = {name[:-len(".json")]: stamp[0] for name, stamp in listed.items() if name.endswith(".json")}
         return dict(sorted(runs.items(), key=lambda item: (item[1], item[0])))
@@ -126,7 +132,7 @@ class Lease:
             return {"run": run}
         return info
 
-    def _holder_state(self, run: str, info: dict, _created) -> str:
+    def _holder_state(self, run: str, info: dict) -> str:
         """"alive" (a recent heartbeat), "ended" (its candidate went away) or "gone" (unchanged for ttl).
 
         A heartbeat within ttl by the holder's clock is taken at its word; an older one is watched

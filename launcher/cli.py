@@ -363,8 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
     p.add_argument("--address", help=DASHBOARD)
-    p.add_argument("--insecure", action="store_true", help="send the cluster's auth token over plain http to a "
-                                                           "host other than this one (only on a network you trust)")
+    add_insecure_flag(p)
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
                    help="stream the job's logs until it ends and exit with its status (default; --no-wait: print "
                         "the job id and return, like `ray job submit --no-wait`)")
@@ -381,8 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["list", "status", "logs", "stop"])
     p.add_argument("job_id", nargs="?", help="job id (as `mtl submit` printed it)")
     p.add_argument("--address", help=DASHBOARD)
-    p.add_argument("--insecure", action="store_true", help="send the cluster's auth token over plain http to a "
-                                                           "host other than this one (only on a network you trust)")
+    add_insecure_flag(p)
     p.add_argument("--follow", action="store_true", help="logs: stream until the job ends")
     p.set_defaults(func=cmd_jobs)
 
@@ -396,8 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", default=None, help="local cluster layout (default: cluster_configs/local.yaml)")
     p.add_argument("--address", help="submit to this cluster's dashboard (http://HEAD:8265) instead of starting "
                                       "a local one (default: $RAY_API_SERVER_ADDRESS, else $RAY_ADDRESS)")
-    p.add_argument("--insecure", action="store_true", help="send the cluster's auth token over plain http to a "
-                                                           "host other than this one (only on a network you trust)")
+    add_insecure_flag(p)
     p.set_defaults(func=cmd_multinode)
 
     p = sub.add_parser("eval", help="evaluate a committed version per task on a held-out split, beside baselines")
@@ -477,6 +474,12 @@ def _training_failed() -> type[Exception]:
     from ray.train import TrainingFailedError
 
     return TrainingFailedError
+
+
+def add_insecure_flag(p) -> None:
+    """For the verbs that send the cluster's token to its dashboard (launcher.ray_auth.auth_headers)."""
+    p.add_argument("--insecure", action="store_true", help="send the cluster's auth token over plain http to a "
+                                                           "host other than this one (only on a network you trust)")
 
 
 def experiment_command(sub, name: str, help: str, func, *, version: bool = False):

@@ -121,7 +121,7 @@ class Lease:
     def _candidates(self) -> dict[str, int]:
         """run id -> when storage wrote its candidate (ns, by the storage's clock), oldest first (ties: by name)."""
         listed = self.storage.list_file_times(f"{self.experiment}/{FOLDER}")
-        runs = {name[:-len(".json")]: stamp[0] for name, stamp in listed.items() if name.endswith(".json")}
+        runs = {name[:-len(".json")]: stamp for name, stamp in listed.items() if name.endswith(".json")}
         return dict(sorted(runs.items(), key=lambda item: (item[1], item[0])))
 
     def _read(self, run: str) -> dict:

@@ -38,12 +38,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
 
+from launcher.ray_auth import LOOPBACK
 from trainer.errors import UserError
 from trainer.evaluation import DeadlineExceeded, generation_deadline
 from trainer.spec import ServeSpec
 
 api = FastAPI(title="mtl", description="a multitask version's predictions per task")
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # Request options and the ServeSpec cap each is held to.
 CAPPED_OPTIONS = {"max_new_tokens": "max_new_tokens", "num_beams": "max_beams"}
 
@@ -267,7 +267,7 @@ def serving(storage, name: str, version: str, options: ServeOptions, *, address:
 
 
 def _require_token_beyond_loopback(host: str, options: ServeOptions) -> None:
-    if host not in LOOPBACK_HOSTS and options.token_sha256 is None:
+    if host not in LOOPBACK and options.token_sha256 is None:
         raise UserError(f"--host {host} serves beyond this machine: give --token-file FILE (clients then send "
                         f"'Authorization: Bearer <its content>'), or serve on 127.0.0.1 behind your own gateway")
 

@@ -112,11 +112,7 @@ class Storage:
 
     def size(self, relative: str) -> int:
         """Bytes of all files under `relative`."""
-        import pyarrow.fs as pafs
-
-        selector = pafs.FileSelector(self.path(relative), recursive=True, allow_not_found=True)
-        infos = self.retried("list", relative, lambda: self.fs.get_file_info(selector))
-        return sum(i.size or 0 for i in infos if i.type == pafs.FileType.File)
+        return sum(self.list_files(relative).values())
 
     def list_files(self, relative: str) -> dict[str, int]:
         """Every file under `relative` (path relative to it -> bytes), in one recursive listing."""
@@ -127,13 +123,13 @@ class Storage:
         infos = self.retried("list", relative, lambda: self.fs.get_file_info(selector))
         return {i.path[len(root):].lstrip("/"): i.size or 0 for i in infos if i.type == pafs.FileType.File}
 
-    def list_file_times(self, relative: str) -> dict[str, tuple[int, int]]:
-        """The files directly in `relative`: name -> (modification time in ns by the storage's clock, bytes)."""
+    def list_file_times(self, relative: str) -> dict[str, int]:
+        """The files directly in `relative`: name -> modification time in ns, by the storage's clock."""
         import pyarrow.fs as pafs
 
         selector = pafs.FileSelector(self.path(relative), allow_not_found=True)
         infos = self.retried("list", relative, lambda: self.fs.get_file_info(selector))
-        return {i.base_name: (i.mtime_ns or 0, i.size or 0) for i in infos if i.type == pafs.FileType.File}
+        return {i.base_name: i.mtime_ns or 0 for i in infos if i.type == pafs.FileType.File}
 
     def download(self, relative: str, local: str) -> None:
         import pyarrow.fs as pafs

@@ -145,8 +145,8 @@ def token_sample(features, count: int = 32) -> str:
 
 
 def data_signature(tasks: dict[str, TaskData]) -> dict:
-    """task -> what every rank must agree on: the data's identity (content, settings, tokenizer) and
-    its prepared counts (trainer.agreement)."""
+    """task -> what every rank must agree on: the data's identity (content and settings,
+    source_fingerprint), its prepared counts and a sample of its token ids (trainer.agreement)."""
     return {name: {"source": data.source, "labels": list(data.labels),
                    "rows": {split: enc.rows for split, enc in data.encoded.items()},
                    "features": {split: len(enc.features) for split, enc in data.encoded.items()},

@@ -30,7 +30,7 @@ def single_task_spec(spec: JobSpec, task: str, examples: float) -> JobSpec:
     job["tasks"] = {task: job["tasks"][task]}
     job["mixture"] = {"strategy": "uniform"}  # one task: nothing to mix
     rows = spec.tasks[task].micro_batch_size or spec.train.micro_batch_size  # a token budget (max_tokens) varies
-    per_step = rows * spec.train.micro_batches_per_step * spec.scaling.num_workers
+    per_step = rows * spec.train.micro_batches_per_step * spec.scaling.max_workers
     steps = max(1, math.ceil(examples / per_step))
     job["train"]["steps"] = steps
     job["train"]["warmup_steps"] = min(spec.train.warmup_steps, steps - 1)

@@ -277,7 +277,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     require_valid(spec)
     tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
     tasks = prepare_tasks(spec, tokenizer, encoding, splits=("train",))
-    world = spec.scaling.num_workers
+    world = spec.scaling.max_workers  # an elastic run shares its data among up to this many
     print(f"{'task':<14}{'rows':>7}{'bad':>6}{'features':>10}{'truncated':>10}{'mb/epoch':>10}"
           f"{'real tok':>11}{'padded tok':>12}{'real %':>8}{'unsorted %':>11}")
     for name, data in tasks.items():

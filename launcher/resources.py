@@ -96,7 +96,7 @@ def require_resources(scaling, *, wait_s: float) -> None:
     limits = autoscaler_limits()
     if limits:
         # Nodes come as the run asks for them; only a request beyond the cluster's maximum is hopeless.
-        needed = {k: v * scaling.num_workers for k, v in bundle.items()}
+        needed = {k: v * scaling.min_workers for k, v in bundle.items()}
         short = {k: v for k, v in needed.items() if limits.get(k, 0.0) + 1e-9 < v}
         if short:
             raise InsufficientResources(
@@ -106,7 +106,7 @@ def require_resources(scaling, *, wait_s: float) -> None:
         return
     deadline = time.monotonic() + wait_s
     while True:
-        problem = placement_problem(cluster_nodes(), workers=scaling.num_workers, bundle=bundle,
+        problem = placement_problem(cluster_nodes(), workers=scaling.min_workers, bundle=bundle,
                                     placement=scaling.placement)
         if problem is None:
             return

@@ -30,7 +30,10 @@ from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
-                 "HF_HOME", "TOKENIZERS_PARALLELISM", "MTL_SCRATCH_DIR", "MTL_DATA_CACHE", "MTL_STORAGE_PROBE_WAIT_S")
+                 "HF_HOME", "TOKENIZERS_PARALLELISM", "MTL_SCRATCH_DIR", "MTL_DATA_CACHE", "MTL_STORAGE_PROBE_WAIT_S",
+                 # How long Ray Train's controller waits for a worker group to start (a restart after a
+                 # lost node waits for the node's death to be noticed first).
+                 "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S")
 RAY_TRAIN_POLL_S = "0.5"
 TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_")  # their settings, for rank 0's trackers (trainer.trackers)
 
@@ -42,7 +45,9 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     for line in require_valid(spec).notes:  # data sizes and skipped bad rows: never dropped silently
         print(f"[mtl] {line}", file=sys.stderr)
     storage = open_storage(spec.storage)
-    resume_from, resized = resume_point(storage, spec.name, spec.train, spec.scaling.num_workers)
+    # An elastic run learns its size when Ray starts it: its workers say what a resize does.
+    workers = None if spec.scaling.elastic else spec.scaling.num_workers
+    resume_from, resized = resume_point(storage, spec.name, spec.train, workers)
     if resume_from:
         spec, resume_from = check_drift(spec, storage, resume_from, on_change)
     if resume_from:
@@ -205,9 +210,12 @@ def scaling_config(scaling):
     from ray.train import ScalingConfig
 
     resources = {k: v for k, v in worker_bundle(scaling).items() if not k.startswith("accelerator_type:")}
+    # [min, max]: Ray starts with what the cluster holds, restarts smaller after a lost node (a
+    # failure, within train.max_failures) and larger when nodes return (every resize_check_s).
+    elastic = {"elastic_resize_monitor_interval_s": scaling.resize_check_s} if scaling.elastic else {}
     return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources,
                          placement_strategy=PLACEMENT_STRATEGIES[scaling.placement],
-                         accelerator_type=scaling.accelerator_type)
+                         accelerator_type=scaling.accelerator_type, **elastic)
 
 
 def worker_env(use_gpu: bool) -> dict[str, str]:

@@ -88,13 +88,13 @@ def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Repor
     _note_certain_truncation(spec, name, checked, report)
     if "validation" not in checked.splits:
         report.notes.append(f"  {name}: no validation split; it is not evaluated during training")
-    rows, workers = len(checked.splits["train"]), spec.scaling.num_workers
+    rows, workers = len(checked.splits["train"]), spec.scaling.max_workers
     task = spec.tasks[name]
     batch = task.micro_batch_size or (None if task.max_tokens else spec.train.micro_batch_size)
     field = f"tasks.{name}.micro_batch_size" if task.micro_batch_size else "train.micro_batch_size"
     if rows < workers:
         report.errors.append(f"tasks.{name}: {rows} train rows cannot be shared by "
-                             f"scaling.num_workers={workers} workers")
+                             f"scaling.num_workers={workers} workers{' at most' if spec.scaling.elastic else ''}")
     elif batch and rows // workers < batch:
         report.errors.append(f"{field}: {batch} is more than the {rows // workers} train rows each worker gets "
                              f"of task '{name}' ({rows} rows / {workers} workers)")

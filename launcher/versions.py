@@ -14,11 +14,14 @@ TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 RESERVED = ("latest", "best", UNTRAINED)
 
 
-def resume_point(storage: Storage, name: str, spec_train, num_workers: int) -> tuple[str | None, str | None]:
-    """(the version a run of `name` would resume from, a note when it changes the number of workers)."""
+def resume_point(storage: Storage, name: str, spec_train, num_workers: int | None) -> tuple[str | None, str | None]:
+    """(the version a run of `name` would resume from, a note when it changes the number of workers;
+    none for an elastic run, num_workers None, whose size is known only when it starts)."""
     versions = committed_versions(storage, name)
     if not versions:
         return None, None
+    if num_workers is None:
+        return versions[-1], None
     state = storage.read_json(f"{name}/{versions[-1]}/trainer_state.json") or {}
     old_world = state.get("world_size", num_workers)
     if old_world == num_workers:

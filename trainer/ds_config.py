@@ -207,7 +207,7 @@ def job_ds_config(spec, world_size: int | None = None, base: dict | None = None)
     get the config itself, never a path that only exists where the job was submitted.
     """
     base = base if base is not None else read_ds_config(spec.deepspeed)
+    world_size = world_size or spec.scaling.max_workers
     return build_ds_config(base, micro_batch_size=spec.train.micro_batch_size,
-                           micro_batches_per_step=spec.train.micro_batches_per_step,
-                           world_size=world_size or spec.scaling.num_workers,
+                           micro_batches_per_step=spec.step_shape(world_size)[0], world_size=world_size,
                            max_grad_norm=spec.train.max_grad_norm, precision=spec.train.precision)

@@ -142,7 +142,10 @@ def optimizer_problems(spec, manifest: dict, state: dict) -> list[str]:
     if list(manifest["tasks"]) != list(spec.tasks):
         problems.append(f"init_from.resume_optimizer: the tasks must be the version's, in order "
                         f"({', '.join(manifest['tasks'])}); here {', '.join(spec.tasks)}")
-    if state["world_size"] != spec.scaling.num_workers:
+    if spec.scaling.elastic:
+        problems.append(f"init_from.resume_optimizer: the optimizer's partitions need a fixed number of workers; "
+                        f"scaling.num_workers is a range {list(spec.scaling.num_workers)}")
+    elif state["world_size"] != spec.scaling.num_workers:
         problems.append(f"init_from.resume_optimizer: the version was trained on {state['world_size']} workers; "
                         f"scaling.num_workers is {spec.scaling.num_workers}")
     return problems

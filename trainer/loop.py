@@ -117,12 +117,16 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
         skip_inference_comm_op()
     say_placement(rank, world, device)
+    if spec.scaling.elastic and rank == 0:
+        per_step = spec.step_shape(world)[0]
+        say(f"[mtl] elastic run on {world} workers (scaling.num_workers {list(spec.scaling.num_workers)}): "
+            f"{per_step} micro-batches each per step, {per_step * world} in all")
     base_config, tokenizer, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
     tasks = prepare_tasks(spec, tokenizer, encoding)
     say_data_cache(rank, tasks)
     require_same_data(data_signature(tasks), rank)
     streams = build_streams(spec, tasks, tokenizer, rank, world)
-    planner = build_planner(spec, tasks)
+    planner = build_planner(spec, tasks, world)
     static = {t: s.weight for t, s in spec.tasks.items()}
     weighting = build_weighting(spec.loss_weighting.strategy, static, temperature=spec.loss_weighting.temperature,
                                 window=spec.loss_weighting.window)
@@ -238,12 +242,12 @@ def build_streams(spec, tasks: dict[str, TaskData], tokenizer, rank: int, world:
     return streams
 
 
-def build_planner(spec, tasks: dict[str, TaskData]) -> StepPlanner:
-    fixed = {t: s.accumulation for t, s in spec.tasks.items() if s.accumulation}
+def build_planner(spec, tasks: dict[str, TaskData], world: int) -> StepPlanner:
+    per_step, fixed = spec.step_shape(world)  # an elastic run spreads the same global batch over `world`
     free = {t: len(tasks[t].encoded["train"].features) for t in spec.tasks if t not in fixed}
     rates = mixture_rates(spec.mixture.strategy, free, temperature=spec.mixture.temperature, cap=spec.mixture.cap,
                           explicit=spec.explicit_rates()) if free else {}
-    return StepPlanner(list(spec.tasks), rates, fixed, spec.train.micro_batches_per_step, spec.train.seed)
+    return StepPlanner(list(spec.tasks), rates, fixed, per_step, spec.train.seed)
 
 
 def follow_job_hyperparameters(engine, job_groups: list[dict]) -> None:

@@ -240,7 +240,9 @@ class TrainSpec(_Strict):
     steps: int = Field(200, ge=1, description="Optimizer steps in total (raise it to train a finished run further).")
     micro_batch_size: int = Field(8, ge=1, description="Rows per micro-batch (per worker) unless a task sets its own.")
     micro_batches_per_step: int = Field(
-        4, ge=1, description="Micro-batches per optimizer step per worker (DeepSpeed gradient_accumulation_steps)."
+        4, ge=1, description="Micro-batches per optimizer step per worker (DeepSpeed gradient_accumulation_steps). "
+                             "An elastic run counts it at its most workers and keeps the global batch: on fewer, "
+                             "each worker takes proportionally more (every size must divide it evenly)."
     )
     lr: float = Field(5e-5, gt=0.0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
@@ -289,7 +291,14 @@ class TrainSpec(_Strict):
 
 
 class ScalingSpec(_Strict):
-    num_workers: int = Field(2, ge=1, description="Ray Train workers (one DeepSpeed rank each).")
+    num_workers: int | tuple[int, int] = Field(
+        2, description="Ray Train workers (one DeepSpeed rank each), or [min, max] for an elastic run: it starts with "
+                       "as many as the cluster holds (at least min), goes on with fewer after a node is lost and grows "
+                       "back when nodes return, each time from the latest version and with the same global batch "
+                       "(see train.micro_batches_per_step).")
+    resize_check_s: float = Field(
+        60.0, gt=0.0, description="Elastic runs: how often Ray looks for room for more workers. Growing restarts the "
+                                  "workers from the latest version (what was trained after it is done again).")
     use_gpu: bool = Field(False, description="Train on GPUs (NCCL): each worker reserves `gpus_per_worker` GPUs.")
     gpus_per_worker: float = Field(1.0, gt=0.0, description="GPUs reserved per worker with use_gpu: 1, one GPU per "
                                    "rank (more GPUs: more workers).")
@@ -306,6 +315,37 @@ class ScalingSpec(_Strict):
                                      "the run fails: longer than the slowest thing one rank does while the others "
                                      "wait (a node's first tokenization, a universal-checkpoint conversion, a large "
                                      "final upload).")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, value):
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"scaling.num_workers: a number of workers or [min, max], got {value}")
+            low, high = value
+            if not 1 <= low <= high:
+                raise ValueError(f"scaling.num_workers: [min, max] needs 1 <= min <= max, got [{low}, {high}]")
+            return (low, high) if low < high else low
+        if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+            raise ValueError(f"scaling.num_workers must be at least 1, got {value}")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if self.elastic else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if self.elastic else self.num_workers
+
+    @property
+    def sizes(self) -> range:
+        """Every number of workers the run may have."""
+        return range(self.min_workers, self.max_workers + 1)
 
     @model_validator(mode="after")
     def _gpu_fields(self) -> ScalingSpec:
@@ -476,10 +516,47 @@ class JobSpec(_Strict):
                     f"every task has a fixed `accumulation` (together {fixed}) but train.micro_batches_per_step "
                     f"is {self.train.micro_batches_per_step}; leave it out or make them agree")
             self.train.micro_batches_per_step = fixed
+        self._elastic_fits()
         return self
+
+    def _elastic_fits(self) -> None:
+        scaling = self.scaling
+        if not scaling.elastic:
+            return
+        if self.train.max_failures == 0:
+            raise ValueError(f"scaling.num_workers {list(scaling.num_workers)} goes on after a lost node by restarting "
+                             "the workers from the latest version, which train.max_failures: 0 forbids; set it "
+                             "(e.g. 3, or -1 for no limit)")
+        counts = {"train.micro_batches_per_step": self.train.micro_batches_per_step}
+        counts.update({f"tasks.{n}.accumulation": t.accumulation for n, t in self.tasks.items() if t.accumulation})
+        for field, count in counts.items():
+            uneven = [w for w in scaling.sizes if count * scaling.max_workers % w]
+            if uneven:
+                total = count * scaling.max_workers
+                raise ValueError(
+                    f"{field}: {count} per worker at {scaling.max_workers} workers is {total} micro-batches per step, "
+                    f"which {', '.join(map(str, uneven))} workers cannot share evenly; an elastic run keeps that "
+                    f"total on every size in {list(scaling.num_workers)} (e.g. {field}: "
+                    f"{_evenly_shared(count, scaling)})")
+
+    def step_shape(self, world: int) -> tuple[int, dict[str, int]]:
+        """(micro-batches per step, fixed accumulation per task) of one worker among `world`: the job's
+        own, or, in an elastic run, its counts at the most workers spread over `world` (the same global batch)."""
+        fixed = {t: s.accumulation for t, s in self.tasks.items() if s.accumulation}
+        if not self.scaling.elastic:
+            return self.train.micro_batches_per_step, fixed
+        if world not in self.scaling.sizes:
+            raise ValueError(f"{world} workers is outside scaling.num_workers {list(self.scaling.num_workers)}")
+        scale = self.scaling.max_workers
+        return (self.train.micro_batches_per_step * scale // world, {t: n * scale // world for t, n in fixed.items()})
 
     def explicit_rates(self) -> dict[str, float]:
         """Task -> rate from `mixture.rates`, falling back to `tasks.<t>.rate`."""
         rates = {t: spec.rate for t, spec in self.tasks.items() if spec.rate is not None}
         rates.update(self.mixture.rates or {})
         return rates
+
+
+def _evenly_shared(count: int, scaling: ScalingSpec) -> int:
+    """The smallest per-worker count from `count` up whose total every size shares evenly."""
+    return next(c for c in range(count, count * 1000) if all(c * scaling.max_workers % w == 0 for w in scaling.sizes))

@@ -164,4 +164,21 @@ def _check_model(spec: JobSpec, report: Report) -> None:
     lengths = {"model.max_length": spec.model.max_length}
     lengths.update({f"tasks.{n}.max_length": t.max_length for n, t in spec.tasks.items() if t.max_length})
     lora = spec.model.lora
-    report.errors.extend(check_model(path, spec.model.kind, lengths, lora.layers_to_transform if lora else None))
+    report.errors.extend(check_model(path, spec.model.kind, lengths, lora.layers_to_transform if lora else None,
+                                     generated=_generated_lengths(spec)))
+
+
+def _generated_lengths(spec: JobSpec) -> dict[str, tuple[int, int]]:
+    """Task field -> (its prompt's max_length, max_new_tokens) for the tasks a text2text model
+    answers by generating at evaluation."""
+    from trainer.tasks import registry
+
+    if spec.model.kind != "text2text":
+        return {}
+    out = {}
+    for name, task in spec.tasks.items():
+        task_type = registry.get(task.type)
+        new_tokens = getattr(task_type.options_model.model_validate(task.options), "max_new_tokens", None)
+        if task_type.text2text_eval == "generate" and new_tokens:
+            out[f"tasks.{name}"] = (task.max_length or spec.model.max_length, new_tokens)
+    return out

@@ -383,3 +383,18 @@ def test_init_from_is_checked_before_any_resource_starts(capsys, data_dir, model
     assert optimizer_problems(spec, {"tasks": {"qa": {}, "sentiment": {}}}, {"world_size": 4}) == [
         "init_from.resume_optimizer: the tasks must be the version's, in order (qa, sentiment); here sentiment, qa",
         "init_from.resume_optimizer: the version was trained on 4 workers; scaling.num_workers is 2"]
+
+
+def test_a_decoder_that_would_generate_past_its_positions_is_refused(capsys, data_dir, causal_dir, write_job):
+    # The tiny GPT-2 has 128 positions: a 120-token prompt leaves no room for 64 new tokens, which
+    # once failed only at the run's first validation (an index error in the position embedding).
+    job = job_dict(data_dir, str(causal_dir), tasks=("sentiment", "summary"))
+    job["model"]["max_length"] = 120
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "Traceback" not in out
+    assert ("tasks.summary: a prompt of up to 120 tokens (max_length) and 64 generated (options.max_new_tokens) "
+            "pass the model's 128 positions") in out
+    assert "tasks.sentiment" not in out  # scored by ranking its labels: nothing is generated
+    job["tasks"]["summary"]["options"] = {"max_new_tokens": 8}
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 0, out

@@ -41,11 +41,12 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int],
-                lora_layers: list[int] | None = None) -> list[str]:
+                lora_layers: list[int] | None = None, generated: dict[str, tuple[int, int]] | None = None) -> list[str]:
     """What the workers would only find out after Ray started: the config or tokenizer does not
     load, a local folder has no weights, a `max_length` (keyed by the job field that sets it)
-    is beyond the model's positions, LoRA names layers the model lacks, or heads are put on a
-    model without a bidirectional encoder."""
+    is beyond the model's positions, a decoder-only model would generate past them (`generated`:
+    task field -> prompt length, new tokens), LoRA names layers the model lacks, or heads are put
+    on a model without a bidirectional encoder."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     try:
@@ -59,6 +60,12 @@ def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int],
     for field, length in max_lengths.items():
         if limit is not None and length > limit:
             problems.append(f"{field}: {length} is more than the model's {limit} positions")
+    causal = kind == "text2text" and not config.is_encoder_decoder  # the answer follows the prompt's positions
+    for field, (length, new_tokens) in (generated or {}).items():
+        if causal and limit is not None and length <= limit < length + new_tokens:
+            problems.append(f"{field}: a prompt of up to {length} tokens (max_length) and {new_tokens} generated "
+                            f"(options.max_new_tokens) pass the model's {limit} positions: evaluation would fail; "
+                            f"lower one so they fit")
     depth = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
     beyond = [i for i in lora_layers or () if depth and not 0 <= i < depth]
     if beyond:

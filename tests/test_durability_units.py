@@ -235,7 +235,10 @@ def _hooked(monkeypatch, grace_s: float):
     monkeypatch.setattr(ray_worker, "raise_sys_exit_with_custom_error_message",
                         fake.raise_sys_exit_with_custom_error_message)
     monkeypatch.setattr(stopping, "_MIN_PROGRESS_WAIT_S", 0.5)
-    stops = stopping.StopRequests(None, rank=1, grace_s=grace_s)
+    from trainer.runtime import RayRuntime
+
+    runtime = object.__new__(RayRuntime)  # its SIGTERM hook, outside a Ray Train worker
+    stops = stopping.StopRequests(None, rank=1, grace_s=grace_s, runtime=runtime)
     exited = []
     stops.exit_process = lambda: exited.append(time.monotonic())
     assert stops.install_sigterm_hook()

@@ -33,28 +33,21 @@ class BackgroundValidation:
     """Rank 0's validation tasks, by version."""
 
     def __init__(self, spec):
+        from trainer.runtime import RemoteTasks
+
         self.spec = spec
-        self.pending: dict[str, object] = {}  # version -> the task's ObjectRef
+        self.tasks = RemoteTasks()
+
+    @property
+    def pending(self) -> dict[str, object]:
+        """version -> its task still running"""
+        return self.tasks.pending
 
     def submit(self, version: str) -> None:
-        import ray
-
-        task = ray.remote(num_cpus=self.spec.train.validation_cpus, num_gpus=self.spec.train.validation_gpus,
-                          max_retries=0)(_validate)
-        self.pending[version] = task.remote(self.spec.storage.model_dump(mode="json"), self.spec.name, version)
+        self.tasks.submit(version, _validate, self.spec.storage.model_dump(mode="json"), self.spec.name, version,
+                          cpus=self.spec.train.validation_cpus, gpus=self.spec.train.validation_gpus)
 
     def finished(self, wait_s: float = 0.0) -> dict[str, dict | Exception]:
-        """Version -> its report (or the error that ended its task), for the tasks done within `wait_s`."""
-        import ray
-
-        if not self.pending:
-            return {}
-        refs = list(self.pending.values())
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s)  # all of them, or what is done by then
-        done: dict[str, dict | Exception] = {}
-        for version in [v for v, ref in self.pending.items() if ref in ready]:
-            try:
-                done[version] = ray.get(self.pending.pop(version))
-            except Exception as exc:  # the task's own error (a pruned version, storage): reported, not fatal
-                done[version] = exc
-        return done
+        """Version -> its report (or the error that ended its task: a pruned version, storage), for
+        the tasks done within `wait_s`."""
+        return self.tasks.finished(wait_s)

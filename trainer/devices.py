@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from trainer.runtime import in_ray_worker, ray_gpu_ids
+
 
 def helper_device() -> torch.device:
     """CUDA only where this process owns a GPU.
@@ -16,18 +18,5 @@ def helper_device() -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if in_ray_worker():
-        import ray
-
-        return torch.device("cuda" if ray.get_gpu_ids() else "cpu")
+        return torch.device("cuda" if ray_gpu_ids() else "cpu")
     return torch.device("cuda")
-
-
-def in_ray_worker() -> bool:
-    """Whether this process is a Ray task's or actor's (not a driver, not outside Ray)."""
-    import ray
-
-    if not ray.is_initialized():  # checked first: asking anything else of Ray would start one
-        return False
-    from ray._private.worker import WORKER_MODE, global_worker  # no public way to tell a driver from a worker
-
-    return global_worker.mode == WORKER_MODE

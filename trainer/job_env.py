@@ -140,10 +140,10 @@ def instance_role() -> str | None:
 def secrets_for_workers() -> dict | None:
     """The secrets this driver has, as an ObjectRef for the train loop's config (Ray Train shows that
     config; an ObjectRef shows as its id); None when there are none."""
-    import ray
+    from trainer.runtime import put_object
 
     values = {k: os.environ[k] for k in SECRET_ENV if os.environ.get(k)}
-    return {"ref": ray.put(values), "override": _override} if values else None
+    return {"ref": put_object(values), "override": _override} if values else None
 
 
 def receive_secrets(handle: dict | None) -> list[str]:
@@ -153,6 +153,6 @@ def receive_secrets(handle: dict | None) -> list[str]:
     discard(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), JOB_ENV_FILE))
     if not handle:
         return []
-    import ray
+    from trainer.runtime import get_object
 
-    return apply_secrets(ray.get(handle["ref"]), override=bool(handle.get("override")))
+    return apply_secrets(get_object(handle["ref"]), override=bool(handle.get("override")))

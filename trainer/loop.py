@@ -1,4 +1,4 @@
-"""The worker: runs in every Ray Train worker, one DeepSpeed rank each.
+"""The worker: one DeepSpeed rank, in a Ray Train worker or a torchrun process (trainer.runtime).
 
 setup() builds everything from the resolved job (data, streams, planner, weighting, model,
 engine) and restores the latest version if there is one; fit() runs the optimizer steps.
@@ -35,11 +35,12 @@ from trainer.models import HeadSpec, build_model, hidden_size, lr_factor, model_
 from trainer.resize import load_resized
 from trainer import registry
 from trainer.reporting import StepStats, flat_hparams, peak_memory_line, quiet_libraries, say, step_line
+from trainer.runtime import RayRuntime
 from trainer.sampling import StepPlanner, mixture_rates
 from trainer.safe_load import weights_only_loads
 from trainer.scratch import remove_orphans, scratch, scratch_dir
 from trainer.stopping import StopRequests, agreed
-from trainer.storage import Storage, worker_filesystem
+from trainer.storage import Storage, open_storage, worker_filesystem
 from trainer.trackers import Trackers, open_trackers
 from trainer.task_data import TaskData, data_signature, prepare_tasks, primary_metric, task_context, task_metrics
 from trainer.weighting import UncertaintyWeighting, build_weighting
@@ -61,6 +62,7 @@ class Run:
     weighting: object
     engine: object
     storage: Storage  # rooted at this experiment's folder
+    runtime: object  # where this rank runs: Ray Train or torchrun (trainer.runtime)
     step: int = 0
     seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
     version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.registry)
@@ -83,23 +85,27 @@ class WorkerStopped(RuntimeError):
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
+    """Ray Train's entry: the driver's config (launcher.run) on a Ray Train worker."""
     from trainer.spec import JobSpec
 
     # The driver's secrets (storage keys, hub and tracker tokens), before storage or the hub is touched.
     received = receive_secrets(config.get("secrets"))
+    runtime = RayRuntime()
+    if received:
+        say(f"[mtl] rank {runtime.rank}: secrets from the driver: {', '.join(received)}")
+    run_worker(JobSpec.model_validate(config["job"]), runtime, run_id=config.get("run_id"),
+               ds_base=config.get("ds_config"))
+
+
+def run_worker(spec, runtime, *, run_id: str | None = None, ds_base: dict | None = None) -> None:
+    """One rank's whole run under `runtime`: setup (or resume), then the steps."""
     weights_only_loads()  # a version on shared storage is data, never code
     quiet_libraries()
-    spec = JobSpec.model_validate(config["job"])
-    context = ray.train.get_context()
-    if received:
-        say(f"[mtl] rank {context.get_world_rank()}: secrets from the driver: {', '.join(received)}")
-    stops = StopRequests(config.get("run_id"), context.get_world_rank(), spec.train.stop_grace_s)
+    stops = StopRequests(run_id, runtime.rank, spec.train.stop_grace_s, runtime)
     stops.install_sigterm_hook()
     for folder in remove_orphans():  # left by workers that were killed on this node
         say(f"[mtl] removed stale scratch {folder}")
-    run = setup(spec, context.get_world_rank(), context.get_world_size(), context.get_storage(),
-                ds_base=config.get("ds_config"))
+    run = setup(spec, runtime, ds_base=ds_base)
     run.stops = stops
     try:
         fit(run)
@@ -107,16 +113,16 @@ def train_loop_per_worker(config: dict) -> None:
         stops.training = False
 
 
-def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> Run:
+def setup(spec, runtime, ds_base: dict | None = None) -> Run:
     import deepspeed
-    import ray.train.torch
 
-    device = ray.train.torch.get_device()
+    rank, world = runtime.rank, runtime.world
+    device = runtime.device()
     if device.type == "cpu":
-        # Ray reserves cpus_per_worker for this process; more threads would fight the other ranks.
+        # The worker reserved cpus_per_worker; more threads would fight the other ranks.
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
         skip_inference_comm_op()
-    say_placement(rank, world, device)
+    say_placement(runtime, device)
     if spec.scaling.elastic and rank == 0:
         per_step = spec.step_shape(world)[0]
         say(f"[mtl] elastic run on {world} workers (scaling.num_workers {list(spec.scaling.num_workers)}): "
@@ -135,8 +141,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     if warning and rank == 0:
         say(f"[mtl] warning: {warning}")
     spec.train.precision = precision  # what the run trains in, as its versions record it
-    storage = Storage(worker_filesystem(spec.storage, storage.storage_filesystem), storage.experiment_fs_path,
-                      storage.experiment_fs_path)
+    storage = experiment_storage(spec, runtime)
     require_shared_storage(storage, rank, spec.storage.path)
     versions = agreed_versions(ckpt.committed_versions(storage) if rank == 0 else None)
     ds_config = job_ds_config(spec, world, base=ds_base)
@@ -161,7 +166,7 @@ def setup(spec, rank: int, world: int, storage, ds_base: dict | None = None) -> 
     # Dropout differs per rank (as it would on separate machines) but is reproducible.
     seed_everything(spec.train.seed * 1000 + rank + 1)
     run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine, storage,
-              seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
+              runtime, seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
     if spec.mixture.adapt is not None:
@@ -202,15 +207,23 @@ def say_data_cache(rank: int, tasks: dict[str, TaskData]) -> None:
             "(mtl data JOB shows each task's lengths)")
 
 
-def say_placement(rank: int, world: int, device: torch.device) -> None:
-    """Where this rank runs: node id, address and device (the multi-node check reads these lines)."""
+def experiment_storage(spec, runtime) -> Storage:
+    """The experiment's folder on storage, opened the way this rank can (see worker_filesystem)."""
+    given, folder = runtime.storage_location()
+    if given is None:  # no driver handed one over: the job's own storage
+        root = open_storage(spec.storage)
+        return Storage(root.fs, root.path(spec.name), f"{root.uri.rstrip('/')}/{spec.name}")
+    return Storage(worker_filesystem(spec.storage, given), folder, folder)
+
+
+def say_placement(runtime, device: torch.device) -> None:
+    """Where this rank runs: node, address and device (the multi-node check reads these lines)."""
     import socket
 
-    import ray
-
+    node, address = runtime.where()
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    say(f"[mtl] rank {rank} of {world} on node {ray.get_runtime_context().get_node_id()} at "
-        f"{ray.util.get_node_ip_address()} ({socket.gethostname()}, {device}{threads})")
+    say(f"[mtl] rank {runtime.rank} of {runtime.world} on node {node} at {address} ({socket.gethostname()}, "
+        f"{device}{threads})")
 
 
 def skip_inference_comm_op() -> None:
@@ -558,8 +571,6 @@ def save_version(run: Run, metrics: dict) -> None:
     uploading: one in flight at a time). The version is committed at the first step where every
     rank's upload has finished (fit), or at the end (finish_upload).
     """
-    import ray.train
-
     started = time.perf_counter()
     finish_upload(run)
     name = ckpt.version_name(run.step)
@@ -575,7 +586,7 @@ def save_version(run: Run, metrics: dict) -> None:
                                model_config=model_config(run.engine.module))
     run.upload = ckpt.Upload(run.storage, folder, name, run.engine.checkpoint_engine.take())
     run.blocked_s = time.perf_counter() - started
-    ray.train.report(metrics)  # metrics only: the versions' record is the markers on storage
+    run.runtime.report(metrics)
 
 
 def finish_upload(run: Run) -> None:

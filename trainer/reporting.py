@@ -27,14 +27,10 @@ def say(message: str) -> None:
 
 def quiet_libraries() -> None:
     """Ray Train workers log at INFO; these libraries then flood the console (dill dumps bytecode)."""
-    names = ["dill", "datasets", "transformers", "DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "absl"]
-    try:  # Ray Train logs every report at INFO under a logger named after its file
-        from ray.train.v2._internal.execution import context as ray_context
+    from trainer.runtime import ray_logger_files
 
-        names.append(ray_context.__file__)
-    except ImportError:
-        pass
-    for name in names:
+    names = ["dill", "datasets", "transformers", "DeepSpeed", "deepspeed", "torch.distributed", "ray.train", "absl"]
+    for name in names + ray_logger_files():
         logging.getLogger(name).setLevel(logging.WARNING)
     quiet_library_warnings()
     try:

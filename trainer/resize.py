@@ -97,7 +97,7 @@ def load_resized(run, version: str, old_world: int) -> None:
     def needed(relative: str) -> bool:
         return relative.startswith((f"deepspeed/{tag}/", "rng/"))
 
-    with node_copy(run.storage, version, needed, local_rank()) as local:
+    with node_copy(run.storage, version, needed, run.runtime.local_rank) as local:
         if stage > 0:
             run.engine._config.load_universal_checkpoint = True
         path, _ = run.engine.load_checkpoint(str(local / "deepspeed"), tag=tag)
@@ -110,12 +110,6 @@ def load_resized(run, version: str, old_world: int) -> None:
         stream.continue_from([part["streams"][task] for part in parts], old_world)
     if run.rank < old_world:
         ckpt.restore_rng(parts[run.rank]["rng"])
-
-
-def local_rank() -> int:
-    import ray.train
-
-    return ray.train.get_context().get_local_rank()
 
 
 def _restore_zero3_param_groups(engine, universal: Path) -> None:

@@ -5,9 +5,10 @@ Three things ask a run to stop before `train.steps`:
 - **the driver**: Ctrl-C or SIGTERM to `mtl train` (or `mtl jobs stop`, which SIGTERMs the
   submitted driver). The driver puts a key in Ray's internal key-value store; rank 0 looks
   for it at most once a second. The run writes a version and ends; the same command resumes.
-- **a SIGTERM to a worker process** (a pod being deleted, a spot node's shutdown). Ray's
-  worker turns SIGTERM into an immediate exit; the hook below defers that exit by up to
-  `train.stop_grace_s` so the rank can write a version first. The run then fails over like
+- **a SIGTERM to a worker process** (a pod being deleted, a spot node's shutdown, torchrun
+  or Slurm passing theirs on). Ray's worker turns SIGTERM into an immediate exit; the
+  runtime's hook (trainer.runtime) defers that exit by up to `train.stop_grace_s` so the rank
+  can write a version first. The run then fails over like
   any lost worker: Ray Train restarts the group (within `train.max_failures`), which resumes
   from that version. A second SIGTERM, or the grace running out, exits at once; so does a
   rank that reaches no step boundary soon after the signal (its peers are gone: Ray tearing a
@@ -26,9 +27,9 @@ import signal
 import threading
 import time
 
+from trainer import runtime as runtimes
 from trainer.reporting import say
 
-KV_NAMESPACE = "mtl"
 REASONS = ("driver", "sigterm", "preemption")
 _POLL_EVERY_S = 1.0
 _MIN_PROGRESS_WAIT_S = 10.0  # after SIGTERM, the next step boundary must come within this (or 3 steps)
@@ -40,22 +41,19 @@ def stop_key(run_id: str) -> bytes:
 
 def request_stop(run_id: str) -> None:
     """Driver side: ask the run's workers to write a version at their next step and end."""
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_put(stop_key(run_id), b"1", overwrite=True, namespace=KV_NAMESPACE)
+    runtimes.kv_put(stop_key(run_id), b"1")
 
 
 def clear_stop(run_id: str) -> None:
-    from ray.experimental import internal_kv
-
-    internal_kv._internal_kv_del(stop_key(run_id), namespace=KV_NAMESPACE)
+    runtimes.kv_del(stop_key(run_id))
 
 
 class StopRequests:
     """What this rank has seen that asks the run to stop, as numbers for the step's all-reduce."""
 
-    def __init__(self, run_id: str | None, rank: int, grace_s: float):
+    def __init__(self, run_id: str | None, rank: int, grace_s: float, runtime=None):
         self.run_id, self.rank, self.grace_s = run_id, rank, grace_s
+        self.runtime = runtime
         self.sigterm_at: float | None = None
         self.boundaries = 0  # step boundaries reached (local() calls)
         self._slowest_step_s = 0.0
@@ -66,32 +64,20 @@ class StopRequests:
         self.preemption_seen = False  # a notice already answered with a version
 
     def install_sigterm_hook(self) -> bool:
-        """Defer Ray's exit on SIGTERM so this rank can write a version first.
+        """Defer the process's exit on SIGTERM so this rank can write a version first (the
+        runtime's hook; without one, SIGTERM exits at once and the run fails over from the last
+        version)."""
+        return self.runtime.hook_sigterm(self.defer_sigterm)
 
-        Ray's worker runs `raise_sys_exit_with_custom_error_message` from its SIGTERM handler
-        (on the worker's main thread; training runs on another thread, which may not install
-        handlers of its own). Replacing that function is the one hook there is; if a Ray
-        version moves it, SIGTERM exits at once as before and the run fails over from the
-        last version.
-        """
-        try:
-            import ray._private.worker as ray_worker
-
-            original = ray_worker.raise_sys_exit_with_custom_error_message
-        except (ImportError, AttributeError):
+    def defer_sigterm(self) -> bool:
+        """On SIGTERM: whether the exit waits (the first one while training), after which the
+        watcher exits once the version is written or the grace is over."""
+        if not self.training or self.sigterm_at is not None:
             return False
-
-        def on_exit(message: str, exit_code: int = 1):
-            if self.training and self.sigterm_at is None and "SIGTERM" in message:
-                self.sigterm_at = time.monotonic()
-                say(f"[mtl] rank {self.rank} got SIGTERM: writing a version at this step, then exiting "
-                    f"(within train.stop_grace_s={self.grace_s:g}s)")
-                threading.Thread(target=self._watch, args=(self.boundaries,), daemon=True,
-                                 name="mtl-sigterm-watch").start()
-                return None
-            return original(message, exit_code)
-
-        ray_worker.raise_sys_exit_with_custom_error_message = on_exit
+        self.sigterm_at = time.monotonic()
+        say(f"[mtl] rank {self.rank} got SIGTERM: writing a version at this step, then exiting "
+            f"(within train.stop_grace_s={self.grace_s:g}s)")
+        threading.Thread(target=self._watch, args=(self.boundaries,), daemon=True, name="mtl-sigterm-watch").start()
         return True
 
     def _watch(self, boundaries_at_signal: int) -> None:
@@ -105,7 +91,7 @@ class StopRequests:
         self.exit_process()
 
     def exit_process(self) -> None:
-        """After the version (or the grace): let Ray's SIGTERM exit happen on the main thread."""
+        """After the version (or the grace): let the runtime's SIGTERM exit happen on the main thread."""
         _thread.interrupt_main(signal.SIGTERM)
 
     def _driver_asked(self) -> bool:
@@ -113,20 +99,9 @@ class StopRequests:
             return self._driver
         now = time.monotonic()
         if now - self._polled_at >= _POLL_EVERY_S:
-            from ray.experimental import internal_kv
-
             self._polled_at = now
-            self._driver = internal_kv._internal_kv_get(stop_key(self.run_id), namespace=KV_NAMESPACE) is not None
+            self._driver = self.runtime.driver_asked(stop_key(self.run_id))
         return self._driver
-
-    def _preempted(self) -> bool:
-        """Ray's notice, read from this worker's own context (the public call is a barrier)."""
-        try:
-            from ray.train.v2._internal.execution.context import get_train_context
-
-            return get_train_context().preemption_context.preemption_info is not None
-        except (ImportError, AttributeError, RuntimeError):
-            return False
 
     def local(self) -> list[float]:
         """[driver, sigterm, preemption] as this rank sees them now, at a step boundary."""
@@ -135,7 +110,7 @@ class StopRequests:
             self._slowest_step_s = max(self._slowest_step_s, now - self._last_boundary)
         self._last_boundary = now
         self.boundaries += 1
-        return [float(self._driver_asked()), float(self.sigterm_at is not None), float(self._preempted())]
+        return [float(self._driver_asked()), float(self.sigterm_at is not None), float(self.runtime.preempted())]
 
 
 def agreed(summed: list[float]) -> dict[str, bool]:

@@ -42,11 +42,20 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     """on_change: what to do when the job differs from the version it would resume from in anything
     that shapes training — "refuse" (list the differences), "new" (a fresh experiment under the first
     free `<name>-N`), or "allow" (continue with the changes). See launcher.drift."""
-    for line in require_valid(spec).notes:  # data sizes and skipped bad rows: never dropped silently
-        print(f"[mtl] {line}", file=sys.stderr)
     storage = open_storage(spec.storage)
     # An elastic run learns its size when Ray starts it: its workers say what a resize does.
-    workers = None if spec.scaling.elastic else spec.scaling.num_workers
+    spec = prepare(spec, storage, on_change, workers=None if spec.scaling.elastic else spec.scaling.num_workers)
+    run_id = uuid.uuid4().hex  # names this run's lease on storage and its stop request in Ray's key-value store
+    with Lease(storage, spec.name, run_id, spec.storage.lease_ttl_s):  # one run per experiment (launcher.lease)
+        return _train_holding_the_lease(spec, storage, run_id, address)
+
+
+def prepare(spec: JobSpec, storage: Storage, on_change: str, workers: int | None) -> JobSpec:
+    """What a driver does before it starts the workers (here and in launcher.torchrun): validate the
+    job, find the version it resumes from on `workers` (None: not known yet) and compare the job with
+    that version's (on_change), and pin init_from. Returns the job to run."""
+    for line in require_valid(spec).notes:  # data sizes and skipped bad rows: never dropped silently
+        print(f"[mtl] {line}", file=sys.stderr)
     resume_from, resized = resume_point(storage, spec.name, spec.train, workers)
     if resume_from:
         spec, resume_from = check_drift(spec, storage, resume_from, on_change)
@@ -57,9 +66,7 @@ def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse
     elif spec.init_from is not None:
         spec = init_from.pinned(spec)  # latest / best / a tag: the same version on every rank and restart
         print(f"[mtl] '{spec.name}' starts from {spec.init_from.experiment}/{spec.init_from.version}", file=sys.stderr)
-    run_id = uuid.uuid4().hex  # names this run's lease on storage and its stop request in Ray's key-value store
-    with Lease(storage, spec.name, run_id, spec.storage.lease_ttl_s):  # one run per experiment (launcher.lease)
-        return _train_holding_the_lease(spec, storage, run_id, address)
+    return spec
 
 
 def _train_holding_the_lease(spec: JobSpec, storage: Storage, run_id: str, address: str | None) -> dict:

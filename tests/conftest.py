@@ -3,13 +3,16 @@ types, and a job writer. Nothing here touches the network."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.support.tiny import (BAD, CITIES, FILLER, GOOD, NAMES, build_tokenizer, qa_rows,  # noqa: F401
+                                save_tiny_bert, save_tiny_causal, save_tiny_seq2seq, sentiment_rows, summary_rows,
+                                words, write_jsonl)
 
 for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
     os.environ.setdefault(_var, "1")
@@ -25,29 +28,6 @@ def data_cache_for_the_session(tmp_path_factory):
 
 
 REPO = Path(__file__).resolve().parent.parent
-NAMES = ["alice", "bob", "carol", "dave", "erin", "frank", "grace", "heidi"]
-CITIES = ["paris", "rome", "oslo", "lima", "cairo", "delhi", "tokyo", "quito"]
-GOOD = ["great", "wonderful", "moving", "funny", "brilliant", "charming"]
-BAD = ["awful", "boring", "dull", "clumsy", "tedious", "bland"]
-FILLER = ["the", "film", "movie", "was", "and", "very", "quite", "plot", "story", "acting", "a", "an",
-          "lives", "in", "where", "does", "live", "who", "?", ".", ",", "summary", "of", "day", "it",
-          "rained", "sun", "shone", "people", "walked", "home", "news", "today", "report", "said"]
-
-
-def words() -> list[str]:
-    return sorted(set(NAMES + CITIES + GOOD + BAD + FILLER + ["positive", "negative"]))
-
-
-def build_tokenizer(folder: Path):
-    """A BERT WordPiece tokenizer over our word list (fast, with offsets), saved to `folder`."""
-    from transformers import BertTokenizerFast
-
-    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789:;-")
-    vocab = special + words() + [c for c in chars if c not in words()] + ["##" + c for c in chars]
-    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(dict.fromkeys(vocab))})
-    tok.save_pretrained(folder)
-    return tok
 
 
 @pytest.fixture(scope="session")
@@ -64,43 +44,7 @@ def tokenizer(tokenizer_dir):
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-def sentiment_rows(n: int, rng: random.Random) -> list[dict]:
-    rows = []
-    for _ in range(n):
-        label = rng.choice(["positive", "negative"])
-        adjectives = [rng.choice(GOOD if label == "positive" else BAD) for _ in range(rng.randint(1, 4))]
-        filler = [rng.choice(FILLER[:12]) for _ in range(rng.randint(1, 12))]
-        rows.append({"text": " ".join(["the", "film", "was", *adjectives, *filler]), "label": label})
-    return rows
 
-
-def qa_rows(n: int, rng: random.Random) -> list[dict]:
-    rows = []
-    for _ in range(n):
-        people = rng.sample(NAMES, k=rng.randint(2, 6))
-        facts = [f"{p} lives in {rng.choice(CITIES)} ." for p in people]
-        filler = " ".join(rng.choice(FILLER[:12]) for _ in range(rng.randint(0, 20)))
-        context = " ".join(facts) + (" " + filler if filler else "")
-        who = rng.choice(people)
-        city = next(f.split()[-2] for f in facts if f.startswith(who + " "))
-        start = context.index(f"{who} lives in {city}") + len(f"{who} lives in ")
-        rows.append({"question": f"where does {who} live ?", "context": context,
-                     "answers": {"text": [city], "answer_start": [start]}})
-    return rows
-
-
-def summary_rows(n: int, rng: random.Random) -> list[dict]:
-    rows = []
-    for _ in range(n):
-        sentences = [" ".join(rng.choice(FILLER[12:]) for _ in range(rng.randint(3, 8))) + " ." for _ in range(3)]
-        rows.append({"source": " ".join(sentences), "target": sentences[0]})
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
 
 
 @pytest.fixture
@@ -140,58 +84,19 @@ def write_job(tmp_path):
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random BERT (config + weights + tokenizer) built from a config, never downloaded."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
-
-
-def _tiny_bert_config(tok, **extra):
-    from transformers import BertConfig
-
-    return BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=64, max_position_embeddings=128, **extra)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def seq2seq_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random BERT-to-BERT encoder-decoder (the shape of the demo's model)."""
-    import torch
-    from transformers import AutoTokenizer, EncoderDecoderConfig, EncoderDecoderModel
-
-    folder = tmp_path_factory.mktemp("tiny-seq2seq")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
-    config = EncoderDecoderConfig.from_encoder_decoder_configs(
-        _tiny_bert_config(tok), _tiny_bert_config(tok, is_decoder=True, add_cross_attention=True))
-    model = EncoderDecoderModel(config)
-    for cfg in (model.config, model.generation_config):
-        cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id = tok.cls_token_id, tok.sep_token_id, tok.pad_token_id
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_seq2seq(tmp_path_factory.mktemp("tiny-seq2seq"), tokenizer_dir)
 
 
 @pytest.fixture(scope="session")
 def causal_dir(tmp_path_factory, tokenizer_dir) -> Path:
     """A tiny random GPT-2 sharing the test tokenizer ([SEP] doubles as end of text)."""
-    import torch
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    folder = tmp_path_factory.mktemp("tiny-causal")
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    tok.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
-                        bos_token_id=tok.cls_token_id, eos_token_id=tok.sep_token_id, pad_token_id=tok.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    return save_tiny_causal(tmp_path_factory.mktemp("tiny-causal"), tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

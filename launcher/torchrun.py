@@ -1,0 +1,139 @@
+"""`mtl train` without Ray: one process per rank under torchrun (or Slurm's srun with torchrun's
+variables), for clusters that have no Ray and machines where it is not installed.
+
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HEAD:29500 \\
+        -m launcher.torchrun job.yaml [key=value ...] [--new | --allow-changes]
+
+Every process reads the job; rank 0 then does what `mtl train`'s driver does (validation, the
+version it resumes from and its drift check, init_from, the experiment's lease, the resolved
+job.yaml) and hands the job it settled on to the other ranks. The ranks run the same worker
+loop as under Ray Train (trainer.loop.run_worker with trainer.runtime.TorchrunRuntime): the same
+versions, resume, resize and metrics. What needs Ray is refused: `train.validation: task`
+(validation runs in the loop instead). SIGTERM (torchrun passes its own on, Slurm sends one
+before a job's time is up) writes a version at the current step, and the same command resumes.
+The world size is torchrun's; it must be scaling.num_workers (or within its range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+
+from trainer.errors import RunStopped, UserError
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m launcher.torchrun",
+                                     description="Train a job under torchrun, without Ray (one process per rank).")
+    parser.add_argument("job", help="the job's YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
+    from launcher.cli import add_change_flags
+
+    add_change_flags(parser)
+    args, extra = parser.parse_known_args(argv)
+    if any(e.startswith("-") for e in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def refusal(spec, world: int) -> str | None:
+    """Why this job cannot run on `world` torchrun processes, or None."""
+    if spec.train.validation == "task":
+        return "train.validation: task runs validation as Ray tasks; under torchrun use train.validation: loop"
+    if world not in spec.scaling.sizes:
+        wanted = list(spec.scaling.num_workers) if spec.scaling.elastic else spec.scaling.num_workers
+        return (f"torchrun started {world} processes but scaling.num_workers is {wanted}: give torchrun that many "
+                f"(--nnodes × --nproc_per_node) or set scaling.num_workers={world}")
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    from launcher.cli import change_policy
+
+    args = parse(argv)
+    try:
+        return train(args.job, args.overrides, change_policy(args))
+    except RunStopped as exc:
+        print(f"mtl torchrun: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except UserError as exc:
+        print(f"mtl torchrun: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def train(job: str, overrides: list[str], on_change: str) -> int:
+    import torch.distributed as dist
+
+    from launcher.jobfile import load_job
+    from trainer.runtime import TorchrunRuntime
+    from trainer.spec import JobSpec
+
+    spec = load_job(job, overrides)  # a mistake in the file: every rank says so and exits 2
+    runtime = TorchrunRuntime(spec.scaling.collective_timeout_s, use_gpu=spec.scaling.use_gpu)
+    try:
+        lease, problem = None, None
+        settled: list = [None]
+        if runtime.rank == 0:
+            try:
+                spec, lease = _as_driver(spec, runtime.world, on_change)
+                settled[0] = spec.model_dump(mode="json")
+            except UserError as exc:
+                problem = exc
+        dist.broadcast_object_list(settled, src=0)  # the job rank 0 settled on, or None when there is none
+        if settled[0] is None:
+            if problem is not None:
+                raise problem
+            return 2  # rank 0 says why
+        spec = JobSpec.model_validate(settled[0])
+        try:
+            _run(spec, runtime)
+        finally:
+            if lease is not None:
+                lease.__exit__(None, None, None)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def _as_driver(spec, world: int, on_change: str):
+    """Rank 0: (the job to run, the lease it holds) — or a UserError."""
+    from launcher.jobfile import dump_job
+    from launcher.lease import Lease
+    from launcher.run import prepare
+    from trainer.storage import open_storage
+
+    problem = refusal(spec, world)
+    if problem:
+        raise UserError(problem)
+    storage = open_storage(spec.storage)
+    spec = prepare(spec, storage, on_change, workers=world)
+    lease = Lease(storage, spec.name, uuid.uuid4().hex, spec.storage.lease_ttl_s)
+    lease.__enter__()  # one run per experiment, as under Ray (launcher.lease)
+    try:
+        storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
+    except BaseException:
+        lease.__exit__(None, None, None)
+        raise
+    return spec, lease
+
+
+def _run(spec, runtime) -> None:
+    from trainer.ds_config import read_ds_config
+    from trainer.loop import WorkerStopped, run_worker
+    from trainer.storage import open_storage
+
+    try:
+        run_worker(spec, runtime, ds_base=read_ds_config(spec.deepspeed))
+    except WorkerStopped as exc:  # SIGTERM: the version at this step is written
+        raise RunStopped(f"{exc}; run the same command to resume from it", 143) from None
+    if runtime.rank == 0:
+        storage = open_storage(spec.storage)
+        registry = storage.read_json(f"{spec.name}/registry.json") or {}
+        print(f"[mtl] run '{spec.name}' finished at {registry.get('latest', '?')}; versions in "
+              f"{storage.describe(spec.name)}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

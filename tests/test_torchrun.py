@@ -6,8 +6,10 @@ from __future__ import annotations
 import ast
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -67,11 +69,28 @@ def test_a_job_trains_and_resumes_under_torchrun_without_ray(data_dir, model_dir
     assert "resumed from step-000002" in output
     assert json.loads((run / "step-000003" / "trainer_state.json").read_text())["world_size"] == 2
 
+    # SIGTERM to torchrun (which passes it on, as Slurm's does to it): a version at the current step
+    log = tmp_path / "sigterm.log"
+    with open(log, "w") as out:
+        running = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                    "-m", "launcher.torchrun", path, "train.steps=100000"], cwd=REPO, env=env,
+                                   stdout=out, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while "[mtl] step 6/" not in log.read_text():
+        assert running.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.2)
+    running.send_signal(signal.SIGTERM)
+    running.wait(timeout=300)
+    output = log.read_text()
+    assert "rank 0 got SIGTERM: writing a version at this step" in output, output[-3000:]
+    stopped_at = max(int(v.name[5:]) for v in run.glob("step-*") if (v / "COMMITTED").exists())
+    assert stopped_at >= 6 and not list((run / ".lease").glob("*.json"))
+
     # torchrun's world size is the job's: a mismatch is named before anything starts
-    wrong = torchrun(path, env, "train.steps=4", procs=1)
+    wrong = torchrun(path, env, f"train.steps={stopped_at + 1}", procs=1)
     assert wrong.returncode != 0
     assert ("torchrun started 1 processes but scaling.num_workers is 2" in wrong.stderr
-            and not (run / "step-000004").exists())
+            and not (run / f"step-{stopped_at + 1:06d}").exists())
 
 
 @pytest.mark.e2e

@@ -84,6 +84,12 @@ def check_pods(ray_cluster_spec: dict, accounts: set[str], stop_grace_s: float) 
     for pod in pod_specs(ray_cluster_spec):
         assert pod["serviceAccountName"] in accounts
         assert pod["terminationGracePeriodSeconds"] >= stop_grace_s + 30
+        # SIGTERM reaches the workers: the kubelet signals only the container's first process
+        for container in pod["containers"]:
+            command = container["lifecycle"]["preStop"]["exec"]["command"]
+            assert command[:3] == ["python", "-m", "launcher.prestop"]
+            grace = float(command[command.index("--grace") + 1])
+            assert stop_grace_s <= grace <= pod["terminationGracePeriodSeconds"] - 30
     for group in ray_cluster_spec["workerGroupSpecs"]:
         pod = group["template"]["spec"]
         (container,) = pod["containers"]

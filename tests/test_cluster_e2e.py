@@ -172,6 +172,38 @@ def test_a_submitted_job_can_be_stopped(cluster, data_dir, model_dir, tmp_path):
 
 
 @pytest.mark.drill
+def test_a_pods_prestop_hook_has_its_worker_write_a_version(cluster, data_dir, model_dir, tmp_path):
+    """What the KubeRay manifests' preStop runs when a pod is deleted: the Ray Train worker under that
+    node's processes gets SIGTERM, writes a version at its step and exits before the pod goes."""
+    job = tiny_heads_job(data_dir, model_dir, tmp_path, "pod")
+    submitted = mtl("submit", job, "train.steps=100000", "--address", cluster.dashboard_url, "--no-wait",
+                    env=cluster.auth_env)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"submitted job (\S+)", submitted.stdout).group(1)
+    try:
+        deadline = time.monotonic() + 240
+        logs = ""
+        while "[mtl] step 3/" not in logs:
+            assert time.monotonic() < deadline, logs[-3000:]
+            time.sleep(1)
+            logs = mtl("jobs", "logs", job_id, "--address", cluster.dashboard_url, env=cluster.auth_env).stdout
+        node1 = next(n for n in cluster.started if n.name == "node1")
+        hook = subprocess.run([sys.executable, "-m", "launcher.prestop", "--root-pid", str(node1.process.pid),
+                               "--grace", "120"], cwd=REPO, capture_output=True, text=True, timeout=180)
+        assert hook.returncode == 0 and "1 Ray Train worker(s) sent SIGTERM; 1 exited within" in hook.stderr, \
+            hook.stderr
+        deadline = time.monotonic() + 60
+        while "got SIGTERM: writing a version at this step" not in logs:
+            assert time.monotonic() < deadline, logs[-3000:]
+            time.sleep(1)
+            logs = mtl("jobs", "logs", job_id, "--address", cluster.dashboard_url, env=cluster.auth_env).stdout
+        step = int(re.findall(r"saved version step-(\d+)", logs)[-1])
+        assert (tmp_path / "runs" / "pod" / f"step-{step:06d}" / "COMMITTED").exists(), logs[-3000:]
+    finally:
+        mtl("jobs", "stop", job_id, "--address", cluster.dashboard_url, env=cluster.auth_env)
+
+
+@pytest.mark.drill
 def test_a_preemption_notice_writes_a_version_and_training_goes_on(cluster, data_dir, model_dir, tmp_path):
     """A node of the run is drained for preemption (what a cloud's spot reclaim does through Ray):
     the loop writes a version at the step it is at and keeps training. Last in this module: the

@@ -137,3 +137,25 @@ def test_the_image_installs_like_make_setup():
     assert "-e '.[tracking]'" in text  # what `make setup` installs besides the test tools
     ignored = set((REPO / ".dockerignore").read_text().split())
     assert {".venv", "data", "runs", ".cache", ".git"} <= ignored
+
+
+def test_kuberay_manifests_use_only_fields_of_kuberays_crds():
+    """Every field of the RayCluster and RayJob manifests is one KubeRay v1.5.1's CRDs define (pod
+    templates included: they are Kubernetes' PodTemplateSpec); a misspelt one would be dropped or refused."""
+    import copy
+
+    from tests.support.crd_fields import load, unknown_fields
+
+    crds = load()
+    manifests = [doc for name in ("raycluster.yaml", "rayjob.yaml")
+                 for doc in load_all(CONFIGS / "kuberay" / name) if doc["kind"] in crds]
+    assert {doc["kind"] for doc in manifests} == {"RayCluster", "RayJob"}
+    for doc in manifests:
+        assert unknown_fields(doc["spec"], crds[doc["kind"]]["p"]["spec"], "spec") == [], doc["kind"]
+    wrong = copy.deepcopy(next(doc for doc in manifests if doc["kind"] == "RayJob"))
+    pod = wrong["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
+    pod["terminationGracePeriod"] = pod.pop("terminationGracePeriodSeconds")
+    wrong["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replica"] = 1
+    assert unknown_fields(wrong["spec"], crds["RayJob"]["p"]["spec"], "spec") == [
+        "spec.rayClusterSpec.workerGroupSpecs[0].template.spec.terminationGracePeriod",
+        "spec.rayClusterSpec.workerGroupSpecs[0].replica"]

@@ -27,8 +27,12 @@ FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep
         "train.max_failures", "train.stop_grace_s", "train.log_every", "train.eval_batch_size", "train.validation",
         "train.validation_cpus", "train.validation_gpus", "scaling.use_gpu",
         "scaling.gpus_per_worker", "scaling.cpus_per_worker", "scaling.placement", "scaling.accelerator_type",
-        "scaling.wait_for_nodes_s", "scaling.num_workers", "storage", "name", "init_from", "serve")
+        "scaling.wait_for_nodes_s", "scaling.num_workers", "scaling.resize_check_s", "scaling.collective_timeout_s",
+        "model.gradient_checkpointing", "model.attn_implementation", "model.init",
+        "storage", "name", "init_from", "serve")
 # scaling.num_workers may change: the run says what a resume on another world size does (launcher.versions).
+# Checkpointing and the attention kernels compute the same model; model.init, like init_from, matters
+# only when a run starts (a resume loads the version's weights).
 # init_from matters only when a run starts (its versions record the pinned one); later it resumes from its own.
 
 

@@ -165,7 +165,9 @@ def _check_model(spec: JobSpec, report: Report) -> None:
     lengths.update({f"tasks.{n}.max_length": t.max_length for n, t in spec.tasks.items() if t.max_length})
     lora = spec.model.lora
     report.errors.extend(check_model(path, spec.model.kind, lengths, lora.layers_to_transform if lora else None,
-                                     generated=_generated_lengths(spec)))
+                                     generated=_generated_lengths(spec), init=spec.model.init,
+                                     attn_implementation=spec.model.attn_implementation,
+                                     gradient_checkpointing=spec.model.gradient_checkpointing))
 
 
 def _generated_lengths(spec: JobSpec) -> dict[str, tuple[int, int]]:

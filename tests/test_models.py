@@ -97,3 +97,66 @@ def test_lora_trains_adapters_and_heads_only(model_dir, tokenizer):
     loss, weighted = model("a", batch(tokenizer, ["great"], [1]))
     weighted.backward()
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def grads_of(model, task: str, b: dict) -> dict[str, torch.Tensor]:
+    model.zero_grad()
+    _, weighted = model(task, b)
+    weighted.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["heads", "causal"])
+def test_gradient_checkpointing_recomputes_the_same_gradients(kind, model_dir, causal_dir, tokenizer):
+    folder, encoding, heads = ((model_dir, "heads", [HeadSpec("a", "classification", 2)]) if kind == "heads"
+                               else (causal_dir, "causal", []))
+    b = batch(tokenizer, ["great film", "dull plot , very dull"], [1, 0])
+    if kind == "causal":
+        b = {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"], "labels": b["input_ids"].clone()}
+    built = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        built[checkpointing] = build_model(kind="heads" if kind == "heads" else "text2text", encoding=encoding,
+                                           name_or_path=str(folder), heads=heads,
+                                           gradient_checkpointing=checkpointing)
+        built[checkpointing].train()
+    base = built[True].backbone if kind == "heads" else built[True].lm
+    assert base.is_gradient_checkpointing and not (built[False].backbone if kind == "heads"
+                                                   else built[False].lm).is_gradient_checkpointing
+    torch.manual_seed(1)  # the same dropout masks in both passes
+    plain = grads_of(built[False], "a" if kind == "heads" else "lm", b)
+    torch.manual_seed(1)
+    recomputed = grads_of(built[True], "a" if kind == "heads" else "lm", b)
+    assert plain.keys() == recomputed.keys() and plain
+    for name in plain:
+        torch.testing.assert_close(recomputed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_random_init_reads_only_the_config_and_follows_the_seed(model_dir, tmp_path):
+    import shutil
+
+    config_only = tmp_path / "config-only"
+    shutil.copytree(model_dir, config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+
+    def built(seed: int, init: str, where):
+        torch.manual_seed(seed)
+        model = build_model(kind="heads", encoding="heads", name_or_path=str(where), init=init,
+                            heads=[HeadSpec("a", "classification", 2)])
+        return model.backbone.embeddings.word_embeddings.weight
+
+    pretrained = built(0, "pretrained", model_dir)
+    assert torch.equal(built(0, "random", config_only), built(0, "random", config_only))
+    assert not torch.equal(built(0, "random", config_only), built(1, "random", config_only))
+    assert not torch.equal(built(0, "random", config_only), pretrained)
+
+
+def test_the_attention_implementation_is_the_one_asked_for(model_dir, tokenizer):
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        model = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
+                            heads=[HeadSpec("a", "classification", 2)], attn_implementation=implementation).eval()
+        assert model.backbone.config._attn_implementation == implementation
+        with torch.no_grad():
+            outputs[implementation] = model.head_outputs("a", batch(tokenizer, ["great film", "dull plot"]))[1]
+    torch.testing.assert_close(outputs["eager"], outputs["sdpa"], rtol=1e-4, atol=1e-5)  # the same attention

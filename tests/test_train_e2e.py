@@ -356,7 +356,7 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
 # ZeRO-1 trains in the init_from run of the ZeRO-3 resume test (a ZeRO-3 version into a ZeRO-1 run).
 @pytest.mark.parametrize("ds_config", ["zero0", "zero3", "zero2_offload"])
 def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_dir, tmp_path, ds_config,
-                                                 monkeypatch):
+                                                 monkeypatch, capsys):
     job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
     job["name"] = f"heads-{ds_config}"
     job["deepspeed"] = ds_config
@@ -367,7 +367,15 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
         job["loss_weighting"] = {"strategy": "uncertainty"}
         # LoRA on a backbone built partitioned: adapters built whole, partitioned by the engine.
         job["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+    if ds_config == "zero0":  # nothing read but the config and tokenizer
+        job["model"]["init"] = "random"
+    if ds_config == "zero2_offload":  # the model options reach the workers' model
+        job["model"].update(gradient_checkpointing=True, attn_implementation="eager")
     run_job(job)
+    said = {"zero0": "[mtl] model: a random initialisation of its config (model.init: random)",
+            "zero2_offload": "[mtl] model: gradient checkpointing, eager attention"}
+    out = capsys.readouterr().out
+    assert said[ds_config] in out if ds_config in said else "[mtl] model:" not in out
     version = tmp_path / "runs" / job["name"] / "step-000002"
     assert (version / "COMMITTED").exists()
     evals = json.loads((tmp_path / "runs" / job["name"] / "evals" / "step-000002" / "validation.json").read_text())

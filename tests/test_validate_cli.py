@@ -398,3 +398,33 @@ def test_a_decoder_that_would_generate_past_its_positions_is_refused(capsys, dat
     job["tasks"]["summary"]["options"] = {"max_new_tokens": 8}
     code, out = run(capsys, "validate", write_job(job))
     assert code == 0, out
+
+
+def test_model_options_the_model_or_machine_cannot_honour_are_named(capsys, data_dir, model_dir, write_job,
+                                                                    monkeypatch, tmp_path):
+    import shutil
+
+    from transformers import BertModel
+
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+    job["model"]["attn_implementation"] = "flash_attention_2"
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "flash_attention_2 runs on GPUs only (scaling.use_gpu: true)" in out
+
+    job["scaling"] = {"num_workers": 2, "use_gpu": True}
+    job["model"]["gradient_checkpointing"] = True
+    monkeypatch.setattr(BertModel, "supports_gradient_checkpointing", False)
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "model.gradient_checkpointing: BertModel does not support it" in out
+    assert "flash_attention_2 needs the flash-attn package" in out  # not installed on this machine
+    monkeypatch.undo()
+
+    # init: random needs the config and tokenizer only; pretrained needs the weights
+    config_only = tmp_path / "config-only"
+    shutil.copytree(model_dir, config_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    job = job_dict(data_dir, str(config_only), "heads", tasks=("sentiment",))
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 2 and "has no weights" in out
+    job["model"].update(init="random", attn_implementation="eager", gradient_checkpointing=True)
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 0, out

@@ -150,7 +150,11 @@ def setup(spec, runtime, ds_base: dict | None = None) -> Run:
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],
                         loss_weighting=weighting if isinstance(weighting, UncertaintyWeighting) else None,
-                        lora=spec.model.lora.model_dump() if spec.model.lora else None, ds_config=ds_config)
+                        lora=spec.model.lora.model_dump() if spec.model.lora else None, ds_config=ds_config,
+                        init=spec.model.init, attn_implementation=spec.model.attn_implementation,
+                        gradient_checkpointing=spec.model.gradient_checkpointing)
+    if rank == 0:
+        say_model_options(spec.model)
     started_from = None
     if spec.init_from is not None and not versions:  # a run with versions resumes from its own
         started_from = load_init_weights(model, spec, {t: d.labels for t, d in tasks.items()})
@@ -214,6 +218,15 @@ def experiment_storage(spec, runtime) -> Storage:
         root = open_storage(spec.storage)
         return Storage(root.fs, root.path(spec.name), f"{root.uri.rstrip('/')}/{spec.name}")
     return Storage(worker_filesystem(spec.storage, given), folder, folder)
+
+
+def say_model_options(model) -> None:
+    """The model settings that change how it is built or run, when not the defaults."""
+    said = [text for text, on in (("a random initialisation of its config (model.init: random)", model.init == "random"),
+                                  ("gradient checkpointing", model.gradient_checkpointing),
+                                  (f"{model.attn_implementation} attention", model.attn_implementation)) if on]
+    if said:
+        say(f"[mtl] model: {', '.join(said)}")
 
 
 def say_placement(runtime, device: torch.device) -> None:

@@ -41,7 +41,9 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int],
-                lora_layers: list[int] | None = None, generated: dict[str, tuple[int, int]] | None = None) -> list[str]:
+                lora_layers: list[int] | None = None, generated: dict[str, tuple[int, int]] | None = None,
+                *, init: str = "pretrained", attn_implementation: str | None = None,
+                gradient_checkpointing: bool = False) -> list[str]:
     """What the workers would only find out after Ray started: the config or tokenizer does not
     load, a local folder has no weights, a `max_length` (keyed by the job field that sets it)
     is beyond the model's positions, a decoder-only model would generate past them (`generated`:
@@ -50,11 +52,12 @@ def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int],
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
     try:
-        config, tokenizer, _ = load_model_files(name_or_path, kind)
+        config, tokenizer, encoding = load_model_files(name_or_path, kind)
     except UserError as exc:
         return [str(exc)]
-    problems = []
-    if os.path.isdir(name_or_path) and not any(os.path.exists(os.path.join(name_or_path, f)) for f in WEIGHT_FILES):
+    problems = model_class_problems(config, kind, encoding, attn_implementation, gradient_checkpointing)
+    if init == "pretrained" and os.path.isdir(name_or_path) and \
+            not any(os.path.exists(os.path.join(name_or_path, f)) for f in WEIGHT_FILES):
         problems.append(f"model.name_or_path: '{name_or_path}' has no weights (none of {', '.join(WEIGHT_FILES)})")
     limit = position_limit(config, tokenizer)
     for field, length in max_lengths.items():
@@ -73,6 +76,32 @@ def check_model(name_or_path: str, kind: str, max_lengths: dict[str, int],
     if kind == "heads" and (config.is_encoder_decoder or config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES):
         problems.append(f"model.kind: heads needs an encoder that reads the whole text ({config.model_type} is not "
                         "one: its first token, which a head reads, sees nothing after it); use kind: text2text")
+    return problems
+
+
+def model_class_problems(config, kind: str, encoding: str, attn_implementation: str | None,
+                         gradient_checkpointing: bool) -> list[str]:
+    """What the model's class cannot do of model.attn_implementation / model.gradient_checkpointing."""
+    import importlib.util
+
+    from trainer.models import model_class
+
+    if not attn_implementation and not gradient_checkpointing:
+        return []
+    cls = model_class(kind, encoding, config)
+    if cls is None:
+        return []  # a class transformers does not map: it says so itself when it loads
+    problems = []
+    if gradient_checkpointing and not getattr(cls, "supports_gradient_checkpointing", False):
+        problems.append(f"model.gradient_checkpointing: {cls.__name__} does not support it")
+    if attn_implementation == "sdpa" and not getattr(cls, "_supports_sdpa", False):
+        problems.append(f"model.attn_implementation: {cls.__name__} has no sdpa attention; use eager")
+    if attn_implementation == "flash_attention_2":
+        if not getattr(cls, "_supports_flash_attn", False):
+            problems.append(f"model.attn_implementation: {cls.__name__} has no flash_attention_2; use sdpa or eager")
+        elif importlib.util.find_spec("flash_attn") is None:
+            problems.append("model.attn_implementation: flash_attention_2 needs the flash-attn package, which is "
+                            "not installed here (pip install flash-attn); or use sdpa")
     return problems
 
 

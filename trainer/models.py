@@ -115,10 +115,20 @@ def _auto_class(kind: str, encoding: str):
     return AutoModelForSeq2SeqLM if encoding == "seq2seq" else AutoModelForCausalLM
 
 
+def model_class(kind: str, encoding: str, config):
+    """The transformers class build_model makes for `config` (None when the auto class has no mapping for it)."""
+    try:
+        return _auto_class(kind, encoding)._model_mapping[type(config)]
+    except KeyError:
+        return None
+
+
 def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[HeadSpec],
                 loss_weighting: nn.Module | None = None, lora: dict | None = None,
-                ds_config: dict | None = None) -> MultiTaskModel:
-    """The model to train: pretrained weights from `name_or_path`, new heads.
+                ds_config: dict | None = None, init: str = "pretrained", attn_implementation: str | None = None,
+                gradient_checkpointing: bool = False) -> MultiTaskModel:
+    """The model to train: pretrained weights from `name_or_path` (or, `init: random`, a fresh
+    initialisation of its config from the caller's seed), new heads.
 
     Weights load in fp32 whatever dtype the checkpoint was stored in (transformers 5 defaults
     to dtype="auto", so a bf16 hub checkpoint would come back bf16): `train.precision: fp32`
@@ -130,8 +140,18 @@ def build_model(*, kind: str, encoding: str, name_or_path: str, heads: list[Head
     built whole are cast to it here.
     """
     rng = torch.random.get_rng_state()
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with zero3_construction(ds_config):
-        base = _auto_class(kind, encoding).from_pretrained(name_or_path, dtype=torch.float32)
+        if init == "random":
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(name_or_path, **options)
+            base = _auto_class(kind, encoding).from_config(config, dtype=torch.float32, **options)
+        else:
+            base = _auto_class(kind, encoding).from_pretrained(name_or_path, dtype=torch.float32, **options)
+    if gradient_checkpointing:
+        # Not reentrant: it needs no input that requires grad (frozen embeddings under LoRA).
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # New heads start from the caller's seed whatever the base's build drew from the generator
     # (weights a checkpoint lacks are drawn at random), so `mtl eval --compare untrained`
     # rebuilds them equal whether the run was partitioned or not.

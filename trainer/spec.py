@@ -42,6 +42,15 @@ class ModelSpec(_Strict):
     )
     max_length: int = Field(256, ge=8, description="Longest input in tokens; longer inputs are truncated (and counted).")
     lora: LoraSpec | None = Field(None, description="Train LoRA adapters (through peft) instead of all weights.")
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="pretrained: the weights in name_or_path. random: a fresh initialisation of its "
+                                  "config (train.seed), nothing read but the config and tokenizer (benchmarks, tests).")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] | None = Field(
+        None, description="Attention kernels (transformers' attn_implementation); null: the model's default (sdpa "
+                          "where it supports it). flash_attention_2 needs the flash-attn package and GPUs.")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass instead of keeping them (less memory, "
+                           "about a third more compute); the model must support it.")
 
 
 class DataSpec(_Strict):
@@ -476,6 +485,9 @@ class JobSpec(_Strict):
             if task.type == "extractive_qa" and stride and stride * 2 > length:
                 raise ValueError(f"tasks.{name}.options.doc_stride ({stride}) must be at most half of the task's "
                                  f"max_length ({length}): consecutive windows overlap by it")
+        if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
+            raise ValueError("model.attn_implementation: flash_attention_2 runs on GPUs only (scaling.use_gpu: true); "
+                             "use sdpa or eager on CPUs")
         if self.tasks and all(task.weight == 0 for task in self.tasks.values()):
             raise ValueError(f"every task's weight is 0 ({', '.join(f'tasks.{n}.weight' for n in self.tasks)}): "
                              "the loss would be 0 and nothing would train; give at least one task a weight > 0")

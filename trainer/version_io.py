@@ -134,7 +134,9 @@ def load_untrained(folder: str | Path) -> LoadedVersion:
     where = job["model"]["name_or_path"]
     try:
         model = build_model(kind=manifest["kind"], encoding=manifest["encoding"], name_or_path=where,
-                            heads=_heads(manifest), lora=job["model"].get("lora"))
+                            heads=_heads(manifest), lora=job["model"].get("lora"),
+                            init=job["model"].get("init", "pretrained"),
+                            attn_implementation=job["model"].get("attn_implementation"))
     except OSError as e:  # a folder that is not here, or a hub name without the hub
         raise UserError(f"the untrained model: model.name_or_path '{where}' of the run's job cannot be "
                         f"loaded here ({str(e).splitlines()[0]})") from e

@@ -278,13 +278,58 @@ def test_step_statistics_are_reduced_on_the_workers_device(monkeypatch):
     monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
     monkeypatch.setattr(dist, "all_reduce", fake)
     stats = StepStats(["a", "b"])
-    stats.add("a", 0.5, {"attention_mask": torch.ones(2, 3)})
+    stats.add("a", torch.tensor(0.5), {"attention_mask": torch.ones(2, 3)})
     # The sums come back to the CPU after the reduction; a meta tensor has no values to copy back.
     with pytest.raises(NotImplementedError):
         stats.reduce(device)
     assert fake.seen == [device]
     with pytest.raises(RuntimeError, match="device type cpu"):  # what NCCL said before the fix
         fake(stats.values)
+
+
+def test_a_step_reads_nothing_back_from_the_device_until_its_end():
+    """The host never waits on a micro-batch: its loss stays on the device (here the meta device,
+    which refuses any read) until the step's statistics are reduced."""
+    from trainer.loop import run_plan
+
+    class Engine:
+        def __call__(self, task, batch, weight):
+            loss = torch.tensor(0.7, device="meta")
+            return loss, loss * weight
+
+        def backward(self, weighted):
+            pass
+
+        def step(self):
+            pass
+
+    class Stream:
+        def next_batch(self):
+            return {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5),
+                    "labels": torch.tensor([[-100, -100, 3, 4, 5]] * 2)}
+
+    stats = run_plan(Engine(), {"a": 3, "b": 2}, {"a": Stream(), "b": Stream()}, {"a": 1.0, "b": 0.5}, ["a", "b"],
+                     "cpu")
+    assert stats.losses.device.type == "meta"
+    assert stats.counts.tolist() == [[3, 6, 30, 30], [2, 4, 20, 20]]  # from the host batches
+    with pytest.raises(NotImplementedError):  # the one read, at the step's end
+        stats.reduce("cpu")
+
+
+def test_a_decoders_first_target_column_is_found_on_the_host(causal_dir, tokenizer):
+    from trainer.loop import with_first_target
+    from trainer.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[]).eval()
+    ids = tokenizer(["the film was great positive", "the plot was dull negative"], return_tensors="pt")["input_ids"]
+    labels = ids.clone()
+    labels[:, :4] = -100  # the prompt
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    with torch.no_grad():
+        asked = model("lm", dict(batch))[0]
+        given = model("lm", with_first_target(dict(batch)))[0]
+    assert with_first_target(dict(batch))["first_target"] == 3 and torch.equal(asked, given)
 
 
 def test_the_worker_library_never_imports_the_driver():

@@ -31,7 +31,7 @@ from trainer.precision import agreed_precision
 from trainer.adapt_mixture import MixtureAdapter
 from trainer.background_validation import WAIT_AT_END_S, BackgroundValidation
 from trainer.early_stopping import EarlyStopping
-from trainer.models import HeadSpec, build_model, hidden_size, lr_factor, model_config, param_groups
+from trainer.models import HeadSpec, build_model, first_target, hidden_size, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
 from trainer import registry
 from trainer.reporting import StepStats, flat_hparams, peak_memory_line, quiet_libraries, say, step_line
@@ -498,12 +498,21 @@ def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weigh
     stats = StepStats(tasks)
     for task, count in plan.items():
         for _ in range(count):
-            batch = to_device(streams[task].next_batch(), device)
-            loss, weighted = engine(task, batch, weight=weights[task])
+            host = with_first_target(streams[task].next_batch())
+            loss, weighted = engine(task, to_device(host, device), weight=weights[task])
             engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps
             engine.step()  # steps the optimizer only at the boundary that ends this plan
-            stats.add(task, loss.item(), batch)
+            stats.add(task, loss, host)  # no read back from the device until the step's end (StepStats)
     return stats
+
+
+def with_first_target(batch: dict) -> dict:
+    """A text-to-text micro-batch carries where its targets start, found here on the host (see
+    MultiTaskModel._lm_loss): a decoder then computes logits from there on without asking the device."""
+    labels = batch.get("labels")
+    if torch.is_tensor(labels) and labels.dim() == 2:
+        batch["first_target"] = first_target(labels)
+    return batch
 
 
 def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dict:

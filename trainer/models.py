@@ -81,7 +81,9 @@ class MultiTaskModel(nn.Module):
         if not self._keeps_logits:
             return self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).loss
         targets = labels[:, 1:]  # position t predicts token t + 1
-        first = int((targets != IGNORE_INDEX).any(0).int().argmax())  # the first column holding a target
+        first = batch.get("first_target")  # found on the host (trainer.loop): reading it here would wait for the device
+        if first is None:
+            first = first_target(labels)
         logits = self.lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          logits_to_keep=labels.shape[1] - first).logits  # positions first .. end
         return nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets[:, first:].flatten(),
@@ -113,6 +115,11 @@ def _auto_class(kind: str, encoding: str):
     if kind == "heads":
         return AutoModel
     return AutoModelForSeq2SeqLM if encoding == "seq2seq" else AutoModelForCausalLM
+
+
+def first_target(labels: torch.Tensor) -> int:
+    """The first column of `labels[:, 1:]` that holds a target token (a decoder's first scored position)."""
+    return int((labels[:, 1:] != IGNORE_INDEX).any(0).int().argmax())
 
 
 def model_class(kind: str, encoding: str, config):

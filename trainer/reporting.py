@@ -52,18 +52,34 @@ def quiet_library_warnings() -> None:
 
 
 class StepStats:
-    """Per-task sums for one optimizer step on one rank; `reduce` makes them global."""
+    """Per-task sums for one optimizer step on one rank; `reduce` makes them global.
+
+    Nothing here waits for the device: the losses add up where they were computed, the counts
+    come from the micro-batch as it was on the host, and `reduce` reads everything back once per
+    step (a `.item()` per micro-batch would make the host wait for each one's backward pass).
+    """
 
     FIELDS = ("loss_sum", "micro_batches", "examples", "real_tokens", "padded_tokens")
 
     def __init__(self, tasks: list[str]):
         self.tasks = tasks
-        self.values = torch.zeros(len(tasks), len(self.FIELDS), dtype=torch.float64)
+        self.counts = torch.zeros(len(tasks), len(self.FIELDS) - 1, dtype=torch.float64)  # on the host
+        self.losses: torch.Tensor | None = None  # on the losses' device
 
-    def add(self, task: str, loss: float, batch: dict) -> None:
-        mask = batch["attention_mask"]
-        row = self.values[self.tasks.index(task)]
-        row += torch.tensor([loss, 1, mask.shape[0], float(mask.sum()), mask.numel()], dtype=torch.float64)
+    def add(self, task: str, loss: torch.Tensor, host_batch: dict) -> None:
+        """`loss`: the micro-batch's loss, where it was computed; `host_batch`: it before it was moved there."""
+        i = self.tasks.index(task)
+        if self.losses is None:
+            self.losses = torch.zeros(len(self.tasks), dtype=torch.float64, device=loss.device)
+        self.losses[i] += loss.detach().to(torch.float64)
+        mask = host_batch["attention_mask"]
+        self.counts[i] += torch.tensor([1, mask.shape[0], float(mask.sum()), mask.numel()], dtype=torch.float64)
+
+    @property
+    def values(self) -> torch.Tensor:
+        """[loss_sum, micro_batches, examples, real_tokens, padded_tokens] per task, on the host (reads the device)."""
+        losses = self.losses.cpu() if self.losses is not None else torch.zeros(len(self.tasks), dtype=torch.float64)
+        return torch.cat([losses[:, None], self.counts], dim=1)
 
     def reduce(self, device: torch.device | str = "cpu",
                flags: list[float] = ()) -> tuple[dict[str, dict[str, float]], list[float]]:
@@ -73,14 +89,19 @@ class StepStats:
         are this rank's notes for the run's control (stop requests, uploads finished): they ride
         in the same all-reduce, so agreeing on them costs no collective of its own.
         """
-        summed = all_reduce_sum(torch.cat([self.values.flatten(), torch.tensor(flags, dtype=torch.float64)]), device)
-        values = summed[:self.values.numel()].view_as(self.values)
+        device = torch.device(device)
+        losses = self.losses if self.losses is not None else torch.zeros(len(self.tasks), dtype=torch.float64)
+        local = torch.cat([losses.to(device), self.counts.flatten().to(device),
+                           torch.tensor(flags, dtype=torch.float64).to(device)])
+        summed = all_reduce_sum(local, device).tolist()  # the step's one read back from the device
+        n = len(self.tasks)
+        counts = torch.tensor(summed[n:n + self.counts.numel()]).view_as(self.counts).tolist()
         out = {}
         for i, task in enumerate(self.tasks):
-            loss_sum, mbs, examples, real, padded = values[i].tolist()
-            out[task] = {"loss": loss_sum / mbs if mbs else math.nan, "micro_batches": mbs, "examples": examples,
+            mbs, examples, real, padded = counts[i]
+            out[task] = {"loss": summed[i] / mbs if mbs else math.nan, "micro_batches": mbs, "examples": examples,
                          "real_tokens": real, "padded_tokens": padded}
-        return out, summed[self.values.numel():].tolist()
+        return out, summed[n + self.counts.numel():]
 
 
 def step_line(step: int, total: int, per_task: dict, lr: float, seconds: float, tokens_per_s: float, *,

@@ -184,7 +184,7 @@ def run_checks(root: Path, *, dry: bool) -> list[Row]:
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         peak = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
         mfu = f", MFU {100 * tflops / (peak * gpus):.1f}% of {gpus}x{peak:g}" if peak and not dry else ""
-        return True, f"{params / 1e6:.3g}M params, {tokens_s:,.0f} tok/s, {tflops:.2f} TFLOP/s{mfu} ({name})"
+        return True, f"{params / 1e6:.3g}M params, {tokens_s:,.0f} tok/s, {tflops:.3g} TFLOP/s{mfu} ({name})"
 
     for check, body in (("ZeRO-2 heads " + ("fp32" if dry else "bf16"), zero2_heads), ("resume", resume),
                         ("eval (test split)", evaluate), ("ZeRO-3 text2text + generation", zero3_text2text),

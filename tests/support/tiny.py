@@ -81,9 +81,11 @@ def tiny_bert_config(tok, **extra):
 
 def save_tiny_bert(folder: Path, tokenizer_dir: Path) -> Path:
     """A tiny random BERT (config + weights + tokenizer) in `folder`."""
+    import torch
     from transformers import AutoTokenizer, BertModel
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
     BertModel(tiny_bert_config(tok)).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder

@@ -79,7 +79,7 @@ def train(job: str, overrides: list[str], on_change: str) -> int:
             try:
                 spec, lease = _as_driver(spec, runtime.world, on_change)
                 settled[0] = spec.model_dump(mode="json")
-            except UserError as exc:
+            except Exception as exc:  # any failure: the other ranks must hear of it, not wait in the broadcast
                 problem = exc
         dist.broadcast_object_list(settled, src=0)  # the job rank 0 settled on, or None when there is none
         if settled[0] is None:

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from trainer.errors import UserError
+
 KV_NAMESPACE = "mtl"
 
 # -- Ray helpers the driver and non-rank processes use too ------------------------------------------
@@ -203,8 +205,8 @@ class TorchrunRuntime:
 
         missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
         if missing:
-            raise RuntimeError(f"not started by torchrun: {', '.join(missing)} unset (run it as `torchrun "
-                               f"--nproc_per_node=N -m launcher.torchrun JOB`)")
+            raise UserError(f"not started by torchrun: {', '.join(missing)} unset (run it as `torchrun "
+                            f"--nproc_per_node=N -m launcher.torchrun JOB`)")
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
         use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu

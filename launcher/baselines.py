@@ -18,7 +18,7 @@ import math
 from launcher.evaluate import evaluate_experiment
 from launcher.jobfile import parse_job
 from trainer.errors import UserError
-from trainer.registry import pick_version
+from trainer.version_registry import pick_version
 from trainer.spec import JobSpec
 from trainer.storage import Storage, open_storage
 

@@ -9,7 +9,7 @@ without overwriting another's results.
 from __future__ import annotations
 
 from trainer.storage import open_storage
-from trainer.registry import UNTRAINED, pick_version
+from trainer.version_registry import UNTRAINED, pick_version
 from trainer.version_eval import score_version
 
 

@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from trainer.registry import pick_version
+from trainer.version_registry import pick_version
 from trainer.errors import UserError
 
 HEAD_SNIPPET = {

@@ -248,7 +248,7 @@ def serving(storage, name: str, version: str, options: ServeOptions, *, address:
     Serve's other apps or the cluster.
     """
     from launcher.run import ray_session
-    from trainer.registry import pick_version
+    from trainer.version_registry import pick_version
 
     _require_token_beyond_loopback(options.host, options)
     chosen = pick_version(storage, name, version)

@@ -6,7 +6,7 @@ import re
 import time
 
 from trainer.checkpoint import COMMITTED, TAGS, committed_versions, read_tags, version_step
-from trainer.registry import UNTRAINED, existing_versions, pick_version
+from trainer.version_registry import UNTRAINED, existing_versions, pick_version
 from trainer.errors import UserError
 from trainer.storage import Storage
 

@@ -11,7 +11,7 @@ from trainer.storage import open_storage
 from launcher.versions import pick_version, resume_point
 from trainer.checkpoint import committed_versions
 from trainer.errors import UserError
-from trainer.registry import protected, registry, scores_of
+from trainer.version_registry import protected, registry, scores_of
 
 
 @pytest.fixture

@@ -105,7 +105,7 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
 def pinned(spec):
     """The job with init_from.version resolved to a committed version's name (latest, best, a tag
     -> step-N), so every rank, and every restart, loads the same one."""
-    from trainer.registry import pick_version
+    from trainer.version_registry import pick_version
 
     storage, name = init_location(spec)
     spec = spec.model_copy(deep=True)

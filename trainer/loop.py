@@ -33,7 +33,7 @@ from trainer.background_validation import WAIT_AT_END_S, BackgroundValidation
 from trainer.early_stopping import EarlyStopping
 from trainer.models import HeadSpec, build_model, first_target, hidden_size, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
-from trainer import registry
+from trainer import version_registry
 from trainer.reporting import StepStats, flat_hparams, peak_memory_line, quiet_libraries, say, step_line
 from trainer.runtime import RayRuntime
 from trainer.sampling import StepPlanner, mixture_rates
@@ -65,7 +65,7 @@ class Run:
     runtime: object  # where this rank runs: Ray Train or torchrun (trainer.runtime)
     step: int = 0
     seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
-    version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.registry)
+    version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.version_registry)
     train_s: float = 0.0  # the optimizer steps' wall time so far, over resumes (a run's cost, for mtl baselines)
     early: EarlyStopping | None = None  # per-task early stopping (train.early_stopping)
     adapter: MixtureAdapter | None = None  # validation-driven rates (mixture.adapt)
@@ -433,14 +433,14 @@ def absorb_validations(run: Run, done: dict) -> None:
             continue
         step = ckpt.version_step(version)
         record = validation_record(run.spec, step, report)
-        run.version_scores[version] = registry.scores_of(record, step)
+        run.version_scores[version] = version_registry.scores_of(record, step)
         log_evaluation(run, "validation", step, report, f"{version} (Ray task)")
         if run.init_from is not None and step == run.step:
             run.last_eval = record
             report_forgetting(run)
     committed = ckpt.committed_versions(run.storage)
     if committed:
-        run.storage.write_json("registry.json", registry.registry(committed[-1], committed, run.version_scores))
+        run.storage.write_json("registry.json", version_registry.registry(committed[-1], committed, run.version_scores))
 
 
 def scores_from_evals(run: Run, versions: list[str]) -> dict:
@@ -450,7 +450,7 @@ def scores_from_evals(run: Run, versions: list[str]) -> dict:
         report = run.storage.read_json(f"evals/{version}/validation.json")
         if report:
             step = ckpt.version_step(version)
-            found[version] = registry.scores_of(validation_record(run.spec, step, report), step)
+            found[version] = version_registry.scores_of(validation_record(run.spec, step, report), step)
     return found
 
 
@@ -598,8 +598,8 @@ def save_version(run: Run, metrics: dict) -> None:
     name = ckpt.version_name(run.step)
     folder = scratch_dir("version")
     ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
-    scores = registry.scores_of(run.last_eval, run.step)
-    if scores:  # evaluated at this very step: the version can be ranked (trainer.registry)
+    scores = version_registry.scores_of(run.last_eval, run.step)
+    if scores:  # evaluated at this very step: the version can be ranked (trainer.version_registry)
         run.version_scores[name] = scores
     state = trainer_state(run)  # on every rank: under ZeRO-3, reading learned weights is a collective
     if run.rank == 0:
@@ -633,7 +633,7 @@ def commit_version(run: Run) -> None:
     if run.background is not None:
         run.background.submit(upload.version)
     kept = prune_versions(run)
-    run.storage.write_json("registry.json", registry.registry(upload.version, kept, run.version_scores))
+    run.storage.write_json("registry.json", version_registry.registry(upload.version, kept, run.version_scores))
     written = run.blocked_s + (upload.seconds or 0.0)
     run.trackers.scalars({"version/blocked_s": run.blocked_s, "version/write_s": written,
                           "version/stall": run.blocked_s / written if written else 0.0}, run.step)
@@ -647,7 +647,7 @@ def prune_versions(run: Run) -> list[str]:
     Returns the committed versions that remain.
     """
     committed = ckpt.committed_versions(run.storage)
-    protected = registry.protected(run.version_scores, committed) if run.spec.train.keep_best else set()
+    protected = version_registry.protected(run.version_scores, committed) if run.spec.train.keep_best else set()
     protected |= set(ckpt.read_tags(run.storage).values())  # `mtl tag`: kept until untagged
     protected |= set(run.background.pending) if run.background is not None else set()  # still being validated
     doomed = ckpt.versions_to_delete(committed, run.spec.train.keep_last, protected)

@@ -57,7 +57,7 @@ class MultitaskPipeline:
     def from_version(cls, location, version: str = "latest") -> "MultitaskPipeline":
         """`location`: an experiment on storage (a trainer.storage.Storage and a name, as a tuple)
         or its folder / URI (trainer.storage.open_experiment)."""
-        from trainer.registry import pick_version
+        from trainer.version_registry import pick_version
         from trainer.storage import open_experiment
 
         storage, name = location if isinstance(location, tuple) else open_experiment(location)

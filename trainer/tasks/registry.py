@@ -81,7 +81,6 @@ def register(task_type: TaskType) -> TaskType:
 
 
 def get(name: str) -> TaskType:
-    _load_builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -90,14 +89,9 @@ def get(name: str) -> TaskType:
 
 
 def names() -> list[str]:
-    _load_builtins()
     return sorted(_REGISTRY)
 
 
 def suggest(word: str, choices) -> str:
     return did_you_mean(word, choices)
 
-
-def _load_builtins() -> None:
-    # Imported lazily so that the built-in types register themselves exactly once.
-    from trainer.tasks import classification, extractive_qa, generation  # noqa: F401

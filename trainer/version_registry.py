@@ -81,7 +81,7 @@ def pick_version(storage, name: str, version: str) -> str:
 
 
 def _best(storage, name: str, version: str, versions: list[str]) -> str:
-    """`best` (overall) or `best:<task>`, through registry.json (trainer.registry)."""
+    """`best` (overall) or `best:<task>`, through registry.json (trainer.version_registry)."""
     reg = storage.read_json(f"{name}/registry.json") or {}
     if version == "best":
         chosen = (reg.get("overall") or {}).get("version")

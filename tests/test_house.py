@@ -63,3 +63,19 @@ def test_no_import_circle():
         if name not in state:
             visit(name, [name])
     assert circles == []
+
+
+def test_the_architecture_page_names_only_paths_that_exist():
+    import re
+
+    page = (REPO / "docs" / "architecture.md").read_text()
+    table = page.split("## Where does X live", 1)[1]
+    named = set(re.findall(r"`([\w./-]+/[\w./-]*)`", table))
+    assert len(named) > 30
+    assert [p for p in sorted(named) if not (REPO / p).exists()] == []
+    # and every module of the two packages is named somewhere on the page
+    modules_named = set(re.findall(r"([\w/]+\.py)", page))
+    missing = [str(p.relative_to(REPO)) for pkg in ("launcher", "trainer") for p in sorted((REPO / pkg).glob("*.py"))
+               if p.name != "__init__.py" and str(p.relative_to(REPO)) not in modules_named
+               and p.name not in {m.rsplit("/", 1)[-1] for m in modules_named}]
+    assert missing == [], "docs/architecture.md does not say where these live"

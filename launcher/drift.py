@@ -49,9 +49,17 @@ def is_free(path: str) -> bool:
     return any(path == f or path.startswith(f + ".") for f in FREE)
 
 
-def training_differences(old_job: dict, new_job: dict) -> list[str]:
-    """'field: old -> new' for every training-relevant difference between two resolved jobs."""
+def training_differences(old_job: dict, new_job: dict, old_ds: dict | None = None,
+                         new_ds: dict | None = None) -> list[str]:
+    """'field: old -> new' for every training-relevant difference between two resolved jobs. With
+    both DeepSpeed files' contents (a version records its own), those are compared instead of
+    their paths: `mtl submit` ships the file under another path, a path may be gone by now."""
     old, new = flatten(old_job), flatten(new_job)
+    if old_ds is not None and new_ds is not None:
+        old.pop("deepspeed", None)
+        new.pop("deepspeed", None)
+        old.update(flatten(old_ds, "deepspeed file"))
+        new.update(flatten(new_ds, "deepspeed file"))
     lines = []
     for path in sorted(set(old) | set(new)):
         if is_free(path) or _same(old.get(path), new.get(path)):

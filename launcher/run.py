@@ -180,9 +180,12 @@ def check_drift(spec: JobSpec, storage: Storage, version: str, on_change: str) -
 
     from launcher.drift import schedule_note, training_differences
 
+    from trainer.checkpoint import DS_FILE
+
     old_job = yaml.safe_load(storage.read_text(f"{spec.name}/{version}/job.yaml") or "{}") or {}
     new_job = spec.model_dump(mode="json")
-    changes = training_differences(old_job, new_job)
+    changes = training_differences(old_job, new_job, storage.read_json(f"{spec.name}/{version}/{DS_FILE}"),
+                                   read_ds_config(spec.deepspeed))
     if changes and on_change == "refuse":
         raise UserError(f"'{spec.name}' would resume from {version}, but the job differs from the one it was "
                         f"trained with in what shapes training:\n" + "\n".join(f"  - {c}" for c in changes)

@@ -82,3 +82,32 @@ def test_differences_cover_tasks_model_and_weighting():
     assert "tasks.sentiment.weight: 1.0 -> 2.0" in lines and "model.max_length: 64 -> 32" in lines
     assert "loss_weighting.strategy: static -> dwa" in lines
     assert any(line.startswith("tasks.summary.type: generation -> (absent)") for line in lines)
+
+
+def test_the_deepspeed_file_is_compared_by_content_not_by_path(storage, tmp_path):
+    """`mtl submit` ships the DeepSpeed file under another path (and a shipped path is gone later):
+    a version records the file's content, and only a change of content is a change."""
+    from trainer.ds_config import read_ds_config
+
+    trained = spec_with(lr=1e-3, steps=10)
+    storage.write_json("tiny/step-000004/deepspeed.json", read_ds_config(trained.deepspeed))
+    copied = tmp_path / "shipped" / "deepspeed.json"
+    copied.parent.mkdir()
+    copied.write_text(json.dumps(read_ds_config(trained.deepspeed)))
+    moved = trained.model_copy(update={"deepspeed": str(copied)})
+    assert check_drift(moved, storage, "step-000004", "refuse") == (moved, "step-000004")
+
+    changed = read_ds_config(trained.deepspeed)
+    changed["zero_optimization"]["stage"] = 1
+    copied.write_text(json.dumps(changed))
+    stage = read_ds_config(trained.deepspeed)["zero_optimization"]["stage"]
+    with pytest.raises(UserError, match=rf"deepspeed file.zero_optimization.stage: {stage} -> 1"):
+        check_drift(moved, storage, "step-000004", "refuse")
+
+
+def test_a_version_without_its_deepspeed_file_compares_the_path(storage, tmp_path):
+    trained = spec_with(lr=1e-3, steps=10)
+    elsewhere = tmp_path / "other.json"
+    elsewhere.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    with pytest.raises(UserError, match="deepspeed: "):
+        check_drift(trained.model_copy(update={"deepspeed": str(elsewhere)}), storage, "step-000004", "refuse")

@@ -378,6 +378,9 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
     assert said[ds_config] in out if ds_config in said else "[mtl] model:" not in out
     version = tmp_path / "runs" / job["name"] / "step-000002"
     assert (version / "COMMITTED").exists()
+    from trainer.ds_config import read_ds_config  # the file as read, for a later drift check (launcher.drift)
+
+    assert json.loads((version / "deepspeed.json").read_text()) == read_ds_config(resolve(parse_job(job)).deepspeed)
     evals = json.loads((tmp_path / "runs" / job["name"] / "evals" / "step-000002" / "validation.json").read_text())
     assert set(evals["qa"]["metrics"]) == {"exact_match", "f1"}
     loss = scalars(tmp_path / "runs" / job["name"] / "tensorboard", "loss/sentiment")

@@ -6,6 +6,7 @@
       trainer_state.json   step, planner + weighting state, per-task counters, last metrics (rank 0)
       rng/rank-<k>.json    rank k's RNG states (python, numpy, torch) and data stream positions
       job.yaml             the resolved job this version was trained with
+      deepspeed.json       the job's DeepSpeed file as the run read it (its path may not outlive the run)
       tokenizer/           tokenizer files
       config/              the backbone's (or LM's) transformers config
       tasks.json           task -> type, labels, prompt, encoding (what eval/predict need)
@@ -48,6 +49,7 @@ DS_TAG = "state"
 WHOLE_WEIGHTS = "weights/model.pt"
 MODEL_STATES = f"deepspeed/{DS_TAG}/mp_rank_00_model_states.pt"
 COMMITTED = "COMMITTED"
+DS_FILE = "deepspeed.json"
 
 
 def version_name(step: int) -> str:
@@ -99,11 +101,13 @@ def write_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
 
 
 def write_global_part(folder: Path, *, trainer_state: dict, job_yaml: str, tokenizer, tasks: dict,
-                      model_config) -> None:
+                      model_config, ds_config: dict | None = None) -> None:
     """What rank 0 adds: the run's state and what is needed to use the version on its own."""
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
     model_config.save_pretrained(str(folder / "config"))
     (folder / "job.yaml").write_text(job_yaml)
+    if ds_config is not None:  # the job's DeepSpeed file as the run read it: its path may be gone later
+        (folder / DS_FILE).write_text(json.dumps(ds_config, indent=1, sort_keys=True))
     (folder / "tasks.json").write_text(json.dumps(tasks, indent=1))
     tokenizer.save_pretrained(str(folder / "tokenizer"))
 

@@ -78,6 +78,7 @@ class Run:
     blocked_s: float = 0.0  # how long the version in flight kept training waiting
     recent_step_s: list = field(default_factory=list)  # the last steps' times, for the ETA
     init_from: dict | None = None  # what the run started from, with the tasks' scores then (trainer.init_from)
+    ds_base: dict | None = None  # the job's DeepSpeed file as the driver read it (each version records it)
 
 
 class WorkerStopped(RuntimeError):
@@ -107,6 +108,7 @@ def run_worker(spec, runtime, *, run_id: str | None = None, ds_base: dict | None
         say(f"[mtl] removed stale scratch {folder}")
     run = setup(spec, runtime, ds_base=ds_base)
     run.stops = stops
+    run.ds_base = ds_base
     try:
         fit(run)
     finally:
@@ -605,7 +607,7 @@ def save_version(run: Run, metrics: dict) -> None:
     if run.rank == 0:
         ckpt.write_global_part(folder, trainer_state=state, job_yaml=job_yaml(run.spec),
                                tokenizer=run.tokenizer, tasks=tasks_manifest(run),
-                               model_config=model_config(run.engine.module))
+                               model_config=model_config(run.engine.module), ds_config=run.ds_base)
     run.upload = ckpt.Upload(run.storage, folder, name, run.engine.checkpoint_engine.take())
     run.blocked_s = time.perf_counter() - started
     run.runtime.report(metrics)

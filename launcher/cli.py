@@ -469,10 +469,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _NeverRaised(Exception):
+    """Stands for Ray Train's error where Ray is not installed (launcher.torchrun): nothing raises it."""
+
+
 def _training_failed() -> type[Exception]:
     """Ray Train's failed-run error; imported only when an error reaches it (Ray is slow to import)."""
-    from ray.train import TrainingFailedError
-
+    try:
+        from ray.train import TrainingFailedError
+    except ImportError:
+        return _NeverRaised
     return TrainingFailedError
 
 
@@ -496,30 +502,40 @@ def experiment_command(sub, name: str, help: str, func, *, version: bool = False
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    # Overrides may come after flags (`mtl validate JOB --print train.steps=20`).
-    args, extra = parser.parse_known_args(argv)
-    if extra:
-        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
+    args = parse_with_overrides(parser, argv)
     quiet_driver_libraries()  # after parsing: --help and --version import no heavy library
     if getattr(args, "insecure", False):
         from launcher import ray_auth
 
         ray_auth.allow_plain_http = True
+    return run_reporting(args.command, lambda: args.func(args))
+
+
+def parse_with_overrides(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Overrides may come after flags (`mtl validate JOB --print train.steps=20`)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def run_reporting(command: str, call) -> int:
+    """call()'s exit status, with what a person must know as one line instead of a traceback."""
     try:
-        return args.func(args)
+        return call()
     except RunStopped as exc:
-        print(f"mtl {args.command}: {exc}", file=sys.stderr)
+        print(f"mtl {command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except UserError as exc:
-        print(f"mtl {args.command}: error: {exc}", file=sys.stderr)
+        print(f"mtl {command}: error: {exc}", file=sys.stderr)
         return 2
     except _training_failed() as exc:  # what the workers said, not the driver's stack
-        print(f"mtl {args.command}: training failed: {exc}", file=sys.stderr)
+        print(f"mtl {command}: training failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"mtl {args.command}: interrupted", file=sys.stderr)
+        print(f"mtl {command}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -179,7 +179,6 @@ def check_drift(spec: JobSpec, storage: Storage, version: str, on_change: str) -
     import yaml
 
     from launcher.drift import schedule_note, training_differences
-
     from trainer.checkpoint import DS_FILE
 
     old_job = yaml.safe_load(storage.read_text(f"{spec.name}/{version}/job.yaml") or "{}") or {}

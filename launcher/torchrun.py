@@ -17,6 +17,7 @@ The world size is torchrun's; it must be scaling.num_workers (or within its rang
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import uuid
 
@@ -24,18 +25,14 @@ from trainer.errors import RunStopped, UserError
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
+    from launcher.cli import add_change_flags, parse_with_overrides
+
     parser = argparse.ArgumentParser(prog="python -m launcher.torchrun",
                                      description="Train a job under torchrun, without Ray (one process per rank).")
     parser.add_argument("job", help="the job's YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the job file")
-    from launcher.cli import add_change_flags
-
     add_change_flags(parser)
-    args, extra = parser.parse_known_args(argv)
-    if any(e.startswith("-") for e in extra):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.overrides = [*args.overrides, *extra]
-    return args
+    return parse_with_overrides(parser, argv)
 
 
 def refusal(spec, world: int) -> str | None:
@@ -50,17 +47,10 @@ def refusal(spec, world: int) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from launcher.cli import change_policy
+    from launcher.cli import change_policy, run_reporting
 
     args = parse(argv)
-    try:
-        return train(args.job, args.overrides, change_policy(args))
-    except RunStopped as exc:
-        print(f"mtl torchrun: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except UserError as exc:
-        print(f"mtl torchrun: error: {exc}", file=sys.stderr)
-        return 2
+    return run_reporting("torchrun", lambda: train(args.job, args.overrides, change_policy(args)))
 
 
 def train(job: str, overrides: list[str], on_change: str) -> int:
@@ -73,32 +63,26 @@ def train(job: str, overrides: list[str], on_change: str) -> int:
     spec = load_job(job, overrides)  # a mistake in the file: every rank says so and exits 2
     runtime = TorchrunRuntime(spec.scaling.collective_timeout_s, use_gpu=spec.scaling.use_gpu)
     try:
-        lease, problem = None, None
-        settled: list = [None]
-        if runtime.rank == 0:
-            try:
-                spec, lease = _as_driver(spec, runtime.world, on_change)
-                settled[0] = spec.model_dump(mode="json")
-            except Exception as exc:  # any failure: the other ranks must hear of it, not wait in the broadcast
-                problem = exc
-        dist.broadcast_object_list(settled, src=0)  # the job rank 0 settled on, or None when there is none
-        if settled[0] is None:
-            if problem is not None:
-                raise problem
-            return 2  # rank 0 says why
-        spec = JobSpec.model_validate(settled[0])
-        try:
-            _run(spec, runtime)
-        finally:
-            if lease is not None:
-                lease.__exit__(None, None, None)
+        with contextlib.ExitStack() as held:  # rank 0's lease, released however the run ends
+            settled, problem = [None], None
+            if runtime.rank == 0:
+                try:
+                    settled[0] = _as_driver(spec, runtime.world, on_change, held).model_dump(mode="json")
+                except Exception as exc:  # any failure: the other ranks must hear of it, not wait in the broadcast
+                    problem = exc
+            dist.broadcast_object_list(settled, src=0)  # the job rank 0 settled on, or None when there is none
+            if settled[0] is None:
+                if problem is not None:
+                    raise problem
+                return 2  # rank 0 says why
+            _run(JobSpec.model_validate(settled[0]), runtime)
     finally:
         dist.destroy_process_group()
     return 0
 
 
-def _as_driver(spec, world: int, on_change: str):
-    """Rank 0: (the job to run, the lease it holds) — or a UserError."""
+def _as_driver(spec, world: int, on_change: str, held: contextlib.ExitStack):
+    """Rank 0: the job to run, holding the experiment's lease in `held` — or a UserError."""
     from launcher.jobfile import dump_job
     from launcher.lease import Lease
     from launcher.run import prepare
@@ -109,17 +93,13 @@ def _as_driver(spec, world: int, on_change: str):
         raise UserError(problem)
     storage = open_storage(spec.storage)
     spec = prepare(spec, storage, on_change, workers=world)
-    lease = Lease(storage, spec.name, uuid.uuid4().hex, spec.storage.lease_ttl_s)
-    lease.__enter__()  # one run per experiment, as under Ray (launcher.lease)
-    try:
-        storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
-    except BaseException:
-        lease.__exit__(None, None, None)
-        raise
-    return spec, lease
+    held.enter_context(Lease(storage, spec.name, uuid.uuid4().hex, spec.storage.lease_ttl_s))  # as under Ray
+    storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
+    return spec
 
 
 def _run(spec, runtime) -> None:
+    from launcher.run import summarize
     from trainer.ds_config import read_ds_config
     from trainer.loop import WorkerStopped, run_worker
     from trainer.storage import open_storage
@@ -129,10 +109,7 @@ def _run(spec, runtime) -> None:
     except WorkerStopped as exc:  # SIGTERM: the version at this step is written
         raise RunStopped(f"{exc}; run the same command to resume from it", 143) from None
     if runtime.rank == 0:
-        storage = open_storage(spec.storage)
-        registry = storage.read_json(f"{spec.name}/registry.json") or {}
-        print(f"[mtl] run '{spec.name}' finished at {registry.get('latest', '?')}; versions in "
-              f"{storage.describe(spec.name)}", file=sys.stderr)
+        summarize(spec, open_storage(spec.storage), None)
 
 
 if __name__ == "__main__":

@@ -108,7 +108,6 @@ def run_worker(spec, runtime, *, run_id: str | None = None, ds_base: dict | None
         say(f"[mtl] removed stale scratch {folder}")
     run = setup(spec, runtime, ds_base=ds_base)
     run.stops = stops
-    run.ds_base = ds_base
     try:
         fit(run)
     finally:
@@ -172,7 +171,8 @@ def setup(spec, runtime, ds_base: dict | None = None) -> Run:
     # Dropout differs per rank (as it would on separate machines) but is reproducible.
     seed_everything(spec.train.seed * 1000 + rank + 1)
     run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine, storage,
-              runtime, seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks})
+              runtime, seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks},
+              ds_base=ds_base)
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
     if spec.mixture.adapt is not None:

@@ -94,11 +94,10 @@ class StepStats:
         local = torch.cat([losses.to(device), self.counts.flatten().to(device),
                            torch.tensor(flags, dtype=torch.float64).to(device)])
         summed = all_reduce_sum(local, device).tolist()  # the step's one read back from the device
-        n = len(self.tasks)
-        counts = torch.tensor(summed[n:n + self.counts.numel()]).view_as(self.counts).tolist()
+        n, width = len(self.tasks), self.counts.shape[1]
         out = {}
         for i, task in enumerate(self.tasks):
-            mbs, examples, real, padded = counts[i]
+            mbs, examples, real, padded = summed[n + i * width:n + (i + 1) * width]
             out[task] = {"loss": summed[i] / mbs if mbs else math.nan, "micro_batches": mbs, "examples": examples,
                          "real_tokens": real, "padded_tokens": padded}
         return out, summed[n + self.counts.numel():]

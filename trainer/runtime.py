@@ -124,9 +124,6 @@ class RemoteTasks:
 class RayRuntime:
     """A Ray Train worker."""
 
-    name = "ray"
-    has_tasks = True  # Ray tasks beside the run (train.validation: task)
-
     def __init__(self):
         import ray.train
 
@@ -188,19 +185,12 @@ class RayRuntime:
         ray_worker.raise_sys_exit_with_custom_error_message = on_exit
         return True
 
-    def receive(self, handle: dict | None) -> dict[str, str]:
-        """The driver's secrets (trainer.job_env.secrets_for_workers), or none."""
-        return get_object(handle["ref"]) if handle else {}
-
 
 class TorchrunRuntime:
     """A torch.distributed process started by torchrun (or srun with its variables): RANK,
     WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Makes the process group."""
 
-    name = "torchrun"
-    has_tasks = False
-
-    def __init__(self, collective_timeout_s: float, use_gpu: bool | None = None):
+    def __init__(self, collective_timeout_s: float, use_gpu: bool):
         import torch.distributed as dist
 
         missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
@@ -209,7 +199,6 @@ class TorchrunRuntime:
                             f"--nproc_per_node=N -m launcher.torchrun JOB`)")
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
-        use_gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
         if use_gpu:
             torch.cuda.set_device(self.local_rank)  # this rank's own GPU, as DeepSpeed expects by LOCAL_RANK
             self._device = torch.device("cuda", self.local_rank)
@@ -251,6 +240,3 @@ class TorchrunRuntime:
 
         signal.signal(signal.SIGTERM, handle)
         return True
-
-    def receive(self, handle: dict | None) -> dict[str, str]:
-        return {}  # each process has its own environment already

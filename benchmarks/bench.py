@@ -15,6 +15,8 @@ Measures (goals from the project's speed issue):
   ttfs       seconds from `mtl train` to its first step (the torchrun loop's beside)  [<= 25 s]
   stall      training's wait per version / the version's full write (local, S3)      [<= 0.2]
   memory     peak resident memory per rank, ZeRO-3 / ZeRO-0, ~85M-parameter model     [<= 0.6]
+  large      a ~0.7B model under ZeRO-3 on 2 ranks: peak per rank / the memory plan    [<= 9 GiB, +-25%]
+  lora       a LoRA version's size / its base model's weights (the demo's job)        [<= 0.05]
   eval       evaluation examples/s per task type, length-grouped batches / in order  [report]
   prep       preparing a 100k-row task again (node data cache) / the first time      [<= 0.10]
 Measures the table lists as not measured say why.
@@ -210,6 +212,75 @@ def memory_rows(folder: Path, steps: int) -> list[Row]:
                 f"`mtl train` {steps} steps, 2 workers, fp32 AdamW; the largest rank's `peak memory` line: {listing}")]
 
 
+PHASES = re.compile(r"\[mtl\] rank (\d+) peak memory: ([\d.]+) GiB resident \(([^)]*)\)")
+LARGE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 14, "num_attention_heads": 16,
+         "num_key_value_heads": 16, "max_position_embeddings": 2048}  # Llama-shaped, ~0.7B with the bench's vocabulary
+
+
+def large_model_rows(folder: Path) -> list[Row]:
+    """A model that an unpartitioned rank could not hold twice on a 24 GB machine: each rank's peak
+    through 2 steps and a version of `mtl train` under ZeRO-3 on 2 workers, against the memory plan
+    `mtl validate` prints for the same job (trainer.memory_plan)."""
+    import yaml
+    from transformers import AutoConfig, LlamaConfig
+
+    from conftest import build_tokenizer
+    from trainer.memory_plan import GIB, model_size, plan_memory
+
+    model = folder / "large-model"
+    tok = build_tokenizer(model)
+    LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, tie_word_embeddings=True, **LARGE).save_pretrained(model)
+    data = write_rows(folder / "large-rows.jsonl", rows=64, length=LENGTH)
+    size = model_size(AutoConfig.from_pretrained(model), "text2text", "causal")
+    name, tokens = f"large-{time.monotonic_ns()}", 64
+    job = {"name": name, "model": {"name_or_path": str(model), "kind": "text2text", "init": "random", "max_length": tokens},
+           "tasks": {"cls": {"type": "classification", "data": {"train": str(data)}, "prompt": "{text} Sentiment:"}},
+           "train": {"steps": 2, "micro_batch_size": 1, "micro_batches_per_step": 1, "lr": 1e-4, "eval_every": 0,
+                     "checkpoint_every": 0, "precision": "fp32"},
+           "deepspeed": "zero3", "scaling": {"num_workers": WORKERS, "cpus_per_worker": 1},
+           "storage": {"path": str(folder / "runs")}}
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    _, out, _ = timed_lines([str(Path(PY).parent / "mtl"), "train", str(path)], "peak memory", timeout=1800)
+    ranks = {int(r): (float(g), phases) for r, g, phases in PHASES.findall(out)}
+    if len(ranks) != WORKERS:
+        raise RuntimeError(f"large model: expected {WORKERS} peak-memory lines:\n{out[-3000:]}")
+    peak, phases = max(ranks.values())
+    plan = plan_memory(size, stage=3, world=WORKERS, precision="fp32", tokens=tokens, sequence=tokens).host_bytes / GIB
+    ratio = peak / plan
+    return [Row(f"ZeRO-3 {size.params / 1e9:.2f}B-parameter Llama-shaped model, 2 ranks: peak resident GiB per rank",
+                f"{peak:.2f}", f"{plan:.2f} (the plan)", ratio, "<= 9 GiB; plan within +-25%",
+                peak <= 9.0 and 0.75 <= ratio <= 1.25,
+                f"`mtl train` 2 steps + a version, fp32 AdamW, micro-batch 1 x {tokens} tokens, `model.init: random`; "
+                f"by phase: {phases}")]
+
+
+def lora_rows(folder: Path, job_path: str) -> list[Row]:
+    """The size of a LoRA version against its base model's weights: one step of the demo's job
+    (its model, LoRA settings and DeepSpeed config; no validation), then its version on disk."""
+    import yaml
+
+    from trainer.base_model import weight_files
+
+    job = yaml.safe_load(Path(job_path).read_text())
+    name = f"lora-{time.monotonic_ns()}"
+    for task in job["tasks"].values():
+        task["data"] = {"train": task["data"]["train"], "limit": 64}  # no validation split: nothing evaluated
+    job.update(name=name, storage={"path": str(folder / "runs")})
+    job["train"].update(steps=1, checkpoint_every=0)
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    subprocess.run([str(Path(PY).parent / "mtl"), "train", str(path)], cwd=REPO, env=ENV, check=True,
+                   capture_output=True, timeout=1800)
+    version = folder / "runs" / name / "step-000001"
+    size = sum(p.stat().st_size for p in version.rglob("*") if p.is_file())
+    model = sum(p.stat().st_size for p in weight_files(str(REPO / job["model"]["name_or_path"])))
+    return [Row("LoRA version size / the base model's weights", f"{size / 2 ** 20:.1f} MiB",
+                f"{model / 2 ** 20:.0f} MiB (base weights)", size / model, "<= 0.05", size / model <= 0.05,
+                f"{job_path} for 1 step: adapters, heads, optimizer state, tokenizer and settings; the base is named "
+                f"by base.json")]
+
+
 PREPARED = re.compile(r"^prepared (\w+) ([\d.]+) (\d+)", re.M)  # data_prep.py's line
 
 
@@ -390,8 +461,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--only", default="speed,bf16,tokens,stall,prep,memory,eval",
-                        help="comma list of: speed, bf16, tokens, stall, prep, memory, eval")
+    parser.add_argument("--only", default="speed,bf16,tokens,stall,prep,memory,large,lora,eval",
+                        help="comma list of: speed, bf16, tokens, stall, prep, memory, large, lora, eval")
     parser.add_argument("--eval-rows", type=int, default=64, help="eval: test rows per task")
     parser.add_argument("--prep-rows", type=int, default=100_000)
     parser.add_argument("--tokens-job", default="jobs/demo.yaml", help="tokens: the job whose data and model to use "
@@ -408,6 +479,10 @@ def main() -> None:
             rows += speed_rows(Path(tmp), args.repeats, args.steps, with_bf16="bf16" in only)
         if "memory" in only:
             rows += memory_rows(Path(tmp), steps=3)
+        if "large" in only:
+            rows += large_model_rows(Path(tmp))
+        if "lora" in only:
+            rows += lora_rows(Path(tmp), args.tokens_job)
         if "prep" in only:
             rows += prep_rows(Path(tmp), args.repeats, args.prep_rows)
     if "tokens" in only:
@@ -421,17 +496,34 @@ def main() -> None:
     text = f"`{command}` on {machine()}:\n\n{table(rows)}\n"
     print(text)
     if args.update:
-        update_markdown(Path(args.update), text)
+        update_markdown(Path(args.update), text, partial="--only" in sys.argv)
 
 
 BEGIN, END = "<!-- BEGIN bench -->", "<!-- END bench -->"
 
 
-def update_markdown(path: Path, text: str) -> None:
+def update_markdown(path: Path, text: str, partial: bool = False) -> None:
+    """Put `text` between the page's bench markers. partial (`--only`): the measured rows replace
+    the page's rows of the same measure, the others stay, each run's command listed above."""
     page = path.read_text()
     head, rest = page.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
+    old, tail = rest.split(END, 1)
+    if partial:
+        text = merged(old, text)
     path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+
+
+def merged(old: str, new: str) -> str:
+    def rows(text: str) -> dict[str, str]:
+        return {line.split("|")[1].strip(): line for line in text.splitlines()
+                if line.startswith("| ") and not line.startswith("| measure ")}
+
+    def commands(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("`benchmarks/bench.py")]
+
+    table_rows = {**rows(old), **rows(new)}
+    header = ["| measure | ours | reference | ratio | goal | met | how |", "|---|---|---|---|---|---|---|"]
+    return "\n\n".join(["\n".join(commands(old) + commands(new)), "\n".join(header + list(table_rows.values()))]) + "\n"
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from launcher.validate import require_valid
 
     spec = load_job(args.job, args.overrides)
-    report = require_valid(spec, check_files=not args.schema_only)
+    report = require_valid(spec, check_files=not args.schema_only, machine=True, force=args.force)
     if args.print:
         print(dump_job(spec), end="")
     for line in report.notes:
@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     load_job_env()  # inside a submitted job: the secrets `mtl submit` forwarded (storage needs them here too)
     address = driver_address(args.address, "train")
     spec = load_job(args.job, args.overrides)
-    train(spec, address=address, on_change=change_policy(args))
+    train(spec, address=address, on_change=change_policy(args), force=args.force)
     return 0
 
 
@@ -327,6 +327,10 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+FORCE = ("run even where the memory plan says the workers do not fit this machine (it is an estimate; "
+         "`mtl validate` prints it)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtl", description="Distributed multitask fine-tuning: Ray Train + DeepSpeed ZeRO, one YAML job.",
@@ -339,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
     p.add_argument("--print", action="store_true", help="print the resolved job (defaults filled in) as YAML")
     p.add_argument("--schema-only", action="store_true", help="check the spec and DeepSpeed config, not the files")
+    p.add_argument("--force", action="store_true", help=FORCE)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("train", help="train a job: embedded local Ray, or a cluster with --address / RAY_ADDRESS",
@@ -348,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("job", help="job YAML file")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=20")
     p.add_argument("--address", help=GCS)
+    p.add_argument("--force", action="store_true", help=FORCE)
     add_change_flags(p)
     p.set_defaults(func=cmd_train)
 

@@ -8,6 +8,7 @@ Train objects from the job, fit, and summarise.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import threading
@@ -26,6 +27,7 @@ from trainer import init_from
 from trainer.ds_config import read_ds_config
 from trainer.errors import RunStopped, UserError, first_line
 from trainer.job_env import is_secret, secrets_for_workers
+from trainer.memory import read_notes
 from trainer.storage import Storage, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
@@ -38,23 +40,27 @@ RAY_TRAIN_POLL_S = "0.5"
 TRACKER_ENV_PREFIXES = ("WANDB_", "MLFLOW_")  # their settings, for rank 0's trackers (trainer.trackers)
 
 
-def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse") -> dict:
+def train(spec: JobSpec, *, address: str | None = None, on_change: str = "refuse", force: bool = False) -> dict:
     """on_change: what to do when the job differs from the version it would resume from in anything
     that shapes training — "refuse" (list the differences), "new" (a fresh experiment under the first
     free `<name>-N`), or "allow" (continue with the changes). See launcher.drift."""
     storage = open_storage(spec.storage)
     # An elastic run learns its size when Ray starts it: its workers say what a resize does.
-    spec = prepare(spec, storage, on_change, workers=None if spec.scaling.elastic else spec.scaling.num_workers)
+    spec = prepare(spec, storage, on_change, workers=None if spec.scaling.elastic else spec.scaling.num_workers,
+                   machine=address is None and not os.environ.get("RAY_ADDRESS"),  # embedded: workers run here
+                   force=force)
     run_id = uuid.uuid4().hex  # names this run's lease on storage and its stop request in Ray's key-value store
     with Lease(storage, spec.name, run_id, spec.storage.lease_ttl_s):  # one run per experiment (launcher.lease)
         return _train_holding_the_lease(spec, storage, run_id, address)
 
 
-def prepare(spec: JobSpec, storage: Storage, on_change: str, workers: int | None) -> JobSpec:
+def prepare(spec: JobSpec, storage: Storage, on_change: str, workers: int | None, *, machine: bool = False,
+            force: bool = False) -> JobSpec:
     """What a driver does before it starts the workers (here and in launcher.torchrun): validate the
-    job, find the version it resumes from on `workers` (None: not known yet) and compare the job with
-    that version's (on_change), and pin init_from. Returns the job to run."""
-    for line in require_valid(spec).notes:  # data sizes and skipped bad rows: never dropped silently
+    job (machine: its memory plan must fit this machine, unless force), find the version it resumes
+    from on `workers` (None: not known yet) and compare the job with that version's (on_change), and
+    pin init_from. Returns the job to run."""
+    for line in require_valid(spec, machine=machine, force=force).notes:  # data sizes and skipped bad rows: never dropped silently
         print(f"[mtl] {line}", file=sys.stderr)
     resume_from, resized = resume_point(storage, spec.name, spec.train, workers)
     if resume_from:
@@ -93,8 +99,12 @@ def _train_holding_the_lease(spec: JobSpec, storage: Storage, run_id: str, addre
                                  failure_config=FailureConfig(max_failures=spec.train.max_failures),
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
-        with stop_on_signals(run_id, spec.train.stop_grace_s) as asked, workers_user_errors():
-            result = trainer.fit()
+        try:
+            with stop_on_signals(run_id, spec.train.stop_grace_s) as asked, workers_user_errors(), \
+                    memory_kills_named(run_id, spec.scaling.max_workers):
+                result = trainer.fit()
+        finally:
+            clear_memory_notes(run_id, spec.scaling.max_workers)
         clear_stop(run_id)
     if asked:
         latest = (storage.read_json(f"{spec.name}/registry.json") or {}).get("latest")
@@ -118,6 +128,82 @@ def workers_user_errors():
             if isinstance(cause, UserError):
                 raise cause from None
         raise
+
+
+@contextmanager
+def memory_kills_named(run_id: str, world: int):
+    """Ray's memory monitor kills a rank without a word from it, and its report is a page about
+    Ray's own workers. Here it is one line: which rank, in which phase, at how much memory, and what
+    to change (the ranks note their phase as they go: trainer.memory)."""
+    from ray.train import TrainingFailedError
+
+    try:
+        yield
+    except TrainingFailedError as exc:
+        if not killed_for_memory(exc):
+            raise
+        from trainer.runtime import kv_get
+
+        raise UserError(memory_kill_message(read_notes(kv_get, run_id, world), str(exc))) from None
+
+
+def killed_for_memory(exc: BaseException) -> bool:
+    from ray.exceptions import OutOfMemoryError
+
+    failures = list(getattr(exc, "worker_failures", {}).values()) or [exc]
+    return any(isinstance(getattr(f, "_base_exc", f), OutOfMemoryError) or "running low on memory" in str(f)
+               for f in failures)
+
+
+RAY_TOP_USERS = re.compile(r"^\s*(\d+)\s+([\d.]+)\s+ray::RayTrainWorker", re.M)  # Ray's "Top 10 memory users"
+
+
+def memory_kill_message(notes: dict[int, dict], ray_report: str = "") -> str:
+    """One line from the ranks' notes (trainer.memory) and Ray's report of the kill, whose table of
+    the largest processes gives each rank's memory when it was killed."""
+    if not notes:
+        return ("a worker was killed for memory before it started training (Ray's memory monitor); "
+                "`mtl validate JOB` prints the memory plan")
+    at_kill = {int(pid): float(gb) for pid, gb in RAY_TOP_USERS.findall(ray_report)}
+    rank, note = max(notes.items(), key=lambda item: (at_kill.get(item[1].get("pid"), 0.0),
+                                                      item[1].get("resident_gib", 0.0)))
+    phase = note.get("phase", "?")
+
+    def figure(r: int, n: dict) -> str:
+        killed = at_kill.get(n.get("pid"))
+        return (f"rank {r} {killed:.1f} GB when killed" if killed is not None else
+                f"rank {r} {n.get('resident_gib', 0.0):.1f} GiB at its last note")
+    figures = ", ".join(figure(r, n) for r, n in sorted(notes.items()))
+    return (f"killed for memory (Ray's memory monitor) during {phase}: {figures}. "
+            f"{MEMORY_ADVICE.get(phase, MEMORY_ADVICE['steps'])}; `mtl validate JOB` prints the memory plan")
+
+
+# What lowers a rank's memory in each phase (trainer.memory's phase names).
+MEMORY_ADVICE = {
+    "data": "Preparing data took it: fewer rows per task (data.limit) or more memory per worker",
+    "build": "Building the model took it: deepspeed: zero3 builds it partitioned across the workers",
+    "engine init": "The model states took it: a higher ZeRO stage (zero2, zero3), offload (zero3_offload), "
+                   "bf16, or more workers to share them",
+    "start": "The model states took it: a higher ZeRO stage (zero2, zero3), offload (zero3_offload), "
+             "bf16, or more workers to share them",
+    "step 1": "The first step took it (AdamW's moments and the activations): a higher ZeRO stage or offload, "
+              "smaller micro_batch_size or max_length, or model.gradient_checkpointing: true",
+    "steps": "Training took it: smaller micro_batch_size or max_length, model.gradient_checkpointing: true, "
+             "a higher ZeRO stage or offload",
+    "version": "Writing a version took it: the version's copies of each rank's state; more memory per worker, "
+               "or a higher ZeRO stage so each rank holds less",
+}
+
+
+def clear_memory_notes(run_id: str, world: int) -> None:
+    from trainer.memory import memory_key
+    from trainer.runtime import kv_del
+
+    for rank in range(world):
+        try:
+            kv_del(memory_key(run_id, rank))
+        except Exception:  # Ray already gone: nothing left to clear
+            return
 
 
 @contextmanager

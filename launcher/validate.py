@@ -42,8 +42,10 @@ class ValidationFailed(UserError):
                          + "\n".join(f"  - {e}" for e in report.errors))
 
 
-def validate_job(spec: JobSpec, *, check_files: bool = True) -> Report:
-    """check_files=False checks the spec and the DeepSpeed config only (no model or data files)."""
+def validate_job(spec: JobSpec, *, check_files: bool = True, machine: bool = False, force: bool = False) -> Report:
+    """check_files=False checks the spec and the DeepSpeed config only (no model or data files).
+    machine: the workers run on this machine (the embedded default): the memory plan must fit it,
+    unless `force`."""
     report = Report()
     _check_deepspeed(spec, report)
     if check_files:
@@ -61,6 +63,8 @@ def validate_job(spec: JobSpec, *, check_files: bool = True) -> Report:
         report.errors.extend(_tracking_problems(spec))
         if spec.init_from is not None and not report.errors:
             report.errors.extend(_init_from_problems(spec))
+        if not report.errors:
+            _plan_memory(spec, report, machine, force)
         every, evals = spec.train.checkpoint_every, spec.train.eval_every
         if every and evals and every % evals:
             report.notes.append(f"train.checkpoint_every={every} is not a multiple of train.eval_every={evals}: "
@@ -68,8 +72,8 @@ def validate_job(spec: JobSpec, *, check_files: bool = True) -> Report:
     return report
 
 
-def require_valid(spec: JobSpec, *, check_files: bool = True) -> Report:
-    report = validate_job(spec, check_files=check_files)
+def require_valid(spec: JobSpec, *, check_files: bool = True, machine: bool = False, force: bool = False) -> Report:
+    report = validate_job(spec, check_files=check_files, machine=machine, force=force)
     if not report.ok:
         raise ValidationFailed(report)
     return report
@@ -137,6 +141,63 @@ def _init_from_problems(spec: JobSpec) -> list[str]:
     if committed_versions(open_storage(spec.storage), spec.name):
         return []
     return init_from.check(spec)
+
+
+def _plan_memory(spec: JobSpec, report: Report, machine: bool, force: bool) -> None:
+    """What each rank will hold (trainer.memory_plan); on this machine, whether the ranks fit it."""
+    from trainer.memory_plan import GIB, RAY_KILL_FRACTION, alternatives, describe, job_plan
+    from trainer.memory import total_bytes
+    from trainer.model_io import load_model_files
+
+    config, _, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
+    labels = [len(report.tasks[t].labels or ()) for t in spec.tasks if t in report.tasks]
+    precision = planned_precision(spec)
+    plan = job_plan(spec, config, encoding, labels, precision=precision)
+    report.notes.extend(describe(plan))
+    total = total_bytes()
+    if not machine or total is None:
+        return
+    ranks, limit = spec.scaling.max_workers, int(total * RAY_KILL_FRACTION)
+
+    def fits(candidate) -> bool:
+        return ranks * candidate.host_bytes <= limit and (not candidate.device or device_fits(candidate.device_bytes))
+
+    if fits(plan):
+        return
+    better = alternatives(spec, config, encoding, labels, precision, fits)
+    needed = (f"{ranks} ranks x {plan.host_bytes / GIB:.1f} GiB = {ranks * plan.host_bytes / GIB:.1f} GiB of host memory"
+              if ranks * plan.host_bytes > limit else f"{plan.device_bytes / GIB:.1f} GiB per GPU")
+    problem = (f"memory plan: {needed}, more than this machine has ({limit / GIB:.1f} GiB: "
+               f"{RAY_KILL_FRACTION:.0%} of {total / GIB:.1f}, where Ray's memory monitor kills workers); "
+               + (f"{better} fits" if better else "no shipped DeepSpeed config fits: more workers on more nodes, "
+                  "LoRA (model.lora), or a smaller micro-batch")
+               + "; --force runs it anyway")
+    if force:
+        report.notes.append(f"warning: {problem}")
+    else:
+        report.errors.append(problem)
+
+
+def planned_precision(spec: JobSpec) -> str:
+    """What train.precision: auto becomes where the job runs: bf16 on GPUs, on CPUs where it is fast here."""
+    if spec.train.precision != "auto":
+        return spec.train.precision
+    if spec.scaling.use_gpu:
+        return "bf16"
+    import torch
+
+    from trainer.precision import fast_bf16
+
+    return "bf16" if fast_bf16(torch.device("cpu")) else "fp32"
+
+
+def device_fits(per_rank: int) -> bool:
+    """Whether this machine's GPUs hold `per_rank` bytes each (True where there are none to ask)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return True
+    return per_rank <= min(torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count()))
 
 
 def _check_deepspeed(spec: JobSpec, report: Report) -> None:

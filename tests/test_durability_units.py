@@ -193,6 +193,32 @@ def test_a_version_copied_to_memory_is_written_later_as_it_was(tmp_path):
         engine.save(state, str(folder / "again.pt"))
 
 
+def test_a_state_whose_copy_the_host_cannot_spare_is_written_in_place(tmp_path):
+    """On CPU (or with offload) a version's copy doubles the optimizer state in host memory: a
+    0.7B model's run on 2 ranks was killed for memory writing its first version. A copy that needs
+    more fresh memory than the host can spare is not made: the state is written at once."""
+    import torch
+
+    from trainer.deferred_writes import DeferredWrites
+
+    spare = {"bytes": 10 * 4}
+    engine = DeferredWrites(spare_bytes=lambda: spare["bytes"])
+    folder = scratch_dir("version")
+    small, large = {"w": torch.ones(4)}, {"w": torch.ones(64)}
+    engine.save(small, str(folder / "small.pt"))  # 16 bytes fit
+    engine.save(large, str(folder / "large.pt"))  # 256 bytes do not
+    assert [path.rsplit("/", 1)[-1] for _, path in engine.pending] == ["small.pt"]
+    assert not (folder / "small.pt").exists() and (folder / "large.pt").exists() and engine.written_in_place == 1
+    large["w"].add_(1.0)
+    assert torch.load(folder / "large.pt")["w"].tolist() == [1.0] * 64  # the version's values
+    engine.take()
+    engine._taken = []
+
+    spare["bytes"] = 0  # the next version: the buffer the small state had is reused, nothing fresh is needed
+    engine.save(small, str(folder / "small2.pt"))
+    assert [path.rsplit("/", 1)[-1] for _, path in engine.pending] == ["small2.pt"] and engine.written_in_place == 1
+
+
 def test_a_failed_upload_is_raised_on_the_training_thread(tmp_path):
     storage = Storage(FlakyFs(failures=100), str(tmp_path / "runs"), "s3://bucket/runs", retry_delays_s=(0.0,))
     folder = scratch_dir("version")

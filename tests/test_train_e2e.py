@@ -41,10 +41,10 @@ def add_mood_task(job: dict, data_dir: Path) -> None:
                             "data": {s: str(data_dir / "mood" / f"{s}.jsonl") for s in ("train", "validation")}}
 
 
-def run_job(job: dict):
+def run_job(job: dict, **options):
     from launcher.run import train
 
-    return train(resolve(parse_job(job)))
+    return train(resolve(parse_job(job)), **options)
 
 
 def scalars(tb_dir: Path, tag: str) -> dict[int, float]:
@@ -398,7 +398,7 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
                             lambda self, *a, **k: fetched.extend(download_files(self, *a, **k)) or fetched)
         report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
         assert fetched and not [f for f in fetched if "optim_states" in f or f.startswith("rng/")], fetched
-        assert (version / "weights" / "model.pt").exists() == (ds_config == "zero3")
+        assert (version / "weights" / "model.safetensors").exists() == (ds_config == "zero3")
         assert report["results"]["sentiment"]["metrics"] == evals["sentiment"]["metrics"]  # same weights, fp32
         assert report["results"]["qa"]["metrics"] == evals["qa"]["metrics"]
 
@@ -492,7 +492,7 @@ def test_a_zero3_version_written_before_auto_sizes_resumes_exactly(ray_cluster, 
     state_file.write_text(json.dumps(state))  # as a version written before the layout was recorded
     ds.write_text((REPO / "ds_configs" / "zero3.json").read_text())  # with "auto" sizes
     capsys.readouterr()
-    run_job(job("resumed", 4))
+    run_job(job("resumed", 4), on_change="allow")  # the file's content changed: the drift check says so
     assert "universal" not in capsys.readouterr().out  # resumed in place, not converted
     runs = tmp_path / "runs"
     assert scalars(runs / "straight" / "tensorboard", "loss/sentiment") == \
@@ -551,7 +551,8 @@ def test_shipped_ds_configs_are_all_exercised():
 
 def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, model_dir, tmp_path, capsys,
                                                        write_job):
-    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))
+    shutil.copytree(model_dir, tmp_path / "base")  # its weights change at the end
+    job = job_dict(data_dir, str(tmp_path / "base"), "heads", tasks=("sentiment", "qa"))
     job.update(name="lora", storage={"path": str(tmp_path / "runs")})
     shutil.copytree(data_dir / "sentiment", tmp_path / "sentiment")  # its train file changes below
     job["tasks"]["sentiment"]["data"] = {s: str(tmp_path / "sentiment" / f"{s}.jsonl")
@@ -609,6 +610,37 @@ def test_lora_adapters_train_and_the_version_evaluates(ray_cluster, data_dir, mo
     assert (tmp_path / "apart" / "adapter" / "adapter_config.json").exists()
     base = AutoModel.from_pretrained(tmp_path / "apart")  # the base weights alone, no LoRA layer left in them
     assert not [n for n, _ in base.named_parameters() if "lora" in n]
+
+    # The version holds what was trained (adapters, heads) and names its base: path and fingerprint.
+    import torch
+
+    version = run / "step-000002"
+    module = torch.load(version / "deepspeed" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert module and all("lora_" in k or k.startswith("heads.") for k in module), sorted(module)[:5]
+    assert json.loads((version / "base.json").read_text())["name_or_path"] == str(tmp_path / "base")
+    # The base's weights changed since: the adapters would load over other weights, and are refused.
+    changed = AutoModel.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)
+    changed.save_pretrained(tmp_path / "base")
+    assert main(["eval", str(run), "--split", "validation", "--no-baselines"]) == 2
+    assert "was trained on other weights than" in capsys.readouterr().err
+
+
+def test_a_lora_version_resumes_exactly_from_its_adapters(ray_cluster, data_dir, model_dir, tmp_path):
+    def job(name, steps):
+        j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+        j.update(name=name, storage={"path": str(tmp_path / "runs")})
+        j["model"]["lora"] = {"r": 4, "alpha": 8, "target_modules": ["query", "value"]}
+        j["train"].update({"steps": steps, "checkpoint_every": 2, "eval_every": 0, "lr": 1e-3, "lr_schedule": "constant"})
+        return j
+
+    run_job(job("straight", 4))
+    run_job(job("resumed", 2))
+    run_job(job("resumed", 4))
+    runs = tmp_path / "runs"
+    straight = scalars(runs / "straight" / "tensorboard", "loss/sentiment")
+    assert straight == scalars(runs / "resumed" / "tensorboard", "loss/sentiment") and len(straight) == 4
 
 
 def test_rates_adapt_and_early_stopping_ends_the_run_when_every_task_has_stopped(ray_cluster, data_dir, model_dir,

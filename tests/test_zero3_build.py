@@ -134,3 +134,68 @@ def test_a_resumed_version_keeps_its_sub_groups():
     assert kept["sub_group_size"] == 1_000_000_000 and kept["reduce_bucket_size"] == 1024
     fixed = {"zero_optimization": {"stage": 3, "sub_group_size": 5000}}
     assert fill_model_sizes(fixed, 32, keep={"sub_group_size": 7})["zero_optimization"]["sub_group_size"] == 5000
+
+
+def test_a_versions_whole_weights_are_gathered_one_parameter_at_a_time(one_rank, causal_dir, tmp_path, monkeypatch):
+    """DeepSpeed's save_16bit_model gathers the whole model into rank 0's memory: a second model on
+    a rank sized for a part of one. The streamed file must hold the same weights (the tied LM head
+    included) while no gather ever holds more than one parameter."""
+    import deepspeed
+
+    from trainer.whole_weights import FILE, read_whole_weights, write_gathered
+
+    torch.manual_seed(3)
+    whole = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[])
+    torch.manual_seed(3)
+    parted = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[],
+                         ds_config=zero3_config(32))
+    gathered_at_once = []
+    real = deepspeed.zero.GatheredParameters
+
+    def counting(params, *args, **kwargs):
+        gathered_at_once.append(len(list(params)))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(deepspeed.zero, "GatheredParameters", counting)
+    size = write_gathered(parted, tmp_path / FILE, rank=0)
+    assert max(gathered_at_once) == 1 and size == (tmp_path / FILE).stat().st_size
+
+    got, expected = read_whole_weights(tmp_path), whole.state_dict()
+    assert got.keys() == expected.keys()
+    assert "lm.lm_head.weight" in got and got["lm.lm_head.weight"] is got["lm.transformer.wte.weight"]  # stored once
+    for name, value in expected.items():
+        assert torch.equal(got[name], value), name
+
+
+def test_fp32_zero3_keeps_one_copy_of_each_partition_and_trains_as_with_two(one_rank, causal_dir):
+    """DeepSpeed clones every fp32 partition as its optimizer's master copy (its check that the two
+    could be one compares a torch.device with a string). Shared, the steps must be the same."""
+    import deepspeed
+
+    from trainer.zero3_master import share_master_partitions
+
+    def train(share: bool) -> tuple[int, dict, int]:
+        torch.manual_seed(5)
+        config = zero3_config(32)
+        model = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[],
+                            ds_config=config)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+        freed = share_master_partitions(engine.optimizer) if share else 0
+        zero = engine.optimizer
+        assert all((m.untyped_storage().data_ptr() == low.untyped_storage().data_ptr()) == share
+                   for m, low in zip(zero.fp32_partitioned_groups_flat, zero.fp16_partitioned_groups_flat))
+        ids = torch.arange(12).reshape(2, 6) % 20 + 3
+        for _ in range(3):
+            loss = engine.module.lm(input_ids=ids, labels=ids).loss
+            engine.backward(loss)
+            engine.step()
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+            weights = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        return freed, weights, sum(p.ds_numel for p in engine.module.parameters())
+
+    freed, shared, parameters = train(share=True)
+    _, cloned, _ = train(share=False)
+    assert freed >= 4 * parameters * 0.9  # the clones: fp32, every parameter (one rank holds every partition)
+    for name, value in cloned.items():
+        assert torch.equal(shared[name], value), name

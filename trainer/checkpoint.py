@@ -2,7 +2,8 @@
 
     step-000060/
       deepspeed/state/     engine.save_checkpoint (model, optimizer, scheduler; every rank's shards)
-      weights/model.pt     ZeRO-3 only: the whole weights, gathered (ZeRO 0-2: in the model-states file)
+      weights/model.safetensors  ZeRO-3 only: the whole weights, gathered one parameter at a time
+                           (trainer.whole_weights; ZeRO 0-2: in the model-states file)
       trainer_state.json   step, planner + weighting state, per-task counters, last metrics (rank 0)
       rng/rank-<k>.json    rank k's RNG states (python, numpy, torch) and data stream positions
       job.yaml             the resolved job this version was trained with
@@ -10,6 +11,8 @@
       tokenizer/           tokenizer files
       config/              the backbone's (or LM's) transformers config
       tasks.json           task -> type, labels, prompt, encoding (what eval/predict need)
+      base.json            LoRA on pretrained weights: the base model and its fingerprint; the
+                           version then holds the trained parameters only (trainer.base_model)
       COMMITTED            written last, once every rank's files are on storage
 
 **One record of versions.** A version exists, complete, exactly when its COMMITTED marker is
@@ -43,10 +46,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from trainer.base_model import read_base, write_base
+from trainer.whole_weights import FILE as WEIGHTS_FILE, write_gathered
+
 DS_TAG = "state"
 # The model's whole weights in their training dtype, for reading a version without its optimizer
-# state: ZeRO 0-2 keep them in DeepSpeed's model-states file, ZeRO-3 versions get this file.
-WHOLE_WEIGHTS = "weights/model.pt"
+# state: ZeRO 0-2 keep them in DeepSpeed's model-states file, ZeRO-3 versions get this folder.
+WHOLE_WEIGHTS = "weights"
 MODEL_STATES = f"deepspeed/{DS_TAG}/mp_rank_00_model_states.pt"
 COMMITTED = "COMMITTED"
 DS_FILE = "deepspeed.json"
@@ -90,20 +96,23 @@ def write_pending(pending: list[tuple[object, str]]) -> None:
         torch.save(state, path)
 
 
-def write_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
-    """What every rank writes: its DeepSpeed shards (a collective call) and its RNG + data positions."""
-    engine.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
+def write_rank_part(engine, folder: Path, rank: int, streams: dict, trained_only: bool = False) -> None:
+    """What every rank writes: its DeepSpeed shards (a collective call) and its RNG + data positions.
+    trained_only: leave frozen parameters out (a LoRA base, which base.json names)."""
+    engine.save_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, exclude_frozen_parameters=trained_only)
     if engine.zero_optimization_partition_weights():  # ZeRO-3: gathered (a collective), written by rank 0
-        engine.save_16bit_model(str(folder / "weights"), WHOLE_WEIGHTS.split("/")[-1])
+        write_gathered(engine.module, folder / WHOLE_WEIGHTS / WEIGHTS_FILE, rank, trained_only=trained_only)
     (folder / "rng").mkdir(parents=True, exist_ok=True)
     part = {"rng": capture_rng(), "streams": {t: s.state_dict() for t, s in streams.items()}}
     (folder / "rng" / f"rank-{rank}.json").write_text(json.dumps(part))
 
 
 def write_global_part(folder: Path, *, trainer_state: dict, job_yaml: str, tokenizer, tasks: dict,
-                      model_config, ds_config: dict | None = None) -> None:
+                      model_config, ds_config: dict | None = None, base: dict | None = None) -> None:
     """What rank 0 adds: the run's state and what is needed to use the version on its own."""
     (folder / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1))
+    if base is not None:
+        write_base(folder, base)
     model_config.save_pretrained(str(folder / "config"))
     (folder / "job.yaml").write_text(job_yaml)
     if ds_config is not None:  # the job's DeepSpeed file as the run read it: its path may be gone later
@@ -118,7 +127,8 @@ def read_rank_part(folder: Path, rank: int) -> dict:
 
 
 def load_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
-    path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
+    # A LoRA version holds the trained parameters only: the rest is the base the model was built from.
+    path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, load_module_strict=read_base(folder) is None)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / 'deepspeed'}")
     part = read_rank_part(folder, rank)

@@ -5,6 +5,11 @@ own engine serialises it there, on the training thread. Here `save` only copies 
 host memory, and the version's upload thread (trainer.checkpoint.Upload) writes the copies.
 DeepSpeed's decoupled engine does the same in a subprocess but needs its async-IO op, which
 is not built on every machine.
+
+A copy needs host memory for this rank's whole state. Where the host cannot spare it (training
+on CPU or with the optimizer offloaded, where the state already lives in host memory and a
+0.7B model's AdamW state is 4.3 GB per rank of 2), `save` serialises the state where it is
+instead: training waits for torch.save, and memory stays as it was.
 """
 
 from __future__ import annotations
@@ -42,6 +47,21 @@ def snapshot(obj, copy_tensor, memo: dict | None = None):
     return obj
 
 
+def unique_tensors(obj, seen: set | None = None):
+    """The tensors of a state dict in the order `snapshot` copies them, each once."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in seen:
+            seen.add(id(obj))
+            yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from unique_tensors(value, seen)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from unique_tensors(value, seen)
+
+
 class DeferredWrites(TorchCheckpointEngine):
     """DeepSpeed's checkpoint engine, with `save` split in two: during `save_checkpoint` each
     state is copied to host memory (`snapshot`); trainer.checkpoint.write_pending serialises
@@ -53,19 +73,44 @@ class DeferredWrites(TorchCheckpointEngine):
     is host memory for one copy of this rank's state, for the whole run (pinned on GPUs, so the
     copy from the device is a DMA). A buffer is reused only once the previous version's files
     are written: `save` refuses to run before.
+
+    `spare_bytes()` says how much fresh host memory a copy may take (None: no limit); a state
+    whose copy would need more is written by `save` itself (`written_in_place` counts them).
     """
 
-    def __init__(self):
+    def __init__(self, spare_bytes=None):
         super().__init__()
         self.pending: list[tuple[object, str]] = []
         self._taken: list = []  # emptied by write_pending once the files are on disk
         self._buffers: list[torch.Tensor] = []
         self._used = 0
+        self._spare_bytes = spare_bytes
+        self.written_in_place = 0
 
     def save(self, state_dict, path: str) -> None:
         if self._taken:
             raise RuntimeError("a version was saved before the previous one's files were written")
+        if not self._copy_fits(state_dict):
+            self.written_in_place += 1
+            super().save(state_dict, path)
+            return
         self.pending.append((snapshot(state_dict, self._copy), path))
+
+    def _copy_fits(self, state_dict) -> bool:
+        """Whether copying this state takes no more fresh memory than the host can spare (buffers
+        of the right shape left from the last version are reused, not fresh)."""
+        if self._spare_bytes is None:
+            return True
+        fresh, index = 0, self._used
+        for tensor in unique_tensors(state_dict):
+            buffer = self._buffers[index] if index < len(self._buffers) else None
+            if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+                fresh += tensor.numel() * tensor.element_size()
+            index += 1
+        if fresh == 0:
+            return True
+        spare = self._spare_bytes()
+        return spare is None or fresh <= spare
 
     def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
         index, self._used = self._used, self._used + 1

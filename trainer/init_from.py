@@ -68,6 +68,7 @@ def label_problems(spec, manifest: dict, labels: dict[str, tuple[str, ...]]) -> 
 def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str, ...]]) -> dict:
     """Load init_from's version into `model` (this job's, before DeepSpeed); returns what was
     kept, added and dropped, by task."""
+    from trainer.base_model import read_base, require_base
     from trainer.scratch import scratch
     from trainer.version_io import TIED_WEIGHTS, download_model_files, whole_weights
 
@@ -80,7 +81,12 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
     if problems:
         raise UserError("init_from: the version does not fit this job:\n" + "\n".join(f"  - {p}" for p in problems))
     with scratch("init-from") as local:
-        weights = whole_weights(Path(local), fetch_optimizer_shards=download_model_files(storage, where, local))
+        fetch_shards = download_model_files(storage, where, local)
+        base = read_base(Path(local))
+        if base is not None:  # LoRA adapters and heads only: they go over this job's base, which must be theirs
+            require_base(base, storage.describe(where), spec.model.name_or_path)
+        weights = whole_weights(Path(local), fetch_optimizer_shards=fetch_shards)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad} if base is not None else set()
     old, new = list(manifest["tasks"]), list(spec.tasks)
     dropped = [t for t in old if t not in new]
     weights = {k: v for k, v in weights.items() if not any(k.startswith(f"heads.{t}.") for t in dropped)}
@@ -94,7 +100,7 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
                         f"{str(exc).splitlines()[-1].strip()}") from None
     added = [t for t in new if t not in old]
     missing = [k for k in missing if not k.startswith("loss_weighting.") and not k.endswith(TIED_WEIGHTS)
-               and not any(k.startswith(f"heads.{t}.") for t in added)]
+               and k not in frozen and not any(k.startswith(f"heads.{t}.") for t in added)]
     if missing or unexpected:
         raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model (a different "
                         f"base model or LoRA setting?): missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -34,7 +34,10 @@ from trainer.early_stopping import EarlyStopping
 from trainer.models import HeadSpec, build_model, first_target, hidden_size, lr_factor, model_config, param_groups
 from trainer.resize import load_resized
 from trainer import version_registry
-from trainer.reporting import StepStats, flat_hparams, peak_memory_line, quiet_libraries, say, step_line
+from trainer.base_model import BASE_FILE, adapters_only, base_record, require_base
+from trainer.zero3_master import share_master_partitions
+from trainer.memory import MemoryPhases, memory_key, return_freed_memory, spare_host_bytes
+from trainer.reporting import StepStats, flat_hparams, quiet_libraries, say, step_line
 from trainer.runtime import RayRuntime
 from trainer.sampling import StepPlanner, mixture_rates
 from trainer.safe_load import weights_only_loads
@@ -79,6 +82,8 @@ class Run:
     recent_step_s: list = field(default_factory=list)  # the last steps' times, for the ETA
     init_from: dict | None = None  # what the run started from, with the tasks' scores then (trainer.init_from)
     ds_base: dict | None = None  # the job's DeepSpeed file as the driver read it (each version records it)
+    memory: MemoryPhases | None = None  # this rank's peak memory per phase (trainer.memory)
+    base: dict | None = None  # LoRA on pretrained weights: the base its versions name (trainer.base_model)
 
 
 class WorkerStopped(RuntimeError):
@@ -106,7 +111,9 @@ def run_worker(spec, runtime, *, run_id: str | None = None, ds_base: dict | None
     stops.install_sigterm_hook()
     for folder in remove_orphans():  # left by workers that were killed on this node
         say(f"[mtl] removed stale scratch {folder}")
-    run = setup(spec, runtime, ds_base=ds_base)
+    memory = MemoryPhases(runtime.rank, runtime.device(),
+                          publish=(lambda note: runtime.publish(memory_key(run_id, runtime.rank), note)) if run_id else None)
+    run = setup(spec, runtime, ds_base=ds_base, memory=memory)
     run.stops = stops
     try:
         fit(run)
@@ -114,11 +121,13 @@ def run_worker(spec, runtime, *, run_id: str | None = None, ds_base: dict | None
         stops.training = False
 
 
-def setup(spec, runtime, ds_base: dict | None = None) -> Run:
+def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | None = None) -> Run:
     import deepspeed
 
     rank, world = runtime.rank, runtime.world
     device = runtime.device()
+    memory = memory or MemoryPhases(rank, device)
+    memory.enter("data")
     if device.type == "cpu":
         # The worker reserved cpus_per_worker; more threads would fight the other ranks.
         torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
@@ -148,6 +157,7 @@ def setup(spec, runtime, ds_base: dict | None = None) -> Run:
     ds_config = job_ds_config(spec, world, base=ds_base)
     fill_model_sizes(ds_config, hidden_size(base_config), keep=resumed_layout(storage, versions, zero_stage(ds_config)))
     torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
+    memory.enter("build")
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],
                         loss_weighting=weighting if isinstance(weighting, UncertaintyWeighting) else None,
@@ -164,15 +174,23 @@ def setup(spec, runtime, ds_base: dict | None = None) -> Run:
                                   lr=spec.train.lr, betas=(0.9, 0.999), eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_factor(spec.train.lr_schedule, spec.train.warmup_steps, spec.train.steps))
+    return_freed_memory()  # a partitioned build frees each whole layer it made
+    memory.enter("engine init")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    engine.checkpoint_engine = DeferredWrites()  # versions: a memory copy in the loop, files on a thread
+    share_master_partitions(engine.optimizer)  # fp32 ZeRO-3: one copy of each partition, not two
+    return_freed_memory()
+    memory.enter("start")
+    # Versions: a memory copy in the loop, files on a thread; written in place where the copy
+    # would take more than half of this rank's share of the host's free memory.
+    engine.checkpoint_engine = DeferredWrites(spare_bytes=lambda: spare_host_bytes(runtime.local_world))
     engine.train()  # from_pretrained leaves the backbone in eval mode: dropout would be off
     # Dropout differs per rank (as it would on separate machines) but is reproducible.
     seed_everything(spec.train.seed * 1000 + rank + 1)
     run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine, storage,
               runtime, seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks},
-              ds_base=ds_base)
+              ds_base=ds_base, memory=memory,
+              base=base_record(spec.model.name_or_path) if adapters_only(spec) else None)
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
     if spec.mixture.adapt is not None:
@@ -306,6 +324,9 @@ def restore_latest(run: Run) -> bool:
     if not versions:
         return False
     state = run.storage.read_json(f"{versions[-1]}/trainer_state.json")
+    recorded = run.storage.read_json(f"{versions[-1]}/{BASE_FILE}")
+    if recorded is not None:  # its adapters go over the base this run built: the one they were trained on
+        require_base(recorded, versions[-1], run.spec.model.name_or_path)
     layout = saved_layout(state, run.engine.zero_optimization_stage())
     if state["world_size"] != run.world or layout != optimizer_layout(run.engine):
         # ZeRO partitions and data shards belong to a world size, ZeRO-3's optimizer state to its
@@ -349,8 +370,11 @@ def fit(run: Run) -> None:
     spec, engine = run.spec, run.engine
     names = list(run.tasks)
     stops = run.stops
+    first = run.step
     while run.step < spec.train.steps and not all_stopped(run):
         started = time.perf_counter()
+        if run.step in (first, first + 1):
+            run.memory.enter("step 1" if run.step == first else "steps")  # AdamW makes its moments at the first
         plan = run.planner.plan()
         weights = run.weighting.weights()
         stats = run_plan(engine, plan, run.streams, weights, names, run.device)
@@ -402,7 +426,7 @@ def fit(run: Run) -> None:
                 f"{WAIT_AT_END_S:.0f}s; the run ends without it (mtl eval --split validation scores it)")
     if run.trackers is not None:
         run.trackers.close()
-    say(peak_memory_line(run.rank, run.device))
+    say(run.memory.line())
 
 
 def primary_scores(last_eval: dict) -> dict[str, float]:
@@ -597,9 +621,10 @@ def save_version(run: Run, metrics: dict) -> None:
     """
     started = time.perf_counter()
     finish_upload(run)
+    phase, _ = run.memory.phase, run.memory.enter("version")
     name = ckpt.version_name(run.step)
     folder = scratch_dir("version")
-    ckpt.write_rank_part(run.engine, folder, run.rank, run.streams)
+    ckpt.write_rank_part(run.engine, folder, run.rank, run.streams, trained_only=run.base is not None)
     scores = version_registry.scores_of(run.last_eval, run.step)
     if scores:  # evaluated at this very step: the version can be ranked (trainer.version_registry)
         run.version_scores[name] = scores
@@ -607,9 +632,10 @@ def save_version(run: Run, metrics: dict) -> None:
     if run.rank == 0:
         ckpt.write_global_part(folder, trainer_state=state, job_yaml=job_yaml(run.spec),
                                tokenizer=run.tokenizer, tasks=tasks_manifest(run),
-                               model_config=model_config(run.engine.module), ds_config=run.ds_base)
+                               model_config=model_config(run.engine.module), ds_config=run.ds_base, base=run.base)
     run.upload = ckpt.Upload(run.storage, folder, name, run.engine.checkpoint_engine.take())
     run.blocked_s = time.perf_counter() - started
+    run.memory.enter(phase or "steps")
     run.runtime.report(metrics)
 
 

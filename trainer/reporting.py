@@ -112,19 +112,6 @@ def step_line(step: int, total: int, per_task: dict, lr: float, seconds: float, 
             f"{tokens_per_s:.0f} tok/s{eta}")
 
 
-def peak_memory_line(rank: int, device) -> str:
-    """This rank's high-water marks: the process's resident memory, and on a GPU what torch allocated."""
-    import resource
-
-    import torch
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    line = f"[mtl] rank {rank} peak memory: {rss / 2 ** 30:.2f} GiB resident"
-    if device.type == "cuda":
-        line += f", {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB allocated on {device}"
-    return line
-
-
 def duration(seconds: float) -> str:
     """3725 -> '1h02m', 312 -> '5m12s', 9.4 -> '9s'."""
     seconds = int(round(seconds))

@@ -100,7 +100,8 @@ def load_resized(run, version: str, old_world: int) -> None:
     with node_copy(run.storage, version, needed, run.runtime.local_rank) as local:
         if stage > 0:
             run.engine._config.load_universal_checkpoint = True
-        path, _ = run.engine.load_checkpoint(str(local / "deepspeed"), tag=tag)
+        # A LoRA version holds the trained parameters only (trainer.base_model): the base is the model's own.
+        path, _ = run.engine.load_checkpoint(str(local / "deepspeed"), tag=tag, load_module_strict=run.base is None)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {local / 'deepspeed' / tag}")
         if stage == 3:

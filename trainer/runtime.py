@@ -131,6 +131,7 @@ class RayRuntime:
         self._context = context
         self.rank, self.world = context.get_world_rank(), context.get_world_size()
         self.local_rank = context.get_local_rank()
+        self.local_world = context.get_local_world_size()
 
     def device(self) -> torch.device:
         import ray.train.torch
@@ -155,6 +156,10 @@ class RayRuntime:
 
     def driver_asked(self, key: bytes) -> bool:
         return kv_get(key) is not None
+
+    def publish(self, key: bytes, value: bytes) -> None:
+        """A note the driver reads (trainer.memory's phase, when a rank is killed for memory)."""
+        kv_put(key, value)
 
     def preempted(self) -> bool:
         """Ray's notice, read from this worker's own context (the public call is a barrier)."""
@@ -199,6 +204,7 @@ class TorchrunRuntime:
                             f"--nproc_per_node=N -m launcher.torchrun JOB`)")
         self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         self.local_rank = int(os.environ["LOCAL_RANK"])
+        self.local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         if use_gpu:
             torch.cuda.set_device(self.local_rank)  # this rank's own GPU, as DeepSpeed expects by LOCAL_RANK
             self._device = torch.device("cuda", self.local_rank)
@@ -227,6 +233,9 @@ class TorchrunRuntime:
 
     def driver_asked(self, key: bytes) -> bool:
         return False  # no driver: SIGTERM is the stop request
+
+    def publish(self, key: bytes, value: bytes) -> None:
+        return None  # no driver to read it
 
     def preempted(self) -> bool:
         return False

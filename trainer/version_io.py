@@ -23,6 +23,8 @@ from trainer.spec import task_name_problem
 from trainer.errors import UserError
 from trainer.models import HeadSpec, MultiTaskModel, build_model_from_config
 from trainer.weighting import UncertaintyWeighting
+from trainer.base_model import read_base, require_base
+from trainer.whole_weights import has_whole_weights, read_whole_weights
 
 
 # Weights a model ties to others (an LM head to its embeddings): a state dict holds them once.
@@ -41,15 +43,14 @@ class LoadedVersion:
 def whole_weights(folder: Path, fetch_optimizer_shards=None) -> dict[str, torch.Tensor]:
     """The model's weights (fp32) from a version folder, without its optimizer state.
 
-    ZeRO-3 versions hold them gathered (`weights/model.pt`); ZeRO 0-2 keep them whole in
+    ZeRO-3 versions hold them gathered (`weights/`, trainer.whole_weights); ZeRO 0-2 keep them whole in
     DeepSpeed's model-states file. Both are the weights the run evaluated with, so `mtl eval`
     agrees with the in-training validation. Only a ZeRO-3 version from before `weights/`
     existed needs the optimizer shards (`fetch_optimizer_shards()` brings them when they are
     not in the folder), consolidated by DeepSpeed's zero_to_fp32.
     """
-    if (folder / WHOLE_WEIGHTS).exists():
-        weights = torch.load(folder / WHOLE_WEIGHTS, map_location="cpu", weights_only=True)
-        return {k: v.float() for k, v in weights.items()}
+    if has_whole_weights(folder / WHOLE_WEIGHTS):
+        return {k: v.float() for k, v in read_whole_weights(folder / WHOLE_WEIGHTS).items()}
     module = torch.load(folder / MODEL_STATES, map_location="cpu", weights_only=True)["module"]
     if not any(v.numel() == 0 for v in module.values()):
         return {k: v.float() for k, v in module.items()}
@@ -104,11 +105,21 @@ def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersi
     config = AutoConfig.from_pretrained(folder / "config")
     static = {t: spec.get("weight", 1.0) for t, spec in job["tasks"].items()}
     weighting = UncertaintyWeighting(static) if job.get("loss_weighting", {}).get("strategy") == "uncertainty" else None
-    model = build_model_from_config(kind=manifest["kind"], encoding=manifest["encoding"], config=config,
-                                    heads=_heads(manifest), loss_weighting=weighting, lora=job["model"].get("lora"))
+    base = read_base(folder)
+    if base is None:
+        model = build_model_from_config(kind=manifest["kind"], encoding=manifest["encoding"], config=config,
+                                        heads=_heads(manifest), loss_weighting=weighting, lora=job["model"].get("lora"))
+        frozen = set()
+    else:  # the trained parameters only: the rest is the base model it names (trainer.base_model)
+        from trainer.models import build_model
+
+        model = build_model(kind=manifest["kind"], encoding=manifest["encoding"],
+                            name_or_path=require_base(base, str(folder)), heads=_heads(manifest),
+                            loss_weighting=weighting, lora=job["model"].get("lora"))
+        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     missing, unexpected = model.load_state_dict(whole_weights(folder, fetch_optimizer_shards), strict=False)
     # Tied weights (e.g. an LM head tied to its embeddings) are stored once; anything else is a mismatch.
-    tied = {k for k in missing if k.endswith(TIED_WEIGHTS)}
+    tied = {k for k in missing if k.endswith(TIED_WEIGHTS)} | (set(missing) & frozen)
     if set(missing) - tied or unexpected:
         raise UserError(f"{folder}: the saved weights do not match the model "
                         f"(missing {sorted(set(missing) - tied)[:5]}, unexpected {sorted(unexpected)[:5]})")

@@ -267,11 +267,13 @@ def lora_rows(folder: Path, job_path: str) -> list[Row]:
     for task in job["tasks"].values():
         task["data"] = {"train": task["data"]["train"], "limit": 64}  # no validation split: nothing evaluated
     job.update(name=name, storage={"path": str(folder / "runs")})
-    job["train"].update(steps=1, checkpoint_every=0)
+    job["train"].update(steps=1, warmup_steps=0, checkpoint_every=0)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
-    subprocess.run([str(Path(PY).parent / "mtl"), "train", str(path)], cwd=REPO, env=ENV, check=True,
-                   capture_output=True, timeout=1800)
+    done = subprocess.run([str(Path(PY).parent / "mtl"), "train", str(path)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=1800)
+    if done.returncode:
+        raise RuntimeError(f"lora: mtl train failed:\n{(done.stdout + done.stderr)[-3000:]}")
     version = folder / "runs" / name / "step-000001"
     size = sum(p.stat().st_size for p in version.rglob("*") if p.is_file())
     model = sum(p.stat().st_size for p in weight_files(str(REPO / job["model"]["name_or_path"])))

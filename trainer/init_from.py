@@ -1,8 +1,10 @@
 """Starting a new run from another run's version: its weights, this job's tasks.
 
 `init_from: {experiment, version}` loads the version's model weights into the model this job
-builds, before DeepSpeed's engine is made (under ZeRO-3 the model is already partitioned then: its
-parameters are gathered for the load, trainer.models.whole_parameters):
+builds, before DeepSpeed's engine is made (under ZeRO-3 the model is already partitioned then:
+rank 0 alone reads the version and the model is loaded one module at a time, each gathered and
+partitioned again from rank 0's values, as transformers loads a pretrained model into ZeRO-3; no
+rank ever holds the whole model):
 
 - a task the version knows keeps its head (text2text models: the LM that learned its prompt);
 - a task it does not know gets a new head, initialised as in any new run;
@@ -24,8 +26,9 @@ from pathlib import Path
 
 import torch
 
+from trainer.collectives import distributed, from_rank0
 from trainer.errors import UserError
-from trainer.models import whole_parameters
+from trainer.models import is_partitioned
 
 
 def init_location(spec):
@@ -69,35 +72,46 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
     """Load init_from's version into `model` (this job's, before DeepSpeed); returns what was
     kept, added and dropped, by task."""
     from trainer.base_model import read_base, require_base
+    from trainer.whole_weights import frozen_names
     from trainer.scratch import scratch
     from trainer.version_io import TIED_WEIGHTS, download_model_files, whole_weights
 
     storage, name = init_location(spec)
     where = f"{name}/{spec.init_from.version}"
+    partitioned = any(is_partitioned(p) for p in model.parameters())
+    reads = not partitioned or not distributed() or torch.distributed.get_rank() == 0
     manifest = read_manifest(storage, where)
     if manifest is None:
         raise UserError(f"init_from: {storage.describe(where)} is not a committed version")
     problems = manifest_problems(spec, manifest) + label_problems(spec, manifest, labels)
     if problems:
         raise UserError("init_from: the version does not fit this job:\n" + "\n".join(f"  - {p}" for p in problems))
-    with scratch("init-from") as local:
-        fetch_shards = download_model_files(storage, where, local)
-        base = read_base(Path(local))
-        if base is not None:  # LoRA adapters and heads only: they go over this job's base, which must be theirs
-            require_base(base, storage.describe(where), spec.model.name_or_path)
-        weights = whole_weights(Path(local), fetch_optimizer_shards=fetch_shards)
-    frozen = {name for name, p in model.named_parameters() if not p.requires_grad} if base is not None else set()
     old, new = list(manifest["tasks"]), list(spec.tasks)
     dropped = [t for t in old if t not in new]
-    weights = {k: v for k, v in weights.items() if not any(k.startswith(f"heads.{t}.") for t in dropped)}
-    if old != new:  # one learned log-variance per task, in task order
-        weights = {k: v for k, v in weights.items() if not k.startswith("loss_weighting.")}
-    try:
-        with whole_parameters(model):
+    weights, base = {}, None
+    if reads:  # under ZeRO-3 rank 0 alone: the others get each module's values from it
+        with scratch("init-from") as local:
+            fetch_shards = download_model_files(storage, where, local)
+            base = read_base(Path(local))
+            if base is not None:  # LoRA adapters and heads only: they go over this job's base, which must be theirs
+                require_base(base, storage.describe(where), spec.model.name_or_path)
+            weights = whole_weights(Path(local), fetch_optimizer_shards=fetch_shards)
+        weights = {k: v for k, v in weights.items() if not any(k.startswith(f"heads.{t}.") for t in dropped)}
+        if old != new:  # one learned log-variance per task, in task order
+            weights = {k: v for k, v in weights.items() if not k.startswith("loss_weighting.")}
+    if partitioned:
+        problem, missing, unexpected, frozen = from_rank0(
+            fit_by_name(model, weights, base) if reads else None)
+        if problem:
+            raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: {problem}")
+        load_module_by_module(model, weights if reads else None)
+    else:
+        frozen = frozen_names(model) if base is not None else set()
+        try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # shapes differ: another base model or LoRA rank
-        raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: "
-                        f"{str(exc).splitlines()[-1].strip()}") from None
+        except RuntimeError as exc:  # shapes differ: another base model or LoRA rank
+            raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: "
+                            f"{str(exc).splitlines()[-1].strip()}") from None
     added = [t for t in new if t not in old]
     missing = [k for k in missing if not k.startswith("loss_weighting.") and not k.endswith(TIED_WEIGHTS)
                and k not in frozen and not any(k.startswith(f"heads.{t}.") for t in added)]
@@ -106,6 +120,42 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
                         f"base model or LoRA setting?): missing {missing[:3]}, unexpected {unexpected[:3]}")
     return {"experiment": spec.init_from.experiment, "version": spec.init_from.version,
             "kept": [t for t in new if t in old], "added": added, "dropped": dropped}
+
+
+def fit_by_name(model: torch.nn.Module, weights: dict, base: dict | None) -> tuple:
+    """(a shape problem or None, missing, unexpected, frozen names) of loading `weights` into a
+    partitioned model, found from names and whole shapes without gathering anything."""
+    from trainer.whole_weights import frozen_names
+
+    shapes = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
+    for name, value in weights.items():
+        if name in shapes and tuple(value.shape) != shapes[name]:
+            return (f"{name} is {tuple(value.shape)} there and {shapes[name]} here", [], [], set())
+    return (None, [k for k in shapes if k not in weights], [k for k in weights if k not in shapes],
+            frozen_names(model) if base is not None else set())
+
+
+def load_module_by_module(model: torch.nn.Module, weights: dict | None) -> None:
+    """Every rank calls this together; rank 0 holds `weights`. Each module's own parameters are
+    gathered whole, take rank 0's values, and are partitioned again from them (DeepSpeed's
+    GatheredParameters with modifier_rank=0): one module whole at a time, never the model."""
+    import deepspeed
+
+    for prefix, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=0), torch.no_grad():
+            for name, p in params.items():
+                key = f"{prefix}.{name}" if prefix else name
+                if weights is not None and key in weights:
+                    p.data.copy_(weights[key])
+    buffers = from_rank0({k: v for k, v in weights.items() if k in dict(model.named_buffers())}
+                         if weights is not None else None)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            if name in buffers:
+                buffer.copy_(buffers[name])
 
 
 def pinned(spec):

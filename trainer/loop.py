@@ -35,6 +35,7 @@ from trainer.models import HeadSpec, build_model, first_target, hidden_size, lr_
 from trainer.resize import load_resized
 from trainer import version_registry
 from trainer.base_model import BASE_FILE, adapters_only, base_record, require_base
+from trainer.head_guard import HeadGuard
 from trainer.zero3_master import share_master_partitions
 from trainer.memory import MemoryPhases, memory_key, return_freed_memory, spare_host_bytes
 from trainer.reporting import StepStats, flat_hparams, quiet_libraries, say, step_line
@@ -84,6 +85,7 @@ class Run:
     ds_base: dict | None = None  # the job's DeepSpeed file as the driver read it (each version records it)
     memory: MemoryPhases | None = None  # this rank's peak memory per phase (trainer.memory)
     base: dict | None = None  # LoRA on pretrained weights: the base its versions name (trainer.base_model)
+    head_guard: HeadGuard | None = None  # heads of tasks a step does not train stay put (trainer.head_guard)
 
 
 class WorkerStopped(RuntimeError):
@@ -190,7 +192,8 @@ def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | Non
     run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine, storage,
               runtime, seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks},
               ds_base=ds_base, memory=memory,
-              base=base_record(spec.model.name_or_path) if adapters_only(spec) else None)
+              base=base_record(spec.model.name_or_path) if adapters_only(spec) else None,
+              head_guard=HeadGuard(engine.module.heads) if len(engine.module.heads) else None)
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
     if spec.mixture.adapt is not None:
@@ -377,7 +380,9 @@ def fit(run: Run) -> None:
             run.memory.enter("step 1" if run.step == first else "steps")  # AdamW makes its moments at the first
         plan = run.planner.plan()
         weights = run.weighting.weights()
+        held = run.head_guard.hold([t for t in names if not plan.get(t)]) if run.head_guard else []
         stats = run_plan(engine, plan, run.streams, weights, names, run.device)
+        HeadGuard.restore(held)
         run.step += 1
         assert engine.global_steps == run.step, "plan size and DeepSpeed accumulation disagree"
         uploaded = run.upload is not None and run.upload.finished()

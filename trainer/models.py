@@ -225,20 +225,6 @@ def is_partitioned(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_shape")
 
 
-@contextmanager
-def whole_parameters(model: nn.Module):
-    """A ZeRO-3 model's parameters gathered whole for writing, then partitioned again from
-    rank 0's values (every rank writes the same). A model built whole is left as it is."""
-    partitioned = [p for p in model.parameters() if is_partitioned(p)]
-    if not partitioned:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
-        yield
-
-
 def build_model_from_config(*, kind: str, encoding: str, config, heads: list[HeadSpec],
                             loss_weighting: nn.Module | None = None, lora: dict | None = None) -> MultiTaskModel:
     """The same skeleton from a saved config, for loading a version's weights into."""

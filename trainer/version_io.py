@@ -24,7 +24,7 @@ from trainer.errors import UserError
 from trainer.models import HeadSpec, MultiTaskModel, build_model_from_config
 from trainer.weighting import UncertaintyWeighting
 from trainer.base_model import read_base, require_base
-from trainer.whole_weights import has_whole_weights, read_whole_weights
+from trainer.whole_weights import frozen_names, has_whole_weights, read_whole_weights
 
 
 # Weights a model ties to others (an LM head to its embeddings): a state dict holds them once.
@@ -116,7 +116,7 @@ def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersi
         model = build_model(kind=manifest["kind"], encoding=manifest["encoding"],
                             name_or_path=require_base(base, str(folder)), heads=_heads(manifest),
                             loss_weighting=weighting, lora=job["model"].get("lora"))
-        frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+        frozen = frozen_names(model)
     missing, unexpected = model.load_state_dict(whole_weights(folder, fetch_optimizer_shards), strict=False)
     # Tied weights (e.g. an LM head tied to its embeddings) are stored once; anything else is a mismatch.
     tied = {k for k in missing if k.endswith(TIED_WEIGHTS)} | (set(missing) & frozen)

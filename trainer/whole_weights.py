@@ -39,7 +39,7 @@ def write_gathered(module: torch.nn.Module, path: Path, rank: int, trained_only:
     (0 on the other ranks). trained_only: no frozen parameters (a LoRA version's base)."""
     import deepspeed
 
-    frozen = {name for name, p in module.named_parameters() if not p.requires_grad} if trained_only else set()
+    frozen = frozen_names(module) if trained_only else set()
     entries, stored, aliases = {}, {}, {}
     for name, tensor in module.state_dict(keep_vars=True).items():
         if name in frozen:
@@ -75,6 +75,12 @@ def write_gathered(module: torch.nn.Module, path: Path, rank: int, trained_only:
         if out is not None:
             out.close()
     return len(raw) + 8 + offset if rank == 0 else 0
+
+
+def frozen_names(module: torch.nn.Module) -> set[str]:
+    """Every name of a frozen parameter, tied ones included (named_parameters gives a tied weight
+    once: a LoRA model's lm_head, tied to the frozen embeddings, would be kept whole otherwise)."""
+    return {name for name, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def read_whole_weights(folder: Path) -> dict[str, torch.Tensor]:

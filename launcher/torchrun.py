@@ -101,7 +101,8 @@ def _as_driver(spec, world: int, on_change: str, held: contextlib.ExitStack):
 def _run(spec, runtime) -> None:
     from launcher.run import summarize
     from trainer.ds_config import read_ds_config
-    from trainer.loop import WorkerStopped, run_worker
+    from trainer.loop import run_worker
+    from trainer.loop_state import WorkerStopped
     from trainer.storage import open_storage
 
     try:

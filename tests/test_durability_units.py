@@ -425,7 +425,7 @@ def test_a_version_tagged_while_the_run_prunes_is_kept(tmp_path, monkeypatch):
     import pyarrow.fs as pafs
 
     from trainer import checkpoint as ckpt
-    from trainer import loop
+    from trainer import loop_versions
     from trainer.storage import Storage
 
     storage = Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
@@ -440,7 +440,7 @@ def test_a_version_tagged_while_the_run_prunes_is_kept(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "read_tags", tags_as_mtl_tag_writes_them)
     run = SimpleNamespace(storage=storage, version_scores={}, background=None,
                           spec=SimpleNamespace(train=SimpleNamespace(keep_best=False, keep_last=1)))
-    kept = loop.prune_versions(run)
+    kept = loop_versions.prune_versions(run)
     assert ckpt.committed_versions(storage) == ["step-000001", "step-000003"] == kept  # its marker put back
 
 

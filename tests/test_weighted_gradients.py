@@ -18,7 +18,8 @@ import torch
 
 from conftest import qa_rows, sentiment_rows
 from trainer.batching import TaskStream
-from trainer.loop import run_plan, skip_inference_comm_op
+from trainer.loop import run_plan
+from trainer.loop_setup import skip_inference_comm_op
 from trainer.models import HeadSpec, build_model
 from trainer.check_encode import encode_split
 from trainer.tasks import registry

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.loop import skip_inference_comm_op
+from trainer.loop_setup import skip_inference_comm_op
 from trainer.ds_config import MODEL_SIZED_KEYS, build_ds_config, fill_model_sizes, read_ds_config
 from trainer.models import HeadSpec, build_model, hidden_size, is_partitioned, param_groups
 
@@ -143,7 +143,7 @@ def test_under_bf16_the_parts_built_whole_take_the_partitions_dtype(one_rank, mo
 
 def test_a_resumed_version_keeps_its_sub_groups():
     """ZeRO-3's optimizer state is cut by sub_group_size: "auto" takes the resumed version's."""
-    from trainer.loop import saved_layout
+    from trainer.loop_versions import saved_layout
 
     assert saved_layout({"optimizer_layout": {"sub_group_size": 12288}}, 3) == {"sub_group_size": 12288}
     assert saved_layout({}, 3) == {"sub_group_size": 1_000_000_000}  # written before it was recorded

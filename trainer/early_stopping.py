@@ -2,7 +2,7 @@
 
 After each validation, a task's primary metric either beats its best by more than `min_delta`
 (the counter resets) or it does not (the counter grows). At `patience` evaluations without a
-gain the task stops (trainer.loop.stop_lagging_tasks): frozen, the planner gives it no more
+gain the task stops (trainer.loop_validation.stop_lagging_tasks): frozen, the planner gives it no more
 micro-batches, or down-weighted, its sampling rate is multiplied by a factor; either way the
 other tasks get what it gives up, and its best version stays protected by retention
 (train.keep_best). When every task has stopped, the run writes a version and ends. Every rank sees the same metrics (evaluation

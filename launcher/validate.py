@@ -148,10 +148,13 @@ def _plan_memory(spec: JobSpec, report: Report, machine: bool, force: bool) -> N
     from trainer.memory_plan import GIB, RAY_KILL_FRACTION, alternatives, describe, job_plan
     from trainer.memory import total_bytes
     from trainer.model_io import load_model_files
+    from trainer.models import model_class
 
     config, _, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
     labels = [len(report.tasks[t].labels or ()) for t in spec.tasks if t in report.tasks]
     precision = planned_precision(spec)
+    if model_class(spec.model.kind, encoding, config) is None:
+        return  # a class transformers does not map: loading it says so, a plan could not count it
     plan = job_plan(spec, config, encoding, labels, precision=precision)
     report.notes.extend(describe(plan))
     total = total_bytes()

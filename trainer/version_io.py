@@ -65,6 +65,19 @@ def whole_weights(folder: Path, fetch_optimizer_shards=None) -> dict[str, torch.
         return get_fp32_state_dict_from_zero_checkpoint(str(folder / "deepspeed"), tag=DS_TAG)
 
 
+def as_trained(model: torch.nn.Module, precision: str | None) -> None:
+    """A frozen base as the run held it: a bf16/fp16 run trained and validated over its base cast
+    to that dtype (DeepSpeed casts the model), so `mtl eval` of its adapters reads the base rounded
+    the same way and agrees with the in-training validation."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision or "")
+    if dtype is None:
+        return
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(dtype).float()
+
+
 def check_manifest(manifest, where: str) -> None:
     """A version's tasks.json is read from storage that others may write: every task name must be
     one a job could have given, before any of them becomes part of a path (export's heads/<task>)."""
@@ -117,6 +130,7 @@ def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersi
                             name_or_path=require_base(base, str(folder)), heads=_heads(manifest),
                             loss_weighting=weighting, lora=job["model"].get("lora"))
         frozen = frozen_names(model)
+        as_trained(model, job.get("train", {}).get("precision"))
     missing, unexpected = model.load_state_dict(whole_weights(folder, fetch_optimizer_shards), strict=False)
     # Tied weights (e.g. an LM head tied to its embeddings) are stored once; anything else is a mismatch.
     tied = {k for k in missing if k.endswith(TIED_WEIGHTS)} | (set(missing) & frozen)

@@ -185,7 +185,7 @@ def stall_rows() -> list[Row]:
             for where, value in found.items()]
 
 
-PEAK = re.compile(r"\[mtl\] rank (\d+) peak memory: ([\d.]+) GiB resident")  # each rank's last line
+PHASES = re.compile(r"\[mtl\] rank (\d+) peak memory: ([\d.]+) GiB resident \(([^)]*)\)")  # each rank's last line
 STAGES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 
 
@@ -200,7 +200,7 @@ def memory_rows(folder: Path, steps: int) -> list[Row]:
         name = f"mem-{stage}-{time.monotonic_ns()}"
         job = mtl_job(folder, model, data, steps, "fp32", name, deepspeed=stage)
         _, out, _ = timed_lines([str(Path(PY).parent / "mtl"), "train", str(job)], "peak memory", timeout=1800)
-        ranks = {int(r): float(g) for r, g in PEAK.findall(out)}
+        ranks = {int(r): float(g) for r, g, _ in PHASES.findall(out)}
         if len(ranks) != WORKERS:
             raise RuntimeError(f"{stage}: expected {WORKERS} peak-memory lines:\n{out[-3000:]}")
         peaks[stage] = max(ranks.values())
@@ -212,7 +212,6 @@ def memory_rows(folder: Path, steps: int) -> list[Row]:
                 f"`mtl train` {steps} steps, 2 workers, fp32 AdamW; the largest rank's `peak memory` line: {listing}")]
 
 
-PHASES = re.compile(r"\[mtl\] rank (\d+) peak memory: ([\d.]+) GiB resident \(([^)]*)\)")
 LARGE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 14, "num_attention_heads": 16,
          "num_key_value_heads": 16, "max_position_embeddings": 2048}  # Llama-shaped, ~0.7B with the bench's vocabulary
 
@@ -225,13 +224,13 @@ def large_model_rows(folder: Path) -> list[Row]:
     from transformers import AutoConfig, LlamaConfig
 
     from conftest import build_tokenizer
-    from trainer.memory_plan import GIB, model_size, plan_memory
+    from launcher.jobfile import load_job
+    from trainer.memory_plan import GIB, job_model_size, job_plan
 
     model = folder / "large-model"
     tok = build_tokenizer(model)
     LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, tie_word_embeddings=True, **LARGE).save_pretrained(model)
     data = write_rows(folder / "large-rows.jsonl", rows=64, length=LENGTH)
-    size = model_size(AutoConfig.from_pretrained(model), "text2text", "causal")
     name, tokens = f"large-{time.monotonic_ns()}", 64
     job = {"name": name, "model": {"name_or_path": str(model), "kind": "text2text", "init": "random", "max_length": tokens},
            "tasks": {"cls": {"type": "classification", "data": {"train": str(data)}, "prompt": "{text} Sentiment:"}},
@@ -246,7 +245,9 @@ def large_model_rows(folder: Path) -> list[Row]:
     if len(ranks) != WORKERS:
         raise RuntimeError(f"large model: expected {WORKERS} peak-memory lines:\n{out[-3000:]}")
     peak, phases = max(ranks.values())
-    plan = plan_memory(size, stage=3, world=WORKERS, precision="fp32", tokens=tokens, sequence=tokens).host_bytes / GIB
+    spec = load_job(str(path), [])  # the plan `mtl validate` prints for this job
+    size = job_model_size(spec, AutoConfig.from_pretrained(model), "causal", [])
+    plan = job_plan(spec, size).host_bytes / GIB
     ratio = peak / plan
     return [Row(f"ZeRO-3 {size.params / 1e9:.2f}B-parameter Llama-shaped model, 2 ranks: peak resident GiB per rank",
                 f"{peak:.2f}", f"{plan:.2f} (the plan)", ratio, "<= 9 GiB; plan within +-25%",
@@ -270,10 +271,7 @@ def lora_rows(folder: Path, job_path: str) -> list[Row]:
     job["train"].update(steps=1, warmup_steps=0, checkpoint_every=0)
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(job, sort_keys=False))
-    done = subprocess.run([str(Path(PY).parent / "mtl"), "train", str(path)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=1800)
-    if done.returncode:
-        raise RuntimeError(f"lora: mtl train failed:\n{(done.stdout + done.stderr)[-3000:]}")
+    timed_lines([str(Path(PY).parent / "mtl"), "train", str(path)], "finished at", timeout=1800)
     version = folder / "runs" / name / "step-000001"
     size = sum(p.stat().st_size for p in version.rglob("*") if p.is_file())
     model = sum(p.stat().st_size for p in weight_files(str(REPO / job["model"]["name_or_path"])))

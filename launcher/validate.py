@@ -145,17 +145,18 @@ def _init_from_problems(spec: JobSpec) -> list[str]:
 
 def _plan_memory(spec: JobSpec, report: Report, machine: bool, force: bool) -> None:
     """What each rank will hold (trainer.memory_plan); on this machine, whether the ranks fit it."""
-    from trainer.memory_plan import GIB, RAY_KILL_FRACTION, alternatives, describe, job_plan
     from trainer.memory import total_bytes
-    from trainer.model_io import load_model_files
+    from trainer.memory_plan import GIB, RAY_KILL_FRACTION, describe, job_model_size, job_plan
+    from trainer.model_io import load_config
     from trainer.models import model_class
 
-    config, _, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
-    labels = [len(report.tasks[t].labels or ()) for t in spec.tasks if t in report.tasks]
-    precision = planned_precision(spec)
+    config, encoding = load_config(spec.model.name_or_path, spec.model.kind)
     if model_class(spec.model.kind, encoding, config) is None:
         return  # a class transformers does not map: loading it says so, a plan could not count it
-    plan = job_plan(spec, config, encoding, labels, precision=precision)
+    size = job_model_size(spec, config, encoding, [len(report.tasks[t].labels or ()) for t in spec.tasks
+                                                   if t in report.tasks])
+    precision = planned_precision(spec)
+    plan = job_plan(spec, size, precision=precision)
     report.notes.extend(describe(plan))
     total = total_bytes()
     if not machine or total is None:
@@ -167,7 +168,7 @@ def _plan_memory(spec: JobSpec, report: Report, machine: bool, force: bool) -> N
 
     if fits(plan):
         return
-    better = alternatives(spec, config, encoding, labels, precision, fits)
+    better = first_config_that_fits(spec, size, precision, fits)
     needed = (f"{ranks} ranks x {plan.host_bytes / GIB:.1f} GiB = {ranks * plan.host_bytes / GIB:.1f} GiB of host memory"
               if ranks * plan.host_bytes > limit else f"{plan.device_bytes / GIB:.1f} GiB per GPU")
     problem = (f"memory plan: {needed}, more than this machine has ({limit / GIB:.1f} GiB: "
@@ -179,6 +180,22 @@ def _plan_memory(spec: JobSpec, report: Report, machine: bool, force: bool) -> N
         report.notes.append(f"warning: {problem}")
     else:
         report.errors.append(problem)
+
+
+def first_config_that_fits(spec: JobSpec, size, precision: str, fits) -> str | None:
+    """The first shipped DeepSpeed config under which the plan fits (`fits(plan)`), as a job line."""
+    from launcher.jobfile import SHIPPED_DS_CONFIGS
+    from trainer.ds_config import read_ds_config
+    from trainer.memory_plan import GIB, job_plan
+
+    for name in ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
+        path = SHIPPED_DS_CONFIGS / f"{name}.json"
+        if not path.exists() or (name.endswith("offload") and not spec.scaling.use_gpu):
+            continue  # on CPU, offload moves nothing off the machine
+        plan = job_plan(spec, size, precision=precision, ds_config=job_ds_config(spec, base=read_ds_config(str(path))))
+        if fits(plan):
+            return f"deepspeed: {name} ({max(plan.host_bytes, plan.device_bytes) / GIB:.1f} GiB per rank)"
+    return None
 
 
 def planned_precision(spec: JobSpec) -> str:

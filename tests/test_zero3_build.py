@@ -104,10 +104,10 @@ def test_init_from_weights_load_into_a_partitioned_model_one_module_at_a_time(on
             p.add_(0.5)  # weights a run trained
     target = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir), heads=heads,
                          ds_config=zero3_config(32))
-    problem, missing, unexpected, _ = fit_by_name(target, source.state_dict(), None)
+    problem, missing, unexpected = fit_by_name(target, source.state_dict())
     assert problem is None and not missing and not unexpected
     other = {**source.state_dict(), "heads.sentiment.out.weight": torch.zeros(3, 32)}  # 3 labels there
-    assert fit_by_name(target, other, None)[0] == "heads.sentiment.out.weight is (3, 32) there and (2, 32) here"
+    assert fit_by_name(target, other)[0] == "heads.sentiment.out.weight is (3, 32) there and (2, 32) here"
     gathered_at_once = []
     real = deepspeed.zero.GatheredParameters
 

@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.base_model import read_base, write_base
+from trainer.base_model import write_base
 from trainer.whole_weights import FILE as WEIGHTS_FILE, frozen_names, write_gathered
 
 DS_TAG = "state"
@@ -148,9 +148,10 @@ def read_rank_part(folder: Path, rank: int) -> dict:
     return json.loads((folder / "rng" / f"rank-{rank}.json").read_text())
 
 
-def load_rank_part(engine, folder: Path, rank: int, streams: dict) -> None:
-    # A LoRA version holds the trained parameters only: the rest is the base the model was built from.
-    path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, load_module_strict=read_base(folder) is None)
+def load_rank_part(engine, folder: Path, rank: int, streams: dict, trained_only: bool = False) -> None:
+    """trained_only: the version holds the trained parameters only (a LoRA version): the rest is the
+    base the model was built from."""
+    path, _ = engine.load_checkpoint(str(folder / "deepspeed"), tag=DS_TAG, load_module_strict=not trained_only)
     if path is None:
         raise RuntimeError(f"DeepSpeed found no checkpoint in {folder / 'deepspeed'}")
     part = read_rank_part(folder, rank)

@@ -47,21 +47,6 @@ def snapshot(obj, copy_tensor, memo: dict | None = None):
     return obj
 
 
-def unique_tensors(obj, seen: set | None = None):
-    """The tensors of a state dict in the order `snapshot` copies them, each once."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in seen:
-            seen.add(id(obj))
-            yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from unique_tensors(value, seen)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from unique_tensors(value, seen)
-
-
 class DeferredWrites(TorchCheckpointEngine):
     """DeepSpeed's checkpoint engine, with `save` split in two: during `save_checkpoint` each
     state is copied to host memory (`snapshot`); trainer.checkpoint.write_pending serialises
@@ -101,8 +86,10 @@ class DeferredWrites(TorchCheckpointEngine):
         of the right shape left from the last version are reused, not fresh)."""
         if self._spare_bytes is None:
             return True
+        tensors: list[torch.Tensor] = []
+        snapshot(state_dict, lambda t: tensors.append(t) or t)  # in the order, and as often, as _copy runs
         fresh, index = 0, self._used
-        for tensor in unique_tensors(state_dict):
+        for tensor in tensors:
             buffer = self._buffers[index] if index < len(self._buffers) else None
             if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
                 fresh += tensor.numel() * tensor.element_size()

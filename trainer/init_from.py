@@ -99,19 +99,17 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
         weights = {k: v for k, v in weights.items() if not any(k.startswith(f"heads.{t}.") for t in dropped)}
         if old != new:  # one learned log-variance per task, in task order
             weights = {k: v for k, v in weights.items() if not k.startswith("loss_weighting.")}
+    verdict = (*fit_by_name(model, weights), base is not None) if reads else None
+    if partitioned:  # what rank 0 found, for every rank: they all load, or all refuse
+        verdict = from_rank0(verdict)
+    problem, missing, unexpected, adapters_only = verdict
+    if problem:  # shapes differ: another base model or LoRA rank
+        raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: {problem}")
     if partitioned:
-        problem, missing, unexpected, frozen = from_rank0(
-            fit_by_name(model, weights, base) if reads else None)
-        if problem:
-            raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: {problem}")
         load_module_by_module(model, weights if reads else None)
     else:
-        frozen = frozen_names(model) if base is not None else set()
-        try:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-        except RuntimeError as exc:  # shapes differ: another base model or LoRA rank
-            raise UserError(f"init_from: the weights of {describe(spec)} do not fit this job's model: "
-                            f"{str(exc).splitlines()[-1].strip()}") from None
+        model.load_state_dict(weights, strict=False)
+    frozen = frozen_names(model) if adapters_only else set()  # a LoRA version's base is this job's own
     added = [t for t in new if t not in old]
     missing = [k for k in missing if not k.startswith("loss_weighting.") and not k.endswith(TIED_WEIGHTS)
                and k not in frozen and not any(k.startswith(f"heads.{t}.") for t in added)]
@@ -122,17 +120,14 @@ def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str,
             "kept": [t for t in new if t in old], "added": added, "dropped": dropped}
 
 
-def fit_by_name(model: torch.nn.Module, weights: dict, base: dict | None) -> tuple:
-    """(a shape problem or None, missing, unexpected, frozen names) of loading `weights` into a
-    partitioned model, found from names and whole shapes without gathering anything."""
-    from trainer.whole_weights import frozen_names
-
+def fit_by_name(model: torch.nn.Module, weights: dict) -> tuple[str | None, list[str], list[str]]:
+    """(a shape problem or None, missing names, unexpected names) of loading `weights` into `model`,
+    found from names and whole shapes (a ZeRO-3 partition's `ds_shape`) without gathering anything."""
     shapes = {name: tuple(getattr(t, "ds_shape", t.shape)) for name, t in model.state_dict(keep_vars=True).items()}
     for name, value in weights.items():
         if name in shapes and tuple(value.shape) != shapes[name]:
-            return (f"{name} is {tuple(value.shape)} there and {shapes[name]} here", [], [], set())
-    return (None, [k for k in shapes if k not in weights], [k for k in weights if k not in shapes],
-            frozen_names(model) if base is not None else set())
+            return f"{name} is {tuple(value.shape)} there and {shapes[name]} here", [], []
+    return None, [k for k in shapes if k not in weights], [k for k in weights if k not in shapes]
 
 
 def load_module_by_module(model: torch.nn.Module, weights: dict | None) -> None:
@@ -150,12 +145,11 @@ def load_module_by_module(model: torch.nn.Module, weights: dict | None) -> None:
                 key = f"{prefix}.{name}" if prefix else name
                 if weights is not None and key in weights:
                     p.data.copy_(weights[key])
-    buffers = from_rank0({k: v for k, v in weights.items() if k in dict(model.named_buffers())}
-                         if weights is not None else None)
+    own = dict(model.named_buffers())
+    buffers = from_rank0({k: v for k, v in weights.items() if k in own} if weights is not None else None)
     with torch.no_grad():
-        for name, buffer in model.named_buffers():
-            if name in buffers:
-                buffer.copy_(buffers[name])
+        for name, value in buffers.items():
+            own[name].copy_(value)
 
 
 def pinned(spec):

@@ -256,7 +256,7 @@ def restore_latest(run: Run) -> bool:
     else:
         with scratch("resume") as local:
             ckpt.load_rank_part(run.engine, ckpt.download_part(run.storage, versions[-1], local, run.rank),
-                                run.rank, run.streams)
+                                run.rank, run.streams, trained_only=run.base is not None)
     run.step = state["step"]
     run.planner.load_state_dict(state["planner"])
     if not isinstance(run.weighting, UncertaintyWeighting):  # learned weights came back with the model

@@ -96,8 +96,8 @@ class MemoryPhases:
             return
         now, _ = resident_bytes()
         try:
-            self._publish(json.dumps({"phase": self.phase, "pid": os.getpid(), "resident_gib": round(now / GIB, 2),
-                                      "peak_gib": round(max(self.peaks.values(), default=now / GIB), 2)}).encode())
+            self._publish(json.dumps({"phase": self.phase, "pid": os.getpid(),
+                                      "resident_gib": round(now / GIB, 2)}).encode())
         except Exception:  # a note for a failure message: never a reason to fail
             pass
 
@@ -118,7 +118,7 @@ class MemoryPhases:
 
 
 def read_notes(kv_get, run_id: str, world: int) -> dict[int, dict]:
-    """Rank -> its last note ({"phase", "resident_gib", "peak_gib"}), for the ranks that left one."""
+    """Rank -> its last note ({"phase", "pid", "resident_gib"}), for the ranks that left one."""
     notes = {}
     for rank in range(world):
         raw = kv_get(memory_key(run_id, rank))
@@ -130,43 +130,40 @@ def read_notes(kv_get, run_id: str, world: int) -> dict[int, dict]:
     return notes
 
 
-def total_bytes() -> int | None:
-    """This machine's memory (MemTotal), or a cgroup's limit where it is lower."""
-    total = None
+def meminfo_bytes(key: str) -> int | None:
+    """A /proc/meminfo figure (MemTotal, MemAvailable) in bytes; None where there is none."""
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
-                if line.startswith("MemTotal:"):
-                    total = int(line.split()[1]) * 1024
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024
     except OSError:
-        return None
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max" and total is not None:
-            total = min(total, int(limit))
-    except (OSError, ValueError):
         pass
-    return total
+    return None
+
+
+def cgroup_bytes(name: str) -> int | None:
+    """A cgroup v2 memory figure of this process's group (memory.max, memory.current); None where
+    there is no cgroup v2 or no limit."""
+    try:
+        value = Path(f"/sys/fs/cgroup/{name}").read_text().strip()
+        return None if value == "max" else int(value)
+    except (OSError, ValueError):
+        return None
+
+
+def total_bytes() -> int | None:
+    """This machine's memory (MemTotal), or a cgroup's limit where it is lower."""
+    total, limit = meminfo_bytes("MemTotal"), cgroup_bytes("memory.max")
+    return total if limit is None or total is None else min(total, limit)
 
 
 def available_bytes() -> int | None:
     """Memory the system can still give: MemAvailable, or less where a cgroup limits this process."""
-    available = None
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    available = int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    try:  # cgroup v2: the limit and what the group uses now
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
-            available = min(available if available is not None else 1 << 62, int(limit) - used)
-    except (OSError, ValueError):
-        pass
-    return available
+    available, limit, used = meminfo_bytes("MemAvailable"), cgroup_bytes("memory.max"), cgroup_bytes("memory.current")
+    if available is None or limit is None or used is None:
+        return available
+    return min(available, limit - used)
 
 
 def spare_host_bytes(ranks_on_node: int) -> int | None:

@@ -156,16 +156,20 @@ def activation_bytes(size: ModelSize, tokens: int, sequence: int, b: int, checkp
 RAY_KILL_FRACTION = 0.95  # Ray's memory monitor kills workers above 95% of a node's memory
 
 
-def job_plan(spec, config, encoding: str, head_labels: list[int], *, precision: str | None = None,
-             ds_config: dict | None = None) -> MemoryPlan:
-    """The plan of `spec` (a JobSpec) for the model `config`, under its DeepSpeed config."""
+def job_model_size(spec, config, encoding: str, head_labels: list[int]) -> ModelSize:
+    """The parameters of the model `spec` (a JobSpec) trains on `config`: LoRA, and heads where it has them."""
+    lora = spec.model.lora.model_dump() if spec.model.lora else None
+    return model_size(config, spec.model.kind, encoding, lora, head_labels if spec.model.kind == "heads" else [])
+
+
+def job_plan(spec, size: ModelSize, *, precision: str | None = None, ds_config: dict | None = None) -> MemoryPlan:
+    """The plan of `spec` (a JobSpec) for a model of `size` (job_model_size), under its DeepSpeed config."""
     from trainer.ds_config import job_ds_config, zero_stage
 
     ds_config = ds_config if ds_config is not None else job_ds_config(spec)
     zero = ds_config.get("zero_optimization", {})
     offloaded = lambda key: (zero.get(key) or {}).get("device", "none") in ("cpu", "nvme")  # noqa: E731
     lora = spec.model.lora.model_dump() if spec.model.lora else None
-    size = model_size(config, spec.model.kind, encoding, lora, head_labels if spec.model.kind == "heads" else [])
     live = zero.get("stage3_max_live_parameters")
     common = dict(stage=zero_stage(ds_config), world=spec.scaling.max_workers,
                   live_parameters=live if isinstance(live, (int, float)) else None,
@@ -216,21 +220,3 @@ def describe(plan: MemoryPlan) -> list[str]:
             items = ", ".join(f"{k} {v / GIB:.2f}" for k, v in parts.items() if v)
             lines.append(f"  {where}: {sum(parts.values()) / GIB:.2f} GiB ({items})")
     return lines
-
-
-def alternatives(spec, config, encoding: str, head_labels: list[int], precision: str, fits) -> str | None:
-    """The first shipped DeepSpeed config under which the plan fits (`fits(plan)`), as a job line."""
-    from pathlib import Path
-
-    from trainer.ds_config import job_ds_config, read_ds_config
-
-    shipped = Path(__file__).resolve().parent.parent / "ds_configs"
-    for name in ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
-        path = shipped / f"{name}.json"
-        if not path.exists() or (name.endswith("offload") and not spec.scaling.use_gpu):
-            continue  # on CPU, offload moves nothing off the machine
-        plan = job_plan(spec, config, encoding, head_labels, precision=precision,
-                        ds_config=job_ds_config(spec, base=read_ds_config(str(path))))
-        if fits(plan):
-            return f"deepspeed: {name} ({max(plan.host_bytes, plan.device_bytes) / GIB:.1f} GiB per rank)"
-    return None

@@ -14,12 +14,23 @@ def load_tokenizer_and_encoding(name_or_path: str, kind: str):
     return tokenizer, encoding
 
 
-def load_model_files(name_or_path: str, kind: str):
-    """(config, tokenizer, encoding) of a model folder or hub id, or a UserError naming it."""
-    from transformers import AutoConfig, AutoTokenizer
+def load_config(name_or_path: str, kind: str):
+    """(config, encoding) of a model folder or hub id, without its tokenizer, or a UserError naming it."""
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model.name_or_path: cannot load '{name_or_path}': {first_line(exc)}") from None
+    return config, model_encoding(kind, bool(getattr(config, "is_encoder_decoder", False)))
+
+
+def load_model_files(name_or_path: str, kind: str):
+    """(config, tokenizer, encoding) of a model folder or hub id, or a UserError naming it."""
+    from transformers import AutoTokenizer
+
+    config, encoding = load_config(name_or_path, kind)
+    try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as exc:
         raise UserError(f"model.name_or_path: cannot load '{name_or_path}': {first_line(exc)}") from None
@@ -29,7 +40,6 @@ def load_model_files(name_or_path: str, kind: str):
     # Encoders tokenize without truncation first to count what is cut; the tokenizer's own
     # "longer than the maximum" warning would then fire for inputs that we truncate ourselves.
     tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
-    encoding = model_encoding(kind, bool(getattr(config, "is_encoder_decoder", False)))
     if encoding == "causal" and tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # decoder-only tokenizers often ship without a pad token
     return config, tokenizer, encoding

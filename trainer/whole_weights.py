@@ -70,7 +70,8 @@ def write_gathered(module: torch.nn.Module, path: Path, rank: int, trained_only:
                 if out is not None:
                     whole = tensor.detach().to("cpu").contiguous()
                     assert tuple(whole.shape) == tuple(header[name]["shape"]), f"{name}: gathered {tuple(whole.shape)}"
-                    out.write(whole.reshape(-1).view(torch.uint8).numpy().tobytes() if whole.numel() else b"")
+                    if whole.numel():  # written from the tensor's own memory, not a bytes copy of it
+                        out.write(memoryview(whole.reshape(-1).view(torch.uint8).numpy()))
     finally:
         if out is not None:
             out.close()

@@ -121,7 +121,7 @@ def run_bare(model: Path, data: Path, steps: int, bf16: bool = False) -> dict:
 def fast_bf16_here() -> bool:
     import torch
 
-    from trainer.precision import fast_bf16
+    from trainer.model import fast_bf16
 
     return fast_bf16(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
@@ -219,13 +219,13 @@ LARGE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 14
 def large_model_rows(folder: Path) -> list[Row]:
     """A model that an unpartitioned rank could not hold twice on a 24 GB machine: each rank's peak
     through 2 steps and a version of `mtl train` under ZeRO-3 on 2 workers, against the memory plan
-    `mtl validate` prints for the same job (trainer.memory_plan)."""
+    `mtl validate` prints for the same job (trainer.model.memory_plan)."""
     import yaml
+    from conftest import build_tokenizer
     from transformers import AutoConfig, LlamaConfig
 
-    from conftest import build_tokenizer
     from launcher.jobfile import load_job
-    from trainer.memory_plan import GIB, job_model_size, job_plan
+    from trainer.model import GIB, job_model_size, job_plan
 
     model = folder / "large-model"
     tok = build_tokenizer(model)
@@ -261,7 +261,7 @@ def lora_rows(folder: Path, job_path: str) -> list[Row]:
     (its model, LoRA settings and DeepSpeed config; no validation), then its version on disk."""
     import yaml
 
-    from trainer.base_model import weight_files
+    from trainer.versions import weight_files
 
     job = yaml.safe_load(Path(job_path).read_text())
     name = f"lora-{time.monotonic_ns()}"
@@ -325,8 +325,8 @@ def write_varied_rows(path: Path, rows: int, seed: int = 0) -> None:
 def job_data(job_path: str, splits: tuple[str, ...], limit: int | None = None):
     """A job file's spec, tokenizer, model encoding and prepared tasks (these `splits`)."""
     from launcher.jobfile import load_job
-    from trainer.model_io import load_tokenizer_and_encoding
-    from trainer.task_data import prepare_tasks
+    from trainer.data import prepare_tasks
+    from trainer.model import load_tokenizer_and_encoding
 
     spec = load_job(job_path, [])
     tokenizer, encoding = load_tokenizer_and_encoding(spec.model.name_or_path, spec.model.kind)
@@ -341,7 +341,7 @@ def eval_rows(job_path: str, rows: int) -> list[Row]:
     import torch
 
     from trainer.evaluation import build_eval_set, evaluate_task
-    from trainer.models import HeadSpec, build_model
+    from trainer.model import HeadSpec, build_model
 
     spec, tokenizer, encoding, tasks = job_data(job_path, ("test",), limit=rows)  # the demo's largest held-out split
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
@@ -375,8 +375,8 @@ def token_rows(job_path: str, batches: int, common_rows: int) -> list[Row]:
     import numpy as np
     import torch
 
-    from trainer.batching import collate, group_micro_batches, shard_indices, task_salt
-    from trainer.models import build_model
+    from trainer.data import collate, group_micro_batches, shard_indices, task_salt
+    from trainer.model import build_model
 
     spec, tokenizer, encoding, tasks = job_data(job_path, ("train",))
     world, seed, rng = spec.scaling.num_workers, spec.train.seed, np.random.default_rng(0)

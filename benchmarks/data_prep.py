@@ -1,5 +1,5 @@
 """Seconds to read, check and encode one task's rows in a fresh process, with the node's data
-cache (trainer.data_cache) in `--cache`: the first run prepares and stores, a second one reads.
+cache (trainer.data.data_cache) in `--cache`: the first run prepares and stores, a second one reads.
 
     benchmarks/data_prep.py --model DIR --data FILE --cache DIR   # prints: prepared <status> <seconds> <rows>
 """
@@ -24,7 +24,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from launcher.jobfile import parse_job, resolve
-    from trainer.task_data import prepare_tasks
+    from trainer.data import prepare_tasks
 
     spec = resolve(parse_job({"name": "prep", "model": {"name_or_path": args.model, "kind": "heads", "max_length": 128},
                               "tasks": {"cls": {"type": "classification", "data": {"train": args.data}}}}))

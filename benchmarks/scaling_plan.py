@@ -1,4 +1,4 @@
-"""The memory plan (trainer.memory_plan) for Llama-shaped 1B, 8B and 70B models on 8x80 GB GPU
+"""The memory plan (trainer.model.memory_plan) for Llama-shaped 1B, 8B and 70B models on 8x80 GB GPU
 nodes: what docs/scaling.md quotes. Nothing is downloaded or allocated: the models are counted
 on PyTorch's meta device from their published shapes.
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from trainer.memory_plan import GIB, model_size, plan_memory  # noqa: E402
+from trainer.model import GIB, model_size, plan_memory  # noqa: E402
 
 # Published shapes of Llama 3.2 1B, Llama 3.1 8B and Llama 3.1 70B.
 SHAPES = {

@@ -18,9 +18,8 @@ import math
 from launcher.evaluate import evaluate_experiment
 from launcher.jobfile import parse_job
 from trainer.errors import UserError
-from trainer.version_registry import pick_version
 from trainer.spec import JobSpec
-from trainer.storage import Storage, open_storage
+from trainer.versions import Storage, open_storage, pick_version
 
 
 def single_task_spec(spec: JobSpec, task: str, examples: float) -> JobSpec:
@@ -82,7 +81,7 @@ def _cost(storage: Storage, name: str, version: str, report: dict, state: dict) 
 
 
 def _primary(spec: JobSpec, task: str) -> str:
-    from trainer.task_data import primary_metric, task_metrics
+    from trainer.data import primary_metric, task_metrics
 
     return primary_metric(task_metrics(spec, task))
 

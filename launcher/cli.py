@@ -131,8 +131,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def experiment(args: argparse.Namespace):
     """(storage, name) from a job file (its storage and name, with overrides) or an experiment's
-    folder or URI (trainer.storage.open_experiment)."""
-    from trainer.storage import open_experiment, open_storage
+    folder or URI (trainer.versions.storage.open_experiment)."""
+    from trainer.versions import open_experiment, open_storage
 
     target = args.target
     if target.endswith((".yaml", ".yml")):
@@ -185,7 +185,7 @@ def cmd_tag(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     import json
 
-    from trainer.pipeline import MultitaskPipeline
+    from trainer.inference import MultitaskPipeline
 
     if (args.text is None) == (args.input is None):
         raise UserError("give --text \"...\" or --input rows.jsonl (one of them)")
@@ -270,8 +270,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     """Per-task data report: rows, bad rows, truncation, micro-batches, real vs. padded tokens."""
     from launcher.jobfile import load_job
     from launcher.validate import require_valid
-    from trainer.model_io import load_tokenizer_and_encoding
-    from trainer.task_data import epoch_padding, prepare_tasks
+    from trainer.data import epoch_padding, prepare_tasks
+    from trainer.model import load_tokenizer_and_encoding
 
     spec = load_job(args.job, args.overrides)
     require_valid(spec)

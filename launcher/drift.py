@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 
-from trainer.models import lr_factor
+from trainer.model import lr_factor
 
 # Dotted prefixes that never change the trained model, so they may differ on resume.
 FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_last", "train.keep_best",

@@ -8,9 +8,8 @@ without overwriting another's results.
 
 from __future__ import annotations
 
-from trainer.storage import open_storage
-from trainer.version_registry import UNTRAINED, pick_version
-from trainer.version_eval import score_version
+from trainer.inference import score_version
+from trainer.versions import UNTRAINED, open_storage, pick_version
 
 
 def evaluate_version(spec, *, version: str = "latest", split: str = "test", baselines: bool = True) -> dict:

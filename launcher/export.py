@@ -15,8 +15,8 @@ import json
 import tempfile
 from pathlib import Path
 
-from trainer.version_registry import pick_version
 from trainer.errors import UserError
+from trainer.versions import pick_version
 
 HEAD_SNIPPET = {
     "classification": "logits = hidden[:, 0] @ head['out.weight'].T + head['out.bias']   # first token; argmax -> labels[i]",
@@ -26,7 +26,7 @@ HEAD_SNIPPET = {
 
 def export_version(storage, name: str, version: str, out: Path, *, adapter: bool = False) -> str:
     """Writes the version into `out` (which must not exist or be empty); returns the version's name."""
-    from trainer.version_io import load_from_storage
+    from trainer.inference import load_from_storage
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):

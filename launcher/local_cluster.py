@@ -163,7 +163,7 @@ class LocalCluster:
 
     def alive_nodes(self) -> list[dict]:
         """Alive nodes as the dashboard's state API reports them (node_id, node_ip, resources_total)."""
-        with _env(self.auth_env):  # the header is read from these, for this call only
+        with temporary_env(self.auth_env):  # the header is read from these, for this call only
             return list_alive_nodes(self.dashboard_url)
 
     def pids(self) -> set[int]:
@@ -225,7 +225,7 @@ class LocalCluster:
         self.stop()
 
 
-class _env:
+class temporary_env:
     """Set environment variables for the duration of a block (Ray's clients read the token from them)."""
 
     def __init__(self, values: dict[str, str]):

@@ -16,12 +16,11 @@ import time
 from pathlib import Path
 
 from launcher.jobfile import load_job, read_yaml
-from launcher.local_cluster import STOP_GRACE_S, LocalCluster, _env
+from launcher.local_cluster import STOP_GRACE_S, LocalCluster, temporary_env
 from launcher.ray_auth import jobs_client
 from launcher.submit import follow, rank_placement, submit, wait_until_done
 from launcher.validate import require_valid
 from trainer.errors import UserError
-
 
 LOCAL_LAYOUT = Path(__file__).resolve().parent.parent / "cluster_configs" / "local.yaml"
 LAYOUT_KEYS = {"nodes", "cpus_per_node", "gpus_per_node", "placement", "stop_grace_s"}
@@ -68,7 +67,7 @@ def run_multinode(job: str, overrides: list[str], *, nodes: int | None, cpus_per
         cluster.start()
         say(f"cluster up in {time.monotonic() - started:.0f}s: head {cluster.gcs_address}, "
             f"dashboard {cluster.dashboard_url}")
-        with _env(cluster.auth_env):
+        with temporary_env(cluster.auth_env):
             client = jobs_client(cluster.dashboard_url)
             job_id, _ = submit(spec, cluster.dashboard_url, validated=True)
             try:
@@ -84,8 +83,8 @@ def run_multinode(job: str, overrides: list[str], *, nodes: int | None, cpus_per
             f"in {time.monotonic() - started:.0f}s on {nodes} nodes")
         return status
     except KeyboardInterrupt:
-        say("interrupted: stopping the local cluster" + (f"; the run can resume from its latest version "
-                                                         f"(same command)" if job_id else ""))
+        say("interrupted: stopping the local cluster" + ("; the run can resume from its latest version "
+                                                         "(same command)" if job_id else ""))
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)

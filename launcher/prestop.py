@@ -3,7 +3,7 @@
 When Kubernetes deletes a pod (a scale-down, a drained node, `kubectl delete`), the kubelet sends
 SIGTERM to the container's first process only: KubeRay's shell around `ray start --block`,
 which passes nothing on to the workers, and SIGKILL follows after the grace period. A worker
-that never sees SIGTERM cannot write its version (trainer.stopping), so the manifests in
+that never sees SIGTERM cannot write its version (trainer.control.stopping), so the manifests in
 cluster_configs/kuberay run this first:
 
     lifecycle: {preStop: {exec: {command: [python, -m, launcher.prestop, --grace, "120"]}}}

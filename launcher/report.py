@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 from trainer.errors import UserError
-from trainer.storage import Storage
+from trainer.versions import Storage
 
 PANELS = (("loss", "training loss"), ("validation", "validation primary metric"),
           ("weight", "loss weight"), ("rate", "sampling rate"))
@@ -106,7 +106,7 @@ def eval_tables(storage: Storage, name: str) -> list[str]:
 def run_changes(storage: Storage, name: str, latest: str) -> list[str]:
     """What the run changed on its own (early stopping, mixture.adapt) and, for a run started from
     another version, each task's score before and after (forgetting)."""
-    from trainer.init_from import forgetting_table
+    from trainer.versions import forgetting_table
 
     state = storage.read_json(f"{name}/{latest}/trainer_state.json") or {}
     lines = []

@@ -20,15 +20,14 @@ from launcher.console import plain_ray_logging, tidy_worker_output
 from launcher.jobfile import dump_job
 from launcher.lease import Lease
 from launcher.resources import PLACEMENT_STRATEGIES, require_resources, worker_bundle
-from trainer.spec import JobSpec
 from launcher.validate import require_valid
 from launcher.versions import resume_point
-from trainer import init_from
-from trainer.ds_config import read_ds_config
 from trainer.errors import RunStopped, UserError, first_line
 from trainer.job_env import is_secret, secrets_for_workers
 from trainer.memory import read_notes
-from trainer.storage import Storage, open_storage
+from trainer.model import read_ds_config
+from trainer.spec import JobSpec
+from trainer.versions import Storage, init_from, open_storage
 
 # Environment the workers need: offline flags and the DeepSpeed op cache travel with the job.
 FORWARDED_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TORCH_EXTENSIONS_DIR",
@@ -78,8 +77,8 @@ def prepare(spec: JobSpec, storage: Storage, on_change: str, workers: int | None
 def _train_holding_the_lease(spec: JobSpec, storage: Storage, run_id: str, address: str | None) -> dict:
     from ray.train import FailureConfig, LoggingConfig, RunConfig
 
+    from trainer.control import clear_stop
     from trainer.loop import train_loop_per_worker
-    from trainer.stopping import clear_stop
 
     storage.write_text(f"{spec.name}/job.yaml", dump_job(spec))
     with ray_session(address, use_gpu=spec.scaling.use_gpu) as started_here:
@@ -95,7 +94,7 @@ def _train_holding_the_lease(spec: JobSpec, storage: Storage, run_id: str, addre
             scaling_config=scaling_config(spec.scaling),
             run_config=RunConfig(name=spec.name, storage_path=storage.ray_path, storage_filesystem=storage.fs,
                                  # No checkpoint_config: Ray is told metrics only; the versions, their
-                                 # record and their retention live on storage (trainer.checkpoint).
+                                 # record and their retention live on storage (trainer.versions.checkpoint).
                                  failure_config=FailureConfig(max_failures=spec.train.max_failures),
                                  logging_config=LoggingConfig(log_level="WARNING")),
         )
@@ -209,7 +208,7 @@ def clear_memory_notes(run_id: str, world: int) -> None:
 @contextmanager
 def stop_on_signals(run_id: str, grace_s: float):
     """The first Ctrl-C or SIGTERM asks the workers to write a version at their next step and end
-    (trainer.stopping); a second one, or the grace running out, stops at once (KeyboardInterrupt).
+    (trainer.control.stopping); a second one, or the grace running out, stops at once (KeyboardInterrupt).
     Yields the list the first signal is appended to."""
     asked: list[signal.Signals] = []
     if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
@@ -219,7 +218,7 @@ def stop_on_signals(run_id: str, grace_s: float):
     deadline = threading.Timer(grace_s, lambda: os.kill(os.getpid(), signal.SIGINT))
     deadline.daemon = True
 
-    from trainer.stopping import request_stop
+    from trainer.control import request_stop
 
     def ask() -> None:
         try:
@@ -265,7 +264,7 @@ def check_drift(spec: JobSpec, storage: Storage, version: str, on_change: str) -
     import yaml
 
     from launcher.drift import schedule_note, training_differences
-    from trainer.checkpoint import DS_FILE
+    from trainer.versions import DS_FILE
 
     old_job = yaml.safe_load(storage.read_text(f"{spec.name}/{version}/job.yaml") or "{}") or {}
     new_job = spec.model_dump(mode="json")
@@ -369,7 +368,7 @@ def init_ray(address: str | None = None, *, use_gpu: bool = False, **kwargs) -> 
         kwargs["_system_config"] = {"prestart_worker_first_driver": False, **kwargs.get("_system_config", {})}
         # Ray Train's preemption watcher follows node drains, which a cluster's autoscaler sends; an
         # embedded Ray is one node that nothing drains (a machine going away sends SIGTERM, handled
-        # by trainer.stopping). Its actor started beside the workers and took their CPU.
+        # by trainer.control.stopping). Its actor started beside the workers and took their CPU.
         env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     plain_ray_logging()
     where = address or os.environ.get("RAY_ADDRESS")  # what ray.init joins; None: it starts one

@@ -6,7 +6,7 @@
     GET  /health     the version served and its tasks
 
 Answers are JSON: {"task", "version", "outputs": [...]} with the pipeline's results
-(trainer.pipeline). A request is checked before it waits for a batch, so a bad one gets its
+(trainer.inference.pipeline). A request is checked before it waits for a batch, so a bad one gets its
 own 4xx and never fails the requests batched with it: 401 without the server's token (when it
 has one), 400 for a body that is not JSON or not shaped as above, 404 for an unknown task, 413
 for a body, a row count or a field over the limits, 422 for a row that lacks a field the task
@@ -118,7 +118,7 @@ def _consume(task: asyncio.Task) -> None:
 @serve.ingress(api)
 class MultitaskServer:
     def __init__(self, storage, name: str, version: str, options: ServeOptions):
-        from trainer.pipeline import MultitaskPipeline
+        from trainer.inference import MultitaskPipeline
 
         self.pipe = MultitaskPipeline.from_version((storage, name), version=version)
         self.name, self.options = name, options
@@ -248,7 +248,7 @@ def serving(storage, name: str, version: str, options: ServeOptions, *, address:
     Serve's other apps or the cluster.
     """
     from launcher.run import ray_session
-    from trainer.version_registry import pick_version
+    from trainer.versions import pick_version
 
     _require_token_beyond_loopback(options.host, options)
     chosen = pick_version(storage, name, version)

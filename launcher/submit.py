@@ -32,11 +32,11 @@ from urllib.parse import urlparse
 
 from launcher.jobfile import dump_job
 from launcher.ray_auth import LOOPBACK, jobs_client
-from trainer.spec import JobSpec
 from launcher.validate import require_valid
-from trainer.ds_config import read_ds_config
 from trainer.errors import UserError, first_line
 from trainer.job_env import JOB_ENV_FILE, MODE_KEY, SECRET_ENV
+from trainer.model import read_ds_config
+from trainer.spec import JobSpec
 
 # Settings safe to show in a job's runtime_env.
 PUBLIC_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE", "TOKENIZERS_PARALLELISM",

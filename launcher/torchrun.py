@@ -86,7 +86,7 @@ def _as_driver(spec, world: int, on_change: str, held: contextlib.ExitStack):
     from launcher.jobfile import dump_job
     from launcher.lease import Lease
     from launcher.run import prepare
-    from trainer.storage import open_storage
+    from trainer.versions import open_storage
 
     problem = refusal(spec, world)
     if problem:
@@ -100,10 +100,10 @@ def _as_driver(spec, world: int, on_change: str, held: contextlib.ExitStack):
 
 def _run(spec, runtime) -> None:
     from launcher.run import summarize
-    from trainer.ds_config import read_ds_config
     from trainer.loop import run_worker
     from trainer.loop_state import WorkerStopped
-    from trainer.storage import open_storage
+    from trainer.model import read_ds_config
+    from trainer.versions import open_storage
 
     try:
         run_worker(spec, runtime, ds_base=read_ds_config(spec.deepspeed))

@@ -12,16 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from trainer import init_from
-from trainer.spec import JobSpec
-from trainer.ds_config import job_ds_config
+from trainer.data import ROW, CheckedTask, check_task_data
 from trainer.errors import UserError
-from trainer.model_io import check_model
-from trainer.storage import storage_problem
-from trainer.check_encode import CheckedTask
-from trainer.read_data import ROW
-from trainer.tasks.text2text import CHARS_PER_TOKEN_BOUND
-from trainer.task_data import check_task_data
+from trainer.model import check_model, job_ds_config
+from trainer.spec import JobSpec
+from trainer.tasks import CHARS_PER_TOKEN_BOUND
+from trainer.versions import init_from, storage_problem
 
 
 @dataclass
@@ -135,8 +131,7 @@ def _tracking_problems(spec: JobSpec) -> list[str]:
 
 def _init_from_problems(spec: JobSpec) -> list[str]:
     """The version to start from exists and fits, unless the run has versions (it resumes from its own)."""
-    from trainer.checkpoint import committed_versions
-    from trainer.storage import open_storage
+    from trainer.versions import committed_versions, open_storage
 
     if committed_versions(open_storage(spec.storage), spec.name):
         return []
@@ -144,11 +139,9 @@ def _init_from_problems(spec: JobSpec) -> list[str]:
 
 
 def _plan_memory(spec: JobSpec, report: Report, machine: bool, force: bool) -> None:
-    """What each rank will hold (trainer.memory_plan); on this machine, whether the ranks fit it."""
+    """What each rank will hold (trainer.model.memory_plan); on this machine, whether the ranks fit it."""
     from trainer.memory import total_bytes
-    from trainer.memory_plan import GIB, RAY_KILL_FRACTION, describe, job_model_size, job_plan
-    from trainer.model_io import load_config
-    from trainer.models import model_class
+    from trainer.model import GIB, RAY_KILL_FRACTION, describe, job_model_size, job_plan, load_config, model_class
 
     config, encoding = load_config(spec.model.name_or_path, spec.model.kind)
     if model_class(spec.model.kind, encoding, config) is None:
@@ -185,8 +178,7 @@ def _plan_memory(spec: JobSpec, report: Report, machine: bool, force: bool) -> N
 def first_config_that_fits(spec: JobSpec, size, precision: str, fits) -> str | None:
     """The first shipped DeepSpeed config under which the plan fits (`fits(plan)`), as a job line."""
     from launcher.jobfile import SHIPPED_DS_CONFIGS
-    from trainer.ds_config import read_ds_config
-    from trainer.memory_plan import GIB, job_plan
+    from trainer.model import GIB, job_plan, read_ds_config
 
     for name in ("zero1", "zero2", "zero3", "zero2_offload", "zero3_offload"):
         path = SHIPPED_DS_CONFIGS / f"{name}.json"
@@ -206,7 +198,7 @@ def planned_precision(spec: JobSpec) -> str:
         return "bf16"
     import torch
 
-    from trainer.precision import fast_bf16
+    from trainer.model import fast_bf16
 
     return "bf16" if fast_bf16(torch.device("cpu")) else "fp32"
 

@@ -5,10 +5,18 @@ from __future__ import annotations
 import re
 import time
 
-from trainer.checkpoint import COMMITTED, TAGS, committed_versions, read_tags, version_step
-from trainer.version_registry import UNTRAINED, existing_versions, pick_version
 from trainer.errors import UserError
-from trainer.storage import Storage
+from trainer.versions import (
+    COMMITTED,
+    TAGS,
+    UNTRAINED,
+    Storage,
+    committed_versions,
+    existing_versions,
+    pick_version,
+    read_tags,
+    version_step,
+)
 
 TAG_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 RESERVED = ("latest", "best", UNTRAINED)
@@ -59,7 +67,7 @@ def tag_version(storage: Storage, name: str, version: str, tag: str) -> str:
 
 def still_committed(storage: Storage, name: str, version: str, wait_s: float = TAG_WAIT_S) -> bool:
     """Whether `version` keeps its marker. A run that is deleting it puts the marker back within
-    moments if it sees the new tag (trainer.checkpoint.delete_version): give it that time."""
+    moments if it sees the new tag (trainer.versions.checkpoint.delete_version): give it that time."""
     deadline = time.monotonic() + wait_s
     while True:
         if storage.exists(f"{name}/{version}/{COMMITTED}"):

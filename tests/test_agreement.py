@@ -6,9 +6,9 @@ from __future__ import annotations
 import pyarrow.fs as pafs
 import pytest
 
-from trainer.agreement import require_parts_on_storage, require_same_data, require_shared_storage
+from trainer.versions.agreement import require_parts_on_storage, require_same_data, require_shared_storage
 from trainer.errors import UserError
-from trainer.storage import Storage
+from trainer.versions.storage import Storage
 
 
 @pytest.fixture

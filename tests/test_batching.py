@@ -6,9 +6,9 @@ import datasets
 import numpy as np
 import pytest
 
-from trainer.batching import TaskStream, collate, group_micro_batches, shard_indices
+from trainer.data.batching import TaskStream, collate, group_micro_batches, shard_indices
 from trainer.errors import DataError
-from trainer.task_data import epoch_padding
+from trainer.data.task_data import epoch_padding
 
 
 def features(lengths, pad_to=None):

@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 from launcher.jobfile import load_job, parse_overrides, resolve_ds_config
 from launcher.validate import validate_job
-from trainer.ds_config import build_ds_config, read_ds_config
+from trainer.model.ds_config import build_ds_config, read_ds_config
 from trainer.errors import SpecError, UserError
 
 JOBS = sorted((REPO / "jobs").glob("*.yaml"))

@@ -15,9 +15,9 @@ import pytest
 
 from conftest import REPO, job_dict, sentiment_rows, write_jsonl
 from launcher.jobfile import parse_job, resolve
-from trainer.check_encode import BadRows, CheckedTask
-from trainer.data_cache import DataCache
-from trainer.task_data import TaskData, _load_task, _store_task, prepare_tasks
+from trainer.data.check_encode import BadRows, CheckedTask
+from trainer.data.data_cache import DataCache
+from trainer.data.task_data import TaskData, _load_task, _store_task, prepare_tasks
 
 
 @pytest.fixture
@@ -115,7 +115,7 @@ def test_ranks_starting_together_prepare_once(data_dir, tokenizer_dir, tmp_path,
         import json, sys
         from transformers import AutoTokenizer
         from launcher.jobfile import parse_job, resolve
-        from trainer.task_data import prepare_tasks
+        from trainer.data.task_data import prepare_tasks
         spec = resolve(parse_job(json.load(open({str(tmp_path / 'job.json')!r}))))
         tok = AutoTokenizer.from_pretrained({str(tokenizer_dir)!r})
         data = prepare_tasks(spec, tok, "heads", splits=("train",))["sentiment"]
@@ -213,3 +213,15 @@ def test_data_json_cannot_hold_only_costs_the_reuse(tmp_path):
     got, use = DataCache(tmp_path / "cache").get_or_build("t", "key", lambda: data, store=_store_task, load=_load_task)
     assert got is data and use.status == "off"
     assert not [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]  # no entry, and no half-written one
+
+
+def test_the_cache_key_covers_the_data_code_and_every_task_type_file():
+    """Wherever the data package and the task types live, a change to the code that makes rows or
+    features makes a new entry: the key reads each of these files."""
+    from trainer.data.task_data import code_files
+    from trainer.tasks import registry
+
+    files = {str(Path(f).relative_to(REPO)) for f in code_files(registry.get("extractive_qa"))}
+    expected = {f"trainer/data/{m}.py" for m in ("read_data", "check_encode", "task_data", "data_cache")}
+    expected |= {f"trainer/tasks/{m}.py" for m in ("registry", "text2text", "heads", "extractive_qa", "classification")}
+    assert expected <= files

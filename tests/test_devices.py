@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from trainer import devices
+from trainer.inference import devices
 
 
 def test_a_ray_helper_without_a_reserved_gpu_stays_on_the_cpu(monkeypatch):

@@ -13,7 +13,7 @@ from launcher.jobfile import dump_job, parse_job, resolve
 from launcher.run import check_drift
 from trainer.spec import StorageSpec
 from trainer.errors import UserError
-from trainer.storage import open_storage
+from trainer.versions.storage import open_storage
 
 
 def spec_with(**train):
@@ -87,7 +87,7 @@ def test_differences_cover_tasks_model_and_weighting():
 def test_the_deepspeed_file_is_compared_by_content_not_by_path(storage, tmp_path):
     """`mtl submit` ships the DeepSpeed file under another path (and a shipped path is gone later):
     a version records the file's content, and only a change of content is a change."""
-    from trainer.ds_config import read_ds_config
+    from trainer.model.ds_config import read_ds_config
 
     trained = spec_with(lr=1e-3, steps=10)
     storage.write_json("tiny/step-000004/deepspeed.json", read_ds_config(trained.deepspeed))

@@ -15,10 +15,10 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pytest
 
-from trainer import stopping
-from trainer.checkpoint import Upload
+from trainer.control import stopping
+from trainer.versions.checkpoint import Upload
 from trainer.scratch import owner_prefix, remove_orphans, scratch_dir
-from trainer.storage import Storage, StorageError
+from trainer.versions.storage import Storage, StorageError
 
 
 class FlakyFs:
@@ -103,7 +103,7 @@ def test_a_missing_file_is_an_answer_not_a_failure(tmp_path):
 def test_an_unreachable_s3_endpoint_is_a_clear_error():
     from trainer.spec import StorageSpec
     from launcher.local_cluster import free_port
-    from trainer.storage import open_storage
+    from trainer.versions.storage import open_storage
 
     spec = StorageSpec(path="s3://bucket/runs", endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1")
     storage = open_storage(spec)
@@ -153,7 +153,7 @@ def test_a_version_copied_to_memory_is_written_later_as_it_was(tmp_path):
 
     import torch
 
-    from trainer.deferred_writes import DeferredWrites
+    from trainer.versions.deferred_writes import DeferredWrites
 
     weight = torch.ones(4)
     module = OrderedDict(weight=weight, tied=weight)
@@ -199,7 +199,7 @@ def test_a_state_whose_copy_the_host_cannot_spare_is_written_in_place(tmp_path):
     more fresh memory than the host can spare is not made: the state is written at once."""
     import torch
 
-    from trainer.deferred_writes import DeferredWrites
+    from trainer.versions.deferred_writes import DeferredWrites
 
     spare = {"bytes": 10 * 4}
     engine = DeferredWrites(spare_bytes=lambda: spare["bytes"])
@@ -343,7 +343,7 @@ torch.save({"optimizer_state_dict": {"state": Bomb()}}, sys.argv[1])
 
 LOAD_LIKE_DEEPSPEED = """
 import sys, torch
-from trainer.safe_load import weights_only_loads
+from trainer.versions.safe_load import weights_only_loads
 weights_only_loads()
 try:
     torch.load(sys.argv[1], weights_only=False)  # what DeepSpeed's loaders pass
@@ -368,7 +368,7 @@ def test_rng_and_data_positions_round_trip_through_json(tmp_path):
     import numpy as np
     import torch
 
-    from trainer import checkpoint as ckpt
+    from trainer.versions import checkpoint as ckpt
 
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     saved = json.loads(json.dumps(ckpt.capture_rng()))
@@ -396,8 +396,8 @@ def test_a_universal_conversion_cut_short_is_done_again_not_loaded(tmp_path, mon
     counted as done and every later resize of the version loaded half a checkpoint."""
     import pyarrow.fs as pafs
 
-    from trainer import resize
-    from trainer.storage import Storage
+    from trainer.versions import resize
+    from trainer.versions.storage import Storage
 
     storage = Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
     storage.write_text("step-000004/deepspeed/state/mp_rank_00_model_states.pt", "weights")
@@ -424,9 +424,9 @@ def test_a_version_tagged_while_the_run_prunes_is_kept(tmp_path, monkeypatch):
 
     import pyarrow.fs as pafs
 
-    from trainer import checkpoint as ckpt
+    from trainer.versions import checkpoint as ckpt
     from trainer import loop_versions
-    from trainer.storage import Storage
+    from trainer.versions.storage import Storage
 
     storage = Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
     for step in (1, 2, 3):
@@ -449,7 +449,7 @@ def test_a_tag_on_a_version_the_run_just_pruned_is_refused_and_not_kept(tmp_path
 
     from launcher import versions
     from trainer.errors import UserError
-    from trainer.storage import Storage
+    from trainer.versions.storage import Storage
 
     storage = Storage(pafs.LocalFileSystem(), str(tmp_path), str(tmp_path))
     for step in (1, 2):

@@ -1,4 +1,4 @@
-"""A task a step does not train keeps its head bit for bit (trainer.head_guard), under every ZeRO
+"""A task a step does not train keeps its head bit for bit (trainer.control.head_guard), under every ZeRO
 stage, while AdamW's weight decay and momentum would move it."""
 
 from __future__ import annotations
@@ -7,9 +7,9 @@ import torch
 
 from conftest import REPO
 from test_zero3_build import one_rank  # noqa: F401  (a fixture: one rank's process group)
-from trainer.ds_config import build_ds_config, fill_model_sizes, read_ds_config
-from trainer.head_guard import HeadGuard
-from trainer.models import HeadSpec, build_model, param_groups
+from trainer.model.ds_config import build_ds_config, fill_model_sizes, read_ds_config
+from trainer.control.head_guard import HeadGuard
+from trainer.model.models import HeadSpec, build_model, param_groups
 
 
 def head_b(engine) -> list[torch.Tensor]:

@@ -20,7 +20,7 @@ TTL = 4.0
 HOLDER = """
 import json, sys, time
 from trainer.spec import StorageSpec
-from trainer.storage import open_storage
+from trainer.versions.storage import open_storage
 from launcher.lease import Lease
 lease = Lease(open_storage(StorageSpec(**json.loads(sys.argv[1]))), sys.argv[2], "holder0run", float(sys.argv[3]))
 lease.acquire()
@@ -52,7 +52,7 @@ def s3_keys(monkeypatch):
 @pytest.mark.parametrize("store", ["folder", "s3"])
 def test_a_second_run_is_refused_and_a_killed_holder_is_taken_over(store, tmp_path, s3_server, s3_keys):
     from trainer.spec import StorageSpec
-    from trainer.storage import open_storage
+    from trainer.versions.storage import open_storage
 
     location = locations(tmp_path, s3_server)[store]
     storage = open_storage(StorageSpec(**location))
@@ -89,7 +89,7 @@ def test_mtl_train_on_a_held_experiment_exits_2_naming_the_holder_before_startin
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
     assert done.returncode == 2, done.stderr[-3000:]
-    assert f"mtl train: error: experiment 'twice' is being trained by another run: run holder0run" in done.stderr
+    assert "mtl train: error: experiment 'twice' is being trained by another run: run holder0run" in done.stderr
     assert f"(pid {holder.pid}," in done.stderr and "--new" in done.stderr
     assert "Ray" not in done.stderr  # refused before a Ray was started
     assert not (tmp_path / "runs" / "twice" / "job.yaml").exists()

@@ -1,4 +1,4 @@
-"""The memory plan (trainer.memory_plan): DeepSpeed's own accounting where it applies, and
+"""The memory plan (trainer.model.memory_plan): DeepSpeed's own accounting where it applies, and
 `mtl validate` / `mtl train` refusing a job whose workers cannot fit the machine they run on."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 
 from conftest import job_dict
 from launcher.cli import main
-from trainer.memory_plan import GIB, ModelSize, plan_memory
+from trainer.model.memory_plan import GIB, ModelSize, plan_memory
 
 SEVEN_B = ModelSize(params=6_738_000_000, trainable=6_738_000_000, largest_layer=131_072_000, hidden=4096, layers=32,
                     heads=32, vocab=32000)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.models import HeadSpec, MultiTaskModel, build_model, lr_factor, param_groups
-from trainer.weighting import UncertaintyWeighting
+from trainer.model.models import HeadSpec, MultiTaskModel, build_model, lr_factor, param_groups
+from trainer.control.weighting import UncertaintyWeighting
 
 
 def batch(tokenizer, texts, labels=None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from trainer.sampling import StepPlanner, mixture_rates
+from trainer.data.sampling import StepPlanner, mixture_rates
 
 SIZES = {"a": 9000, "b": 900, "c": 100}
 
@@ -75,7 +75,7 @@ def test_same_seed_same_plans_on_every_rank():
 
 
 def test_early_stopping_freezes_a_task_after_patience_validations_without_a_gain():
-    from trainer.early_stopping import EarlyStopping
+    from trainer.control.early_stopping import EarlyStopping
 
     es = EarlyStopping(["a", "b"], patience=2, min_delta=0.01)
     assert es.update(10, {"a": 0.50, "b": 0.30}) == []
@@ -120,7 +120,7 @@ def test_a_scaled_task_gets_a_share_in_proportion_and_the_scales_resume():
 
 
 def test_rebalancing_moves_rates_toward_lagging_tasks_within_bounds_and_resumes_exactly():
-    from trainer.adapt_mixture import MixtureAdapter
+    from trainer.control.adapt_mixture import MixtureAdapter
 
     def scripted(adapter, planner, validations):
         moves = []

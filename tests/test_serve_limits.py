@@ -10,7 +10,7 @@ import pytest
 
 from launcher.serve import ServeOptions, read_token_file, serving
 from trainer.errors import UserError
-from trainer.evaluation import DeadlineExceeded, _time_left, generation_deadline
+from trainer.evaluation.per_task import DeadlineExceeded, _time_left, generation_deadline
 from trainer.spec import ServeSpec
 
 

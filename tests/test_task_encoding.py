@@ -7,7 +7,7 @@ import random
 import pytest
 
 from conftest import qa_rows
-from trainer.check_encode import encode_split
+from trainer.data.check_encode import encode_split
 from trainer.tasks import registry
 from trainer.tasks.extractive_qa import normalize_answers
 from trainer.tasks.registry import TaskContext
@@ -123,7 +123,7 @@ def test_qa_text2text_target_is_answer(tokenizer):
 def test_rank_score_counts_label_tokens_but_not_the_end_token():
     import torch
 
-    from trainer.evaluation import _sequence_nll
+    from trainer.evaluation.per_task import _sequence_nll
 
     logits = torch.zeros(1, 4, 5)
     logits[0, 1, 2] = 10.0  # position 1 is sure of token 2 (the label)
@@ -139,8 +139,8 @@ def test_rank_classification_runs_the_prompt_once_and_scores_as_one_pass_per_lab
     import torch
     from transformers import AutoTokenizer
 
-    from trainer.evaluation import EvalSet, _rank_labels
-    from trainer.models import build_model
+    from trainer.evaluation.per_task import EvalSet, _rank_labels
+    from trainer.model.models import build_model
 
     tok = AutoTokenizer.from_pretrained(causal_dir)
     torch.manual_seed(0)
@@ -169,8 +169,8 @@ def test_a_generated_answer_scores_the_mean_likelihood_of_its_tokens(causal_dir,
     import torch
     from transformers import AutoTokenizer
 
-    from trainer.evaluation import EvalSet, _generate
-    from trainer.models import build_model
+    from trainer.evaluation.per_task import EvalSet, _generate
+    from trainer.model.models import build_model
 
     folder = causal_dir if encoding == "causal" else seq2seq_dir
     tok = AutoTokenizer.from_pretrained(folder)

@@ -85,7 +85,7 @@ def export_and_compare(run: Path, out: Path, text: str = "great fun") -> None:
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from launcher.cli import main
-    from trainer.version_io import load_version
+    from trainer.inference.version_io import load_version
 
     assert main(["export", str(run), "--out", str(out)]) == 0
     version = load_version(sorted(run.glob("step-*"))[-1])
@@ -114,7 +114,7 @@ def predictions_match_eval(run: Path, job: dict, capsys) -> None:
     """MultitaskPipeline (and `mtl predict`) give `mtl eval`'s predictions on the same rows."""
     from launcher.cli import main
     from trainer.errors import UserError
-    from trainer.pipeline import MultitaskPipeline
+    from trainer.inference.pipeline import MultitaskPipeline
 
     report = evaluate_version(resolve(parse_job(job)), split="validation", baselines=False)
     pipe = MultitaskPipeline.from_version(run)
@@ -182,8 +182,8 @@ def serve_and_ask(run: Path, rows: dict[str, list[dict]]) -> None:
 
     from launcher.local_cluster import free_port
     from launcher.serve import ServeOptions, serving, token_digest
-    from trainer.pipeline import MultitaskPipeline
-    from trainer.storage import open_experiment
+    from trainer.inference.pipeline import MultitaskPipeline
+    from trainer.versions.storage import open_experiment
 
     token = "serve-token-not-real-5f2a9c"
 
@@ -378,7 +378,7 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
     assert said[ds_config] in out if ds_config in said else "[mtl] model:" not in out
     version = tmp_path / "runs" / job["name"] / "step-000002"
     assert (version / "COMMITTED").exists()
-    from trainer.ds_config import read_ds_config  # the file as read, for a later drift check (launcher.drift)
+    from trainer.model.ds_config import read_ds_config  # the file as read, for a later drift check (launcher.drift)
 
     assert json.loads((version / "deepspeed.json").read_text()) == read_ds_config(resolve(parse_job(job)).deepspeed)
     evals = json.loads((tmp_path / "runs" / job["name"] / "evals" / "step-000002" / "validation.json").read_text())
@@ -390,7 +390,7 @@ def test_heads_model_trains_under_each_zero_stage(ray_cluster, data_dir, model_d
         state = json.loads((version / "trainer_state.json").read_text())
         assert set(state["weights"]) == {"sentiment", "qa"} and state["weights"]["qa"] != 1.0  # learned
     if ds_config in ("zero0", "zero3"):  # whole weights as they are vs. gathered at the version
-        from trainer.storage import Storage
+        from trainer.versions.storage import Storage
 
         fetched = []
         download_files = Storage.download_files
@@ -529,7 +529,7 @@ def test_causal_lm_text2text(ray_cluster, data_dir, causal_dir, tmp_path, capsys
 
     from launcher.cli import main
 
-    from trainer.version_io import load_untrained
+    from trainer.inference.version_io import load_untrained
 
     run = tmp_path / "runs" / "causal"
     assert main(["eval", str(run), "--split", "validation", "--compare", "untrained,latest", "--no-baselines"]) == 0
@@ -816,8 +816,8 @@ def test_s3_storage_end_to_end(ray_cluster, data_dir, model_dir, tmp_path, s3_se
     """Train, version, stream TensorBoard, resume and evaluate against a real S3-compatible server;
     the keys come from the environment and are written nowhere."""
     from trainer.spec import StorageSpec
-    from trainer import checkpoint as ckpt
-    from trainer.storage import open_storage
+    from trainer.versions import checkpoint as ckpt
+    from trainer.versions.storage import open_storage
 
     secret = "mtl-test-secret-0f9a2c"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "mtl-test-key")
@@ -873,7 +873,7 @@ def test_a_version_resumes_on_another_number_of_workers(ray_cluster, data_dir, m
     import torch
 
     from launcher.run import train
-    from trainer.version_io import whole_weights
+    from trainer.inference.version_io import whole_weights
 
     def job(workers: int, steps: int, lr: float) -> dict:
         j = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))

@@ -64,12 +64,12 @@ def test_an_s3_endpoint_that_does_not_answer_is_named_in_bounded_time(capsys, da
     import socket
     import time
 
-    import trainer.storage
+    import trainer.versions.storage
 
     silent = socket.socket()  # accepts connections, never answers
     silent.bind(("127.0.0.1", 0))
     silent.listen(8)
-    monkeypatch.setattr(trainer.storage, "PROBE_TIMEOUT_S", 2.0)
+    monkeypatch.setattr(trainer.versions.storage, "PROBE_TIMEOUT_S", 2.0)
     job = job_dict(data_dir, str(model_dir))
     endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
     job["storage"] = {"path": "s3://bucket/runs", "endpoint_url": endpoint, "region": "us-east-1"}
@@ -337,7 +337,7 @@ def test_class_label_columns_train_on_their_names(capsys, data_dir, model_dir, w
     import datasets
 
     from launcher.jobfile import parse_job, resolve
-    from trainer.task_data import check_task_data
+    from trainer.data.task_data import check_task_data
 
     features = datasets.Features({"sentence": datasets.Value("string"),
                                   "label": datasets.ClassLabel(names=["terrible", "great", "unused"])})
@@ -357,7 +357,7 @@ def test_class_label_columns_train_on_their_names(capsys, data_dir, model_dir, w
 def test_init_from_is_checked_before_any_resource_starts(capsys, data_dir, model_dir, write_job, tmp_path):
     """A version to start from must exist, be of the job's model kind and keep each kept task's type
     (and, for heads, its labels in order: a head answers with label ids)."""
-    from trainer.init_from import label_problems, manifest_problems, optimizer_problems
+    from trainer.versions.init_from import label_problems, manifest_problems, optimizer_problems
     from trainer.spec import JobSpec
 
     job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment", "qa"))

@@ -7,11 +7,11 @@ import json
 import pytest
 
 from trainer.spec import StorageSpec
-from trainer.storage import open_storage
+from trainer.versions.storage import open_storage
 from launcher.versions import pick_version, resume_point
-from trainer.checkpoint import committed_versions
+from trainer.versions.checkpoint import committed_versions
 from trainer.errors import UserError
-from trainer.version_registry import protected, registry, scores_of
+from trainer.versions.version_registry import protected, registry, scores_of
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_resuming_on_another_world_size_says_what_changes(storage):
 
 
 def test_retention_keeps_newest_and_best():
-    from trainer.checkpoint import versions_to_delete
+    from trainer.versions.checkpoint import versions_to_delete
 
     names = [f"step-{s:06d}" for s in (10, 20, 30, 40, 50)]
     assert versions_to_delete(names, None, set()) == []
@@ -68,15 +68,15 @@ def test_retention_keeps_newest_and_best():
 
 
 def test_committed_versions_from_a_storage_rooted_at_the_experiment(storage):
-    from trainer.checkpoint import committed_versions
-    from trainer.storage import Storage
+    from trainer.versions.checkpoint import committed_versions
+    from trainer.versions.storage import Storage
 
     rooted = Storage(storage.fs, storage.path("exp"), storage.path("exp"))  # as a worker sees it
     assert committed_versions(rooted) == ["step-000002", "step-000004"]
 
 
 def test_a_rank_downloads_only_its_own_shards_and_rng():
-    from trainer.checkpoint import rank_needs
+    from trainer.versions.checkpoint import rank_needs
 
     assert rank_needs("deepspeed/state/mp_rank_00_model_states.pt", 1)
     assert rank_needs("deepspeed/state/zero_pp_rank_1_mp_rank_00_optim_states.pt", 1)
@@ -88,7 +88,7 @@ def test_a_rank_downloads_only_its_own_shards_and_rng():
 
 
 def test_pruning_removes_the_marker_before_the_files(storage, monkeypatch):
-    from trainer.checkpoint import committed_versions, delete_version
+    from trainer.versions.checkpoint import committed_versions, delete_version
 
     calls = []
     real_delete_dir = storage.delete_dir
@@ -144,7 +144,7 @@ def test_a_version_whose_task_name_is_a_path_is_refused_before_it_becomes_one(tm
     import json
 
     from trainer.errors import UserError
-    from trainer.version_io import load_version
+    from trainer.inference.version_io import load_version
 
     folder = tmp_path / "crafted" / "step-000001"
     folder.mkdir(parents=True)
@@ -161,7 +161,7 @@ def test_a_lora_versions_frozen_base_is_read_rounded_as_a_bf16_run_held_it():
     Read in fp32, its test scores moved (QA exact match 0.300 -> 0.286)."""
     import torch
 
-    from trainer.version_io import as_trained
+    from trainer.inference.version_io import as_trained
 
     model = torch.nn.Linear(4, 4)
     model.weight.requires_grad_(False)  # the frozen base

@@ -12,16 +12,15 @@ import os
 import random
 import socket
 
-import datasets
 import pytest
 import torch
 
 from conftest import qa_rows, sentiment_rows
-from trainer.batching import TaskStream
+from trainer.data.batching import TaskStream
 from trainer.loop import run_plan
 from trainer.loop_setup import skip_inference_comm_op
-from trainer.models import HeadSpec, build_model
-from trainer.check_encode import encode_split
+from trainer.model.models import HeadSpec, build_model
+from trainer.data.check_encode import encode_split
 from trainer.tasks import registry
 from trainer.tasks.registry import TaskContext
 

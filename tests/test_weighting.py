@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from trainer.weighting import DWAWeighting, StaticWeighting, UncertaintyWeighting, build_weighting
+from trainer.control.weighting import DWAWeighting, StaticWeighting, UncertaintyWeighting, build_weighting
 
 
 def test_static():

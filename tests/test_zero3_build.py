@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from trainer.loop_setup import skip_inference_comm_op
-from trainer.ds_config import MODEL_SIZED_KEYS, build_ds_config, fill_model_sizes, read_ds_config
-from trainer.models import HeadSpec, build_model, hidden_size, is_partitioned, param_groups
+from trainer.model.ds_config import MODEL_SIZED_KEYS, build_ds_config, fill_model_sizes, read_ds_config
+from trainer.model.models import HeadSpec, build_model, hidden_size, is_partitioned, param_groups
 
 from conftest import REPO
 
@@ -94,7 +94,7 @@ def test_zero3_builds_partitioned_with_the_pretrained_weights_and_seeded_heads(o
 def test_init_from_weights_load_into_a_partitioned_model_one_module_at_a_time(one_rank, model_dir, monkeypatch):
     import deepspeed
 
-    from trainer.init_from import fit_by_name, load_module_by_module
+    from trainer.versions.init_from import fit_by_name, load_module_by_module
 
     heads = [HeadSpec("sentiment", "classification", 2)]
     torch.manual_seed(1)
@@ -129,7 +129,7 @@ def test_init_from_weights_load_into_a_partitioned_model_one_module_at_a_time(on
 def test_under_bf16_the_parts_built_whole_take_the_partitions_dtype(one_rank, model_dir):
     """zero.Init makes the pretrained partitions bf16; DeepSpeed casts nothing of a model that is
     partly partitioned, so heads, LoRA adapters and learned loss weights must follow here."""
-    from trainer.weighting import UncertaintyWeighting
+    from trainer.control.weighting import UncertaintyWeighting
 
     model = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
                         heads=[HeadSpec("sentiment", "classification", 2)],
@@ -160,7 +160,7 @@ def test_a_versions_whole_weights_are_gathered_one_parameter_at_a_time(one_rank,
     included) while no gather ever holds more than one parameter."""
     import deepspeed
 
-    from trainer.whole_weights import FILE, read_whole_weights, write_gathered
+    from trainer.versions.whole_weights import FILE, read_whole_weights, write_gathered
 
     torch.manual_seed(3)
     whole = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[])
@@ -190,7 +190,7 @@ def test_fp32_zero3_keeps_one_copy_of_each_partition_and_trains_as_with_two(one_
     could be one compares a torch.device with a string). Shared, the steps must be the same."""
     import deepspeed
 
-    from trainer.zero3_master import share_master_partitions
+    from trainer.model.zero3_master import share_master_partitions
 
     def train(share: bool) -> tuple[int, dict, int]:
         torch.manual_seed(5)
@@ -225,9 +225,9 @@ def test_a_lora_version_holds_the_trained_parameters_only_tied_aliases_included(
     leaves that alias in (57 of the demo's 80 MiB)."""
     import deepspeed
 
-    from trainer import checkpoint as ckpt
-    from trainer.ds_config import build_ds_config, read_ds_config
-    from trainer.whole_weights import read_whole_weights
+    from trainer.versions import checkpoint as ckpt
+    from trainer.model.ds_config import build_ds_config, read_ds_config
+    from trainer.versions.whole_weights import read_whole_weights
 
     config = build_ds_config(read_ds_config(str(REPO / "ds_configs" / f"zero{stage}.json")), micro_batch_size=2,
                              micro_batches_per_step=1, world_size=1, max_grad_norm=1.0, precision="fp32")

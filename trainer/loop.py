@@ -15,23 +15,22 @@ import time
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer.background_validation import WAIT_AT_END_S
-from trainer.batching import TaskStream
 from trainer.collectives import to_device
-from trainer.head_guard import HeadGuard
+from trainer.control import HeadGuard, StopRequests, agreed
+from trainer.data import TaskStream
+from trainer.evaluation import WAIT_AT_END_S
 from trainer.job_env import receive_secrets
 from trainer.loop_setup import setup
 from trainer.loop_state import Run
 from trainer.loop_validation import absorb_validations, all_stopped, stop_early, validate_in_loop
 from trainer.loop_versions import commit_version, finish_upload, save_version
 from trainer.memory import MemoryPhases, memory_key
-from trainer.models import first_target
+from trainer.model import first_target
 from trainer.reporting import StepStats, quiet_libraries, say, step_line
 from trainer.runtime import RayRuntime
-from trainer.safe_load import weights_only_loads
 from trainer.scratch import remove_orphans
-from trainer.stopping import StopRequests, agreed
+from trainer.versions import checkpoint as ckpt
+from trainer.versions import weights_only_loads
 
 
 def train_loop_per_worker(config: dict) -> None:

@@ -8,54 +8,67 @@ import random
 import numpy as np
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer.adapt_mixture import MixtureAdapter
-from trainer.agreement import agreed_versions, require_same_data, require_shared_storage
-from trainer.background_validation import BackgroundValidation
-from trainer.base_model import BASE_FILE, adapters_only, base_record, require_base
-from trainer.batching import TaskStream
-from trainer.deferred_writes import DeferredWrites
-from trainer.ds_config import fill_model_sizes, job_ds_config, zero_stage
-from trainer.early_stopping import EarlyStopping
-from trainer.head_guard import HeadGuard
-from trainer.init_from import load_init_optimizer, load_init_weights
+from trainer.control import EarlyStopping, HeadGuard, MixtureAdapter, UncertaintyWeighting, build_weighting
+from trainer.data import (
+    StepPlanner,
+    TaskData,
+    TaskStream,
+    data_signature,
+    mixture_rates,
+    prepare_tasks,
+    primary_metric,
+    task_metrics,
+)
+from trainer.evaluation import BackgroundValidation
 from trainer.loop_state import Run
 from trainer.loop_validation import all_stopped, evaluate_all, scores_from_evals
 from trainer.loop_versions import optimizer_layout, resumed_layout, saved_layout
 from trainer.memory import MemoryPhases, return_freed_memory, spare_host_bytes
-from trainer.model_io import load_model_files
-from trainer.models import HeadSpec, build_model, hidden_size, lr_factor, param_groups
-from trainer.precision import agreed_precision
+from trainer.model import (
+    HeadSpec,
+    agreed_precision,
+    build_model,
+    fill_model_sizes,
+    hidden_size,
+    job_ds_config,
+    load_model_files,
+    lr_factor,
+    param_groups,
+    share_master_partitions,
+    zero_stage,
+)
 from trainer.reporting import flat_hparams, say
-from trainer.resize import load_resized
-from trainer.sampling import StepPlanner, mixture_rates
 from trainer.scratch import scratch
-from trainer.storage import Storage, open_storage, worker_filesystem
-from trainer.task_data import TaskData, data_signature, prepare_tasks, primary_metric, task_metrics
 from trainer.trackers import open_trackers
-from trainer.weighting import UncertaintyWeighting, build_weighting
-from trainer.zero3_master import share_master_partitions
-
+from trainer.versions import (
+    BASE_FILE,
+    DeferredWrites,
+    Storage,
+    adapters_only,
+    agreed_versions,
+    base_record,
+    load_init_optimizer,
+    load_init_weights,
+    load_resized,
+    open_storage,
+    require_base,
+    require_same_data,
+    require_shared_storage,
+    worker_filesystem,
+)
+from trainer.versions import checkpoint as ckpt
 
 TRAIN_COLUMNS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
 
 
 def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | None = None) -> Run:
-    import deepspeed
-
+    """This rank's run, ready for its first step: its data, its engine, and the latest version
+    restored when the experiment has one."""
     rank, world = runtime.rank, runtime.world
     device = runtime.device()
     memory = memory or MemoryPhases(rank, device)
     memory.enter("data")
-    if device.type == "cpu":
-        # The worker reserved cpus_per_worker; more threads would fight the other ranks.
-        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
-        skip_inference_comm_op()
-    say_placement(runtime, device)
-    if spec.scaling.elastic and rank == 0:
-        per_step = spec.step_shape(world)[0]
-        say(f"[mtl] elastic run on {world} workers (scaling.num_workers {list(spec.scaling.num_workers)}): "
-            f"{per_step} micro-batches each per step, {per_step * world} in all")
+    prepare_process(spec, runtime, device)
     base_config, tokenizer, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
     tasks = prepare_tasks(spec, tokenizer, encoding)
     say_data_cache(rank, tasks)
@@ -65,7 +78,6 @@ def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | Non
     static = {t: s.weight for t, s in spec.tasks.items()}
     weighting = build_weighting(spec.loss_weighting.strategy, static, temperature=spec.loss_weighting.temperature,
                                 window=spec.loss_weighting.window)
-
     precision, warning = agreed_precision(spec.train.precision, device)
     if warning and rank == 0:
         say(f"[mtl] warning: {warning}")
@@ -75,8 +87,39 @@ def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | Non
     versions = agreed_versions(ckpt.committed_versions(storage) if rank == 0 else None)
     ds_config = job_ds_config(spec, world, base=ds_base)
     fill_model_sizes(ds_config, hidden_size(base_config), keep=resumed_layout(storage, versions, zero_stage(ds_config)))
-    torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
     memory.enter("build")
+    model, started_from = build_job_model(spec, tasks, encoding, weighting, ds_config, fresh=not versions, rank=rank)
+    engine = start_engine(spec, model, ds_config, runtime, memory)
+    # Dropout differs per rank (as it would on separate machines) but is reproducible.
+    seed_everything(spec.train.seed * 1000 + rank + 1)
+    run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine, storage,
+              runtime, seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks},
+              ds_base=ds_base, memory=memory,
+              base=base_record(spec.model.name_or_path) if adapters_only(spec) else None,
+              head_guard=HeadGuard(engine.module.heads) if len(engine.module.heads) else None)
+    add_controllers(run)
+    resume_or_start(run, started_from)
+    return run
+
+
+def prepare_process(spec, runtime, device: torch.device) -> None:
+    """What this process needs before any work: its threads, its placement said, the elastic shape."""
+    if device.type == "cpu":
+        # The worker reserved cpus_per_worker; more threads would fight the other ranks.
+        torch.set_num_threads(max(1, int(spec.scaling.cpus_per_worker)))
+        skip_inference_comm_op()
+    say_placement(runtime, device)
+    if spec.scaling.elastic and runtime.rank == 0:
+        per_step = spec.step_shape(runtime.world)[0]
+        say(f"[mtl] elastic run on {runtime.world} workers (scaling.num_workers {list(spec.scaling.num_workers)}): "
+            f"{per_step} micro-batches each per step, {per_step * runtime.world} in all")
+
+
+def build_job_model(spec, tasks: dict[str, TaskData], encoding: str, weighting, ds_config: dict, *, fresh: bool,
+                    rank: int) -> tuple[object, dict | None]:
+    """The job's model, and (for a fresh run with `init_from`) what it started from: a run with
+    versions resumes from its own instead."""
+    torch.manual_seed(spec.train.seed)  # identical initial heads on every rank
     model = build_model(kind=spec.model.kind, encoding=encoding, name_or_path=spec.model.name_or_path,
                         heads=[HeadSpec(t, spec.tasks[t].type, len(d.labels)) for t, d in tasks.items()],
                         loss_weighting=weighting if isinstance(weighting, UncertaintyWeighting) else None,
@@ -86,8 +129,16 @@ def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | Non
     if rank == 0:
         say_model_options(spec.model)
     started_from = None
-    if spec.init_from is not None and not versions:  # a run with versions resumes from its own
+    if spec.init_from is not None and fresh:
         started_from = load_init_weights(model, spec, {t: d.labels for t, d in tasks.items()})
+    return model, started_from
+
+
+def start_engine(spec, model, ds_config: dict, runtime, memory: MemoryPhases):
+    """The DeepSpeed engine over `model`: AdamW, the job's schedule, and versions written after the
+    step that made them."""
+    import deepspeed
+
     optimizer = torch.optim.AdamW(param_groups(model, weight_decay=spec.train.weight_decay,
                                                weighting_lr=spec.loss_weighting.lr),
                                   lr=spec.train.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -104,39 +155,47 @@ def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | Non
     # would take more than half of this rank's share of the host's free memory.
     engine.checkpoint_engine = DeferredWrites(spare_bytes=lambda: spare_host_bytes(runtime.local_world))
     engine.train()  # from_pretrained leaves the backbone in eval mode: dropout would be off
-    # Dropout differs per rank (as it would on separate machines) but is reproducible.
-    seed_everything(spec.train.seed * 1000 + rank + 1)
-    run = Run(spec, rank, world, device, tokenizer, encoding, tasks, streams, planner, weighting, engine, storage,
-              runtime, seen={t: {"examples": 0, "real_tokens": 0, "padded_tokens": 0} for t in tasks},
-              ds_base=ds_base, memory=memory,
-              base=base_record(spec.model.name_or_path) if adapters_only(spec) else None,
-              head_guard=HeadGuard(engine.module.heads) if len(engine.module.heads) else None)
+    return engine
+
+
+def add_controllers(run: Run) -> None:
+    """What the job asks to steer the run between steps: early stopping, mixture adaptation,
+    validation by a task beside the run."""
+    spec = run.spec
     if spec.train.early_stopping is not None:
-        run.early = EarlyStopping(list(tasks), spec.train.early_stopping.patience, spec.train.early_stopping.min_delta)
+        run.early = EarlyStopping(list(run.tasks), spec.train.early_stopping.patience,
+                                  spec.train.early_stopping.min_delta)
     if spec.mixture.adapt is not None:
         run.adapter = MixtureAdapter(**spec.mixture.adapt.model_dump())
-    if spec.train.validation == "task" and rank == 0:
+    if spec.train.validation == "task" and run.rank == 0:
         run.background = BackgroundValidation(spec)
+
+
+def resume_or_start(run: Run, started_from: dict | None) -> None:
+    """The latest version restored (or `init_from`'s optimizer state), the trackers opened, and for
+    a run started from another run's version, the tasks' scores before it trained."""
+    spec, engine = run.spec, run.engine
     job_groups = [{k: g[k] for k in ("initial_lr", "weight_decay")} for g in engine.optimizer.param_groups]
     if restore_latest(run):
         follow_job_hyperparameters(engine, job_groups)
     elif started_from is not None and spec.init_from.resume_optimizer:
-        load_init_optimizer(engine, spec, rank)
+        load_init_optimizer(engine, spec, run.rank)
         follow_job_hyperparameters(engine, job_groups)
-    if rank == 0:
+    if run.rank == 0:
         run.trackers = open_trackers(spec, run.storage, run.tracker_ids)
-        metrics = [f"validation/{t}/{primary_metric(task_metrics(spec, t))}" for t in tasks]
+        metrics = [f"validation/{t}/{primary_metric(task_metrics(spec, t))}" for t in run.tasks]
         run.trackers.hparams(flat_hparams(spec.model_dump(mode="json", exclude={"storage", "tracking"})), metrics)
-    if started_from is not None:
-        if rank == 0:
-            say(f"[mtl] started from {started_from['experiment']}/{started_from['version']} (weights"
-                f"{', optimizer state' if spec.init_from.resume_optimizer else '; a fresh optimizer'}): kept {', '.join(started_from['kept']) or 'no task'}"
-                + "".join(f"; {what} {', '.join(started_from[what])}" for what in ("added", "dropped")
-                          if started_from[what]))
-        evaluate_all(run, "validation")  # the tasks' scores before this run: forgetting is measured against them
-        run.init_from = {**started_from, "before": run.last_eval.get("tasks", {}),
-                         "primary": run.last_eval.get("primary", {})}
-    return run
+    if started_from is None:
+        return
+    if run.rank == 0:
+        say(f"[mtl] started from {started_from['experiment']}/{started_from['version']} (weights"
+            f"{', optimizer state' if spec.init_from.resume_optimizer else '; a fresh optimizer'}): kept "
+            f"{', '.join(started_from['kept']) or 'no task'}"
+            + "".join(f"; {what} {', '.join(started_from[what])}" for what in ("added", "dropped")
+                      if started_from[what]))
+    evaluate_all(run, "validation")  # the tasks' scores before this run: forgetting is measured against them
+    run.init_from = {**started_from, "before": run.last_eval.get("tasks", {}),
+                     "primary": run.last_eval.get("primary", {})}
 
 
 def say_data_cache(rank: int, tasks: dict[str, TaskData]) -> None:
@@ -232,7 +291,7 @@ def follow_job_hyperparameters(engine, job_groups: list[dict]) -> None:
 
 
 def restore_latest(run: Run) -> bool:
-    """Continue from the latest committed version on storage, if there is one (see trainer.checkpoint);
+    """Continue from the latest committed version on storage, if there is one (see trainer.versions.checkpoint);
     returns whether there was one."""
     folders = ckpt.version_folders(run.storage) if run.rank == 0 else {}
     if run.rank == 0:

@@ -6,18 +6,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer import checkpoint as ckpt
-from trainer.adapt_mixture import MixtureAdapter
-from trainer.background_validation import BackgroundValidation
-from trainer.batching import TaskStream
-from trainer.early_stopping import EarlyStopping
-from trainer.head_guard import HeadGuard
+from trainer.control import EarlyStopping, HeadGuard, MixtureAdapter, StopRequests
+from trainer.data import StepPlanner, TaskData, TaskStream
+from trainer.evaluation import BackgroundValidation
 from trainer.memory import MemoryPhases
-from trainer.sampling import StepPlanner
-from trainer.stopping import StopRequests
-from trainer.storage import Storage
-from trainer.task_data import TaskData
 from trainer.trackers import Trackers
+from trainer.versions import Storage
+from trainer.versions import checkpoint as ckpt
 
 
 @dataclass
@@ -37,7 +32,7 @@ class Run:
     runtime: object  # where this rank runs: Ray Train or torchrun (trainer.runtime)
     step: int = 0
     seen: dict = field(default_factory=dict)  # task -> examples / tokens so far (global)
-    version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.version_registry)
+    version_scores: dict = field(default_factory=dict)  # version -> its own validation scores (trainer.versions.version_registry)
     train_s: float = 0.0  # the optimizer steps' wall time so far, over resumes (a run's cost, for mtl baselines)
     early: EarlyStopping | None = None  # per-task early stopping (train.early_stopping)
     adapter: MixtureAdapter | None = None  # validation-driven rates (mixture.adapt)
@@ -49,11 +44,11 @@ class Run:
     upload: ckpt.Upload | None = None  # this rank's part of the version in flight
     blocked_s: float = 0.0  # how long the version in flight kept training waiting
     recent_step_s: list = field(default_factory=list)  # the last steps' times, for the ETA
-    init_from: dict | None = None  # what the run started from, with the tasks' scores then (trainer.init_from)
+    init_from: dict | None = None  # what the run started from, with the tasks' scores then (trainer.versions.init_from)
     ds_base: dict | None = None  # the job's DeepSpeed file as the driver read it (each version records it)
     memory: MemoryPhases | None = None  # this rank's peak memory per phase (trainer.memory)
-    base: dict | None = None  # LoRA on pretrained weights: the base its versions name (trainer.base_model)
-    head_guard: HeadGuard | None = None  # heads of tasks a step does not train stay put (trainer.head_guard)
+    base: dict | None = None  # LoRA on pretrained weights: the base its versions name (trainer.versions.base_model)
+    head_guard: HeadGuard | None = None  # heads of tasks a step does not train stay put (trainer.control.head_guard)
 
 
 class WorkerStopped(RuntimeError):

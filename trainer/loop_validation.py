@@ -4,14 +4,13 @@ at a step boundary."""
 
 from __future__ import annotations
 
-from trainer import checkpoint as ckpt
-from trainer import version_registry
+from trainer.data import primary_metric, task_metrics
 from trainer.errors import first_line
 from trainer.evaluation import build_eval_set, evaluate_task
-from trainer.init_from import forgetting_table
 from trainer.loop_state import Run, WorkerStopped
 from trainer.reporting import say
-from trainer.task_data import primary_metric, task_metrics
+from trainer.versions import checkpoint as ckpt
+from trainer.versions import forgetting_table, version_registry
 
 
 def validate_in_loop(run: Run, metrics: dict, final: bool) -> bool:

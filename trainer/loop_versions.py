@@ -1,22 +1,20 @@
 """What the loop does with versions: each rank copies its part and uploads it on a thread, rank 0
-commits, prunes and ranks them, and what each version records of the run (trainer.checkpoint
+commits, prunes and ranks them, and what each version records of the run (trainer.versions.checkpoint
 holds the layout)."""
 
 from __future__ import annotations
 
 import time
 
-from trainer import checkpoint as ckpt
-from trainer import version_registry
-from trainer.agreement import require_parts_on_storage
 from trainer.collectives import all_gather_objects
-from trainer.ds_config import DEEPSPEED_SUB_GROUP_SIZE
+from trainer.control import UncertaintyWeighting
+from trainer.data import task_context, task_metrics
 from trainer.loop_state import Run
-from trainer.models import model_config
+from trainer.model import DEEPSPEED_SUB_GROUP_SIZE, model_config
 from trainer.reporting import say
 from trainer.scratch import scratch_dir
-from trainer.task_data import task_context, task_metrics
-from trainer.weighting import UncertaintyWeighting
+from trainer.versions import checkpoint as ckpt
+from trainer.versions import require_parts_on_storage, version_registry
 
 
 def save_version(run: Run, metrics: dict) -> None:
@@ -34,7 +32,7 @@ def save_version(run: Run, metrics: dict) -> None:
     folder = scratch_dir("version")
     ckpt.write_rank_part(run.engine, folder, run.rank, run.streams, trained_only=run.base is not None)
     scores = version_registry.scores_of(run.last_eval, run.step)
-    if scores:  # evaluated at this very step: the version can be ranked (trainer.version_registry)
+    if scores:  # evaluated at this very step: the version can be ranked (trainer.versions.version_registry)
         run.version_scores[name] = scores
     state = trainer_state(run)  # on every rank: under ZeRO-3, reading learned weights is a collective
     if run.rank == 0:

@@ -161,7 +161,7 @@ class Board:
             self.storage.upload(str(self.local), self.relative)
 
     def _sync_loop(self) -> None:
-        from trainer.storage import StorageError
+        from trainer.versions import StorageError
 
         while not self._closed.wait(self.sync_every_s):
             try:

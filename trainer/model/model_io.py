@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
+from trainer.data import model_encoding
 from trainer.errors import UserError, first_line
-from trainer.task_data import model_encoding
 
 
 def load_tokenizer_and_encoding(name_or_path: str, kind: str):
@@ -94,7 +94,7 @@ def model_class_problems(config, kind: str, encoding: str, attn_implementation: 
     """What the model's class cannot do of model.attn_implementation / model.gradient_checkpointing."""
     import importlib.util
 
-    from trainer.models import model_class
+    from trainer.model.models import model_class
 
     if not attn_implementation and not gradient_checkpointing:
         return []

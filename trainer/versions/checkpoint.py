@@ -3,7 +3,7 @@
     step-000060/
       deepspeed/state/     engine.save_checkpoint (model, optimizer, scheduler; every rank's shards)
       weights/model.safetensors  ZeRO-3 only: the whole weights, gathered one parameter at a time
-                           (trainer.whole_weights; ZeRO 0-2: in the model-states file)
+                           (trainer.versions.whole_weights; ZeRO 0-2: in the model-states file)
       trainer_state.json   step, planner + weighting state, per-task counters, last metrics (rank 0)
       rng/rank-<k>.json    rank k's RNG states (python, numpy, torch) and data stream positions
       job.yaml             the resolved job this version was trained with
@@ -12,7 +12,7 @@
       config/              the backbone's (or LM's) transformers config
       tasks.json           task -> type, labels, prompt, encoding (what eval/predict need)
       base.json            LoRA on pretrained weights: the base model and its fingerprint; the
-                           version then holds the trained parameters only (trainer.base_model)
+                           version then holds the trained parameters only (trainer.versions.base_model)
       COMMITTED            written last, once every rank's files are on storage
 
 **One record of versions.** A version exists, complete, exactly when its COMMITTED marker is
@@ -21,7 +21,7 @@ retention all read that, through `committed_versions`. Ray Train is told metrics
 a checkpoint, so its own bookkeeping holds no versions that could disagree with the folders
 (with reported checkpoints, pruning a version made the next run of the name refuse to start).
 
-Every rank copies its DeepSpeed state to memory (`trainer.deferred_writes`: the only time training
+Every rank copies its DeepSpeed state to memory (`trainer.versions.deferred_writes`: the only time training
 waits, a memory copy), then a background thread serialises it into a local scratch folder and
 uploads that straight into the version's folder while training goes on (file names never
 collide: DeepSpeed names shards by rank). Each step's all-reduce carries
@@ -46,8 +46,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from trainer.base_model import write_base
-from trainer.whole_weights import FILE as WEIGHTS_FILE, frozen_names, write_gathered
+from trainer.versions.base_model import write_base
+from trainer.versions.whole_weights import FILE as WEIGHTS_FILE
+from trainer.versions.whole_weights import frozen_names, write_gathered
 
 DS_TAG = "state"
 # The model's whole weights in their training dtype, for reading a version without its optimizer
@@ -162,7 +163,7 @@ def load_rank_part(engine, folder: Path, rank: int, streams: dict, trained_only:
 
 
 def mark_committed(storage, version: str) -> None:
-    """Write the commit marker on storage (a trainer.storage.Storage), after every rank's upload."""
+    """Write the commit marker on storage (a trainer.versions.storage.Storage), after every rank's upload."""
     storage.write_text(f"{version}/{COMMITTED}", "ok\n")
 
 
@@ -173,7 +174,7 @@ def upload_part(storage, folder: Path, version: str) -> None:
 
 class Upload:
     """This rank's part of a version going to storage on a background thread: first the files
-    trainer.deferred_writes holds in memory are written into the scratch folder, then the folder is
+    trainer.versions.deferred_writes holds in memory are written into the scratch folder, then the folder is
     uploaded and removed (also when the upload failed for good)."""
 
     def __init__(self, storage, folder: Path, version: str, pending: list | None = None):
@@ -194,7 +195,7 @@ class Upload:
         except BaseException as exc:  # raised on the training thread by finished()/wait()
             self.error = exc
         finally:
-            pending.clear()  # the memory copies may be reused (trainer.deferred_writes)
+            pending.clear()  # the memory copies may be reused (trainer.versions.deferred_writes)
             shutil.rmtree(folder, ignore_errors=True)
             self.seconds = time.perf_counter() - started
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from trainer.batching import group_micro_batches, shard_indices, task_salt
-from trainer.data_cache import CacheUse, DataCache, cache_root, file_identity, fingerprint, library_versions
-from trainer.read_data import RawSplit, read_splits, source_files
-from trainer.check_encode import BadRows, CheckedTask, EncodedSplit, check_task, encode_split
-from trainer.tasks import registry
-from trainer.tasks.registry import TaskContext
+from trainer.data.batching import group_micro_batches, shard_indices, task_salt
+from trainer.data.check_encode import BadRows, CheckedTask, EncodedSplit, check_task, encode_split
+from trainer.data.data_cache import CacheUse, DataCache, cache_root, file_identity, fingerprint, library_versions
+from trainer.data.read_data import RawSplit, read_splits, source_files
+from trainer.tasks import TaskContext, registry
 
 
 @dataclass
@@ -75,7 +74,7 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
                   tasks: list[str] | None = None, limit: int | None = None) -> dict[str, TaskData]:
     """Each task's rows checked and encoded. `tasks`: only these; `limit`: the first N rows of
     each held-out split (train is never cut: baselines and label sets read it). Prepared data is
-    kept in the node's cache (trainer.data_cache) and read from it when nothing it depends on changed."""
+    kept in the node's cache (trainer.data.data_cache) and read from it when nothing it depends on changed."""
     root = cache_root()
     out = {}
     for name in tasks or spec.tasks:
@@ -110,7 +109,7 @@ def _prepare_task(spec, name: str, tokenizer, encoding: str, splits, limit: int 
 
 def cache_key(spec, name: str, tokenizer, encoding: str, splits, limit: int | None,
               raw: list[RawSplit] | None) -> dict:
-    """Everything a task's prepared data is made from (see trainer.data_cache)."""
+    """Everything a task's prepared data is made from (see trainer.data.data_cache)."""
     from datasets.fingerprint import Hasher
 
     task = spec.tasks[name]
@@ -146,7 +145,7 @@ def token_sample(features, count: int = 32) -> str:
 
 def data_signature(tasks: dict[str, TaskData]) -> dict:
     """task -> what every rank must agree on: the data's identity (content and settings,
-    source_fingerprint), its prepared counts and a sample of its token ids (trainer.agreement)."""
+    source_fingerprint), its prepared counts and a sample of its token ids (trainer.versions.agreement)."""
     return {name: {"source": data.source, "labels": list(data.labels),
                    "rows": {split: enc.rows for split, enc in data.encoded.items()},
                    "features": {split: len(enc.features) for split, enc in data.encoded.items()},
@@ -155,15 +154,20 @@ def data_signature(tasks: dict[str, TaskData]) -> dict:
 
 
 def _code_hash(task_type) -> str:
-    """The text of the code that reads, checks, encodes and stores rows, the task type's own included."""
+    return fingerprint(file_identity(code_files(task_type)))
+
+
+def code_files(task_type) -> list[str]:
+    """The code that reads, checks, encodes and stores rows, the task type's own included: a change
+    to any of it is a new cache entry."""
     here = Path(__file__).parent
     files = [str(here / f) for f in ("read_data.py", "check_encode.py", "task_data.py", "data_cache.py")]
-    files += glob.glob(str(here / "tasks" / "*.py"))
+    files += glob.glob(str(here.parent / "tasks" / "*.py"))
     for fn in (task_type.check_row, task_type.encode, task_type.reference):
         source = inspect.getsourcefile(fn)
         if source and os.path.exists(source):
             files.append(source)
-    return fingerprint(file_identity(sorted(set(files))))
+    return sorted(set(files))
 
 
 def _store_task(data: TaskData, folder: Path) -> None:

@@ -7,7 +7,7 @@ DeepSpeed's files hold four types of its own besides those; they are allowed by 
 found by loading every file of ZeRO 0-3 versions, resized ones included, with weights only.
 Our own small files (RNG states, data positions, trainer state) are JSON.
 
-    python -m trainer.safe_load MODULE ARGS...   runs a module (DeepSpeed's ds_to_universal) the same way
+    python -m trainer.versions.safe_load MODULE ARGS...   runs a module (DeepSpeed's ds_to_universal) the same way
 """
 
 from __future__ import annotations

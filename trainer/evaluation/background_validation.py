@@ -3,7 +3,7 @@
 Validation inside the loop makes every rank wait while the model generates; here rank 0 hands
 each committed version to a Ray task (`train.validation_cpus` / `validation_gpus`, e.g. a GPU
 of its own) and training goes on. The task scores the version as `mtl eval` does
-(trainer.version_eval) and writes `evals/<version>/validation.json`; rank 0 collects finished
+(trainer.inference.version_eval) and writes `evals/<version>/validation.json`; rank 0 collects finished
 tasks between steps, logs their metrics at the version's step, and ranks the version in the
 registry. A version whose validation is still running is never pruned. At the end the run waits
 for the tasks still running (at most `WAIT_AT_END_S`).
@@ -16,10 +16,10 @@ WAIT_AT_END_S = 3600.0
 
 def _validate(storage_spec: dict, name: str, version: str) -> dict:
     """The Ray task: the version's validation results, as evaluate_all writes them."""
+    from trainer.inference import score_version
     from trainer.reporting import quiet_libraries
     from trainer.spec import StorageSpec
-    from trainer.storage import open_storage
-    from trainer.version_eval import score_version
+    from trainer.versions import open_storage
 
     quiet_libraries()
     storage = open_storage(StorageSpec.model_validate(storage_spec))

@@ -28,12 +28,12 @@ import torch
 
 from trainer.collectives import distributed, from_rank0
 from trainer.errors import UserError
-from trainer.models import is_partitioned
+from trainer.model import is_partitioned
 
 
 def init_location(spec):
     """(storage, experiment name) of `init_from.experiment`: a name on the job's storage, or a folder / URI."""
-    from trainer.storage import open_experiment, open_storage
+    from trainer.versions.storage import open_experiment, open_storage
 
     where = spec.init_from.experiment
     if "://" in where or "/" in where or os.path.isdir(where):
@@ -71,10 +71,10 @@ def label_problems(spec, manifest: dict, labels: dict[str, tuple[str, ...]]) -> 
 def load_init_weights(model: torch.nn.Module, spec, labels: dict[str, tuple[str, ...]]) -> dict:
     """Load init_from's version into `model` (this job's, before DeepSpeed); returns what was
     kept, added and dropped, by task."""
-    from trainer.base_model import read_base, require_base
-    from trainer.whole_weights import frozen_names
+    from trainer.inference import TIED_WEIGHTS, download_model_files, whole_weights
     from trainer.scratch import scratch
-    from trainer.version_io import TIED_WEIGHTS, download_model_files, whole_weights
+    from trainer.versions.base_model import read_base, require_base
+    from trainer.versions.whole_weights import frozen_names
 
     storage, name = init_location(spec)
     where = f"{name}/{spec.init_from.version}"
@@ -155,7 +155,7 @@ def load_module_by_module(model: torch.nn.Module, weights: dict | None) -> None:
 def pinned(spec):
     """The job with init_from.version resolved to a committed version's name (latest, best, a tag
     -> step-N), so every rank, and every restart, loads the same one."""
-    from trainer.version_registry import pick_version
+    from trainer.versions.version_registry import pick_version
 
     storage, name = init_location(spec)
     spec = spec.model_copy(deep=True)
@@ -165,7 +165,7 @@ def pinned(spec):
 
 def read_manifest(storage, where: str) -> dict | None:
     """The version's tasks.json (None when it has none), its task names checked before any is used."""
-    from trainer.version_io import check_manifest
+    from trainer.inference import check_manifest
 
     manifest = storage.read_json(f"{where}/tasks.json")
     if manifest is not None:
@@ -204,8 +204,8 @@ def optimizer_problems(spec, manifest: dict, state: dict) -> list[str]:
 def load_init_optimizer(engine, spec, rank: int) -> None:
     """resume_optimizer: this rank's optimizer partition from the version, with a fresh step
     count and schedule (DeepSpeed's checkpoint would set them to the version's)."""
-    from trainer.checkpoint import DS_TAG, download_part
     from trainer.scratch import scratch
+    from trainer.versions.checkpoint import DS_TAG, download_part
 
     storage, name = init_location(spec)
     with scratch("init-from-optimizer") as local:

@@ -11,10 +11,9 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
-from trainer.read_data import ROW, RawSplit
+from trainer.data.read_data import ROW, RawSplit
 from trainer.errors import DataError, did_you_mean
-from trainer.tasks.classification import label_text
-from trainer.tasks.registry import TaskContext, TaskType
+from trainer.tasks import TaskContext, TaskType, label_text
 
 EXAMPLE_ROWS = 5  # row numbers quoted per reason in a report
 

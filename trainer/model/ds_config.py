@@ -4,7 +4,7 @@ The JSON files in ds_configs/ hold only what a person chooses (ZeRO stage, offlo
 communication knobs). Batch sizes, gradient accumulation, clipping and precision are filled
 in here from the job and the world size, so they cannot disagree with the loop; a value the
 file sets itself must either be "auto" or equal the derived one. The optimizer (AdamW) and
-the LR schedule are built by the loop as torch objects (trainer.models) and handed to
+the LR schedule are built by the loop as torch objects (trainer.model.models) and handed to
 DeepSpeed, so the files must not name them.
 """
 

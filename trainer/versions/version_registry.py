@@ -9,11 +9,11 @@ versions appear, so nothing in the registry names a version that does not exist.
 
 from __future__ import annotations
 
-from trainer.checkpoint import committed_versions, read_tags
 from trainer.errors import UserError
+from trainer.versions.checkpoint import committed_versions, read_tags
 
 # Not a version: the model a run started from, which `mtl eval` scores beside versions
-# (trainer.version_io.load_untrained); no tag may take the name.
+# (trainer.inference.version_io.load_untrained); no tag may take the name.
 UNTRAINED = "untrained"
 
 
@@ -81,7 +81,7 @@ def pick_version(storage, name: str, version: str) -> str:
 
 
 def _best(storage, name: str, version: str, versions: list[str]) -> str:
-    """`best` (overall) or `best:<task>`, through registry.json (trainer.version_registry)."""
+    """`best` (overall) or `best:<task>`, through registry.json (trainer.versions.version_registry)."""
     reg = storage.read_json(f"{name}/registry.json") or {}
     if version == "best":
         chosen = (reg.get("overall") or {}).get("version")

@@ -1,5 +1,5 @@
 """Scoring a committed version on a held-out split, in one process: `mtl eval` (launcher.evaluate),
-`mtl baselines`, and validation as a Ray task beside a run (trainer.background_validation).
+`mtl baselines`, and validation as a Ray task beside a run (trainer.evaluation.background_validation).
 """
 
 from __future__ import annotations
@@ -7,10 +7,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import torch
 
-from trainer.devices import helper_device
 from trainer.errors import UserError
+from trainer.inference.devices import helper_device
 from trainer.spec import JobSpec
 
 
@@ -20,9 +19,9 @@ def score_version(storage, name: str, chosen: str, split: str, *, untrained: boo
     of the data its own job names, with the labels, prompts and options it was trained with, in
     this process (a GPU where there is one). Returns ({task: {metrics, rows, samples}}, the
     trivial baselines' {task: {baseline, metrics}} if asked, the model's parameter count)."""
+    from trainer.data import prepare_tasks
     from trainer.evaluation import baseline_metrics, build_eval_set, evaluate_task
-    from trainer.task_data import prepare_tasks
-    from trainer.version_io import load_from_storage
+    from trainer.inference.version_io import load_from_storage
 
     with tempfile.TemporaryDirectory(prefix="mtl-eval-") as tmp:
         loaded = load_from_storage(storage, name, chosen, Path(tmp) / chosen, untrained=untrained)

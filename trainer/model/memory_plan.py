@@ -8,7 +8,7 @@ and gradients in the training dtype, AdamW's two fp32 moments, an fp32 master co
 training dtype is 16-bit), split by what each stage partitions; tests/test_memory_plan.py
 checks the two agree where DeepSpeed's estimator applies (16-bit, every parameter trained). Two
 differences from the estimator are what `mtl` does on top of DeepSpeed: fp32 ZeRO-3 keeps no
-master copy (trainer.zero3_master), and fp32 ZeRO-1/2 does (DeepSpeed clones it).
+master copy (trainer.model.zero3_master), and fp32 ZeRO-1/2 does (DeepSpeed clones it).
 
 Activations follow Korthikanti et al. (2022), "Reducing Activation Recomputation in Large
 Transformer Models": about (34·h + 5·a·s) bytes per token and layer at 16 bits without
@@ -40,7 +40,7 @@ def model_size(config, kind: str, encoding: str, lora: dict | None = None, head_
     """The parameters of the model a job trains, counted on the meta device."""
     import torch
 
-    from trainer.models import model_class
+    from trainer.model.models import model_class
 
     cls = model_class(kind, encoding, config)
     with torch.device("meta"):
@@ -119,13 +119,13 @@ def plan_memory(size: ModelSize, *, stage: int, world: int, precision: str, offl
     share = w if stage >= 1 else 1
     params_side["parameters"] = p * b // (w if stage == 3 else 1)
     states["gradients"] = t * b // (w if stage >= 2 else 1)
-    master = 4 if b == 2 or stage in (1, 2) else 0  # fp32 ZeRO-3 shares its master (trainer.zero3_master)
+    master = 4 if b == 2 or stage in (1, 2) else 0  # fp32 ZeRO-3 shares its master (trainer.model.zero3_master)
     if b == 2 and stage >= 1:  # the fp32 gradient partition the optimizer steps with (where it steps)
         optimizer_side["gradients (fp32 partition)"] = t * 4 // share
     optimizer_side["optimizer (fp32 master, AdamW moments)"] = t * (master + 8) // share
     if stage == 3:
         # What ZeRO-3 holds whole at once: up to stage3_max_live_parameters gathered (24 h² when
-        # "auto", trainer.ds_config), and the largest module's parameters with their gradient.
+        # "auto", trainer.model.ds_config), and the largest module's parameters with their gradient.
         live = live_parameters if live_parameters is not None else 24 * size.hidden ** 2
         states["gathered layers"] = (live + 2 * size.largest_layer) * b
     # The optimizer step's fp32 temporaries, each the size of what it steps at once (ZeRO-3: a
@@ -164,7 +164,7 @@ def job_model_size(spec, config, encoding: str, head_labels: list[int]) -> Model
 
 def job_plan(spec, size: ModelSize, *, precision: str | None = None, ds_config: dict | None = None) -> MemoryPlan:
     """The plan of `spec` (a JobSpec) for a model of `size` (job_model_size), under its DeepSpeed config."""
-    from trainer.ds_config import job_ds_config, zero_stage
+    from trainer.model.ds_config import job_ds_config, zero_stage
 
     ds_config = ds_config if ds_config is not None else job_ds_config(spec)
     zero = ds_config.get("zero_optimization", {})

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from trainer import metrics
-from trainer.batching import IGNORE_INDEX, collate
 from trainer.collectives import all_gather_objects, to_device
-from trainer.models import forward_accepts
-from trainer.tasks.registry import TaskContext, TaskType
+from trainer.data import IGNORE_INDEX, collate
+from trainer.model import forward_accepts
+from trainer.tasks import TaskContext, TaskType
 
 SAMPLES = 3  # predictions kept per task for logs and TensorBoard
 # When generation must end (time.monotonic()), set by a caller that answers within a time (mtl serve).
@@ -71,7 +71,7 @@ class EvalResult:
 
 def build_eval_set(spec, name: str, data, tokenizer, encoding: str, split: str) -> EvalSet:
     """The evaluation of one task on one split, read from the job (`data` is a TaskData)."""
-    from trainer.task_data import task_context, task_metrics
+    from trainer.data import task_context, task_metrics
     from trainer.tasks import registry
 
     return EvalSet(name, registry.get(spec.tasks[name].type), task_context(spec, name, tokenizer, encoding, data.labels),
@@ -288,7 +288,7 @@ def _generate(model, es: EvalSet, chunk: dict, pad_id: int, encoding: str, synce
     """(example_id, score, text) per feature: the text generated and, for an answer (extractive QA),
     its score: the geometric mean of its tokens' probabilities, the end token included. Other
     generations score 0.0: keeping every step's logits costs batch x new tokens x vocabulary, and
-    only an answer's score is returned (trainer.pipeline)."""
+    only an answer's score is returned (trainer.inference.pipeline)."""
     options = es.ctx.options
     scored = es.task_type.name == "extractive_qa"
     kwargs = {"max_new_tokens": getattr(options, "max_new_tokens", 32), "num_beams": getattr(options, "num_beams", 1),

@@ -2,7 +2,7 @@
 
 `engine.save_checkpoint` hands each state dict to its checkpoint engine's `save`; DeepSpeed's
 own engine serialises it there, on the training thread. Here `save` only copies the state to
-host memory, and the version's upload thread (trainer.checkpoint.Upload) writes the copies.
+host memory, and the version's upload thread (trainer.versions.checkpoint.Upload) writes the copies.
 DeepSpeed's decoupled engine does the same in a subprocess but needs its async-IO op, which
 is not built on every machine.
 
@@ -49,7 +49,7 @@ def snapshot(obj, copy_tensor, memo: dict | None = None):
 
 class DeferredWrites(TorchCheckpointEngine):
     """DeepSpeed's checkpoint engine, with `save` split in two: during `save_checkpoint` each
-    state is copied to host memory (`snapshot`); trainer.checkpoint.write_pending serialises
+    state is copied to host memory (`snapshot`); trainer.versions.checkpoint.write_pending serialises
     the copies later, on the upload thread. Training waits for a memory copy instead of
     torch.save and the disk.
 
@@ -110,7 +110,7 @@ class DeferredWrites(TorchCheckpointEngine):
         return buffer.copy_(tensor.detach())
 
     def load(self, path: str, map_location=None):
-        return torch.load(path, map_location=map_location, weights_only=True)  # see trainer.safe_load
+        return torch.load(path, map_location=map_location, weights_only=True)  # see trainer.versions.safe_load
 
     def preserves_storage_sharing(self) -> bool:
         return False  # every tensor is copied on its own: no view drags its whole buffer along

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from trainer.batching import IGNORE_INDEX
-from trainer.ds_config import zero_stage
+from trainer.data import IGNORE_INDEX
 from trainer.errors import UserError
+from trainer.model.ds_config import zero_stage
 from trainer.tasks import registry
 
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")

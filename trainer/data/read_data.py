@@ -66,7 +66,7 @@ def read_file(path: str, fmt: str | None, field: str):
     try:
         # Converted in a scratch folder, not datasets' own cache: that one is keyed by path and
         # modification time, and would hand back old rows for a file rewritten within the same
-        # instant. Prepared data is cached by content instead (trainer.data_cache).
+        # instant. Prepared data is cached by content instead (trainer.data.data_cache).
         with _quiet_datasets(), scratch("read") as folder:
             ds = datasets.load_dataset(builder, data_files=files, split="train", cache_dir=str(folder), **kwargs)
     except Exception as exc:  # the datasets builders raise many types; the user needs the file and the reason

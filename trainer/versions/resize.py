@@ -8,7 +8,7 @@ reuses it, and a conversion cut short (a kill mid-upload) is removed and done ag
 loaded half. Each node downloads the files it needs once, into a folder its ranks share; every
 rank then loads it with `load_universal`. ZeRO-0 keeps whole states and loads as it is.
 
-The data streams continue from global positions (trainer.batching.TaskStream.continue_from):
+The data streams continue from global positions (trainer.data.batching.TaskStream.continue_from):
 every rank reads every old rank's stream state. Ranks that existed before take their RNG
 state back; new ranks keep their fresh seeds. The global batch is `num_workers ×
 micro_batches_per_step` micro-batches: the driver says how it changes (launcher.run).
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from trainer import checkpoint as ckpt
 from trainer.collectives import barrier
 from trainer.reporting import say
 from trainer.scratch import ROOT, scratch
+from trainer.versions import checkpoint as ckpt
 
 UNIVERSAL_TAG = "state_universal"
 COMPLETE = "COMPLETE"
@@ -36,7 +36,7 @@ COMPLETE = "COMPLETE"
 
 def convert_to_universal(ds_folder: Path, stage: int) -> None:
     """`ds_folder/state` (any world size) -> `ds_folder/state_universal`."""
-    command = [sys.executable, "-m", "trainer.safe_load", "deepspeed.checkpoint.ds_to_universal",
+    command = [sys.executable, "-m", "trainer.versions.safe_load", "deepspeed.checkpoint.ds_to_universal",
                "--input_folder", str(ds_folder / ckpt.DS_TAG), "--output_folder", str(ds_folder / UNIVERSAL_TAG),
                "--num_extract_workers", "1", "--num_merge_workers", "1"]
     if stage in (1, 2):  # a plain nn.Module never records the partition info the converter expects
@@ -100,7 +100,7 @@ def load_resized(run, version: str, old_world: int) -> None:
     with node_copy(run.storage, version, needed, run.runtime.local_rank) as local:
         if stage > 0:
             run.engine._config.load_universal_checkpoint = True
-        # A LoRA version holds the trained parameters only (trainer.base_model): the base is the model's own.
+        # A LoRA version holds the trained parameters only (trainer.versions.base_model): the base is the model's own.
         path, _ = run.engine.load_checkpoint(str(local / "deepspeed"), tag=tag, load_module_strict=run.base is None)
         if path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint in {local / 'deepspeed' / tag}")

@@ -17,15 +17,22 @@ from pathlib import Path
 import torch
 import yaml
 
-from trainer.checkpoint import COMMITTED, DS_TAG, MODEL_STATES, WHOLE_WEIGHTS
-from trainer.safe_load import weights_only_loads
-from trainer.spec import task_name_problem
+from trainer.control import UncertaintyWeighting
 from trainer.errors import UserError
-from trainer.models import HeadSpec, MultiTaskModel, build_model_from_config
-from trainer.weighting import UncertaintyWeighting
-from trainer.base_model import read_base, require_base
-from trainer.whole_weights import frozen_names, has_whole_weights, read_whole_weights
-
+from trainer.model import HeadSpec, MultiTaskModel, build_model_from_config
+from trainer.spec import task_name_problem
+from trainer.versions import (
+    COMMITTED,
+    DS_TAG,
+    MODEL_STATES,
+    WHOLE_WEIGHTS,
+    frozen_names,
+    has_whole_weights,
+    read_base,
+    read_whole_weights,
+    require_base,
+    weights_only_loads,
+)
 
 # Weights a model ties to others (an LM head to its embeddings): a state dict holds them once.
 TIED_WEIGHTS = ("lm_head.weight", "decoder.weight", "cls.predictions.decoder.weight")
@@ -43,7 +50,7 @@ class LoadedVersion:
 def whole_weights(folder: Path, fetch_optimizer_shards=None) -> dict[str, torch.Tensor]:
     """The model's weights (fp32) from a version folder, without its optimizer state.
 
-    ZeRO-3 versions hold them gathered (`weights/`, trainer.whole_weights); ZeRO 0-2 keep them whole in
+    ZeRO-3 versions hold them gathered (`weights/`, trainer.versions.whole_weights); ZeRO 0-2 keep them whole in
     DeepSpeed's model-states file. Both are the weights the run evaluated with, so `mtl eval`
     agrees with the in-training validation. Only a ZeRO-3 version from before `weights/`
     existed needs the optimizer shards (`fetch_optimizer_shards()` brings them when they are
@@ -123,8 +130,8 @@ def load_version(folder: str | Path, fetch_optimizer_shards=None) -> LoadedVersi
         model = build_model_from_config(kind=manifest["kind"], encoding=manifest["encoding"], config=config,
                                         heads=_heads(manifest), loss_weighting=weighting, lora=job["model"].get("lora"))
         frozen = set()
-    else:  # the trained parameters only: the rest is the base model it names (trainer.base_model)
-        from trainer.models import build_model
+    else:  # the trained parameters only: the rest is the base model it names (trainer.versions.base_model)
+        from trainer.model import build_model
 
         model = build_model(kind=manifest["kind"], encoding=manifest["encoding"],
                             name_or_path=require_base(base, str(folder)), heads=_heads(manifest),
@@ -147,7 +154,7 @@ def load_untrained(folder: str | Path) -> LoadedVersion:
     """The model a run started from, with a version's settings (tasks, labels, tokenizer): the
     job's pretrained weights, and heads initialised as the run initialised them (train.seed).
     What fine-tuning added is the difference between this model's scores and the version's."""
-    from trainer.models import build_model
+    from trainer.model import build_model
 
     folder = Path(folder)
     manifest, job, tokenizer = _settings(folder)
@@ -173,7 +180,7 @@ def load_from_storage(storage, experiment: str, version: str, local: Path, untra
     """A committed version's model, downloaded into `local`: the model's files only, never the
     optimizer shards (most of a version's bytes), unless an old ZeRO-3 version needs them.
     `untrained`: the model the run started from, with this version's settings (load_untrained)."""
-    from trainer.checkpoint import settings_needs
+    from trainer.versions import settings_needs
 
     where = f"{experiment}/{version}"
     if untrained:  # the version's settings only; the weights are the job's pretrained ones
@@ -186,7 +193,7 @@ def download_model_files(storage, where: str, local: Path):
     """The files of version `where` (experiment/version on `storage`) that its model needs, into
     `local`; returns what fetches the optimizer shards, which only an old ZeRO-3 version needs
     (see whole_weights)."""
-    from trainer.checkpoint import model_needs
+    from trainer.versions import model_needs
 
     storage.download_files(where, str(local), keep=model_needs)
     return lambda: storage.download_files(where, str(local), keep=lambda f: f.endswith("optim_states.pt"))

@@ -53,8 +53,8 @@ class StepPlanner:
             raise ValueError("no micro-batches left for tasks without a fixed accumulation")
         probs = np.array([rates[t] for t in self.free], dtype=float)
         self.rates = dict(zip(self.free, probs / probs.sum())) if self.free else {}
-        self.frozen: set[str] = set()  # tasks early stopping took out (trainer.early_stopping)
-        self.scales = {t: 1.0 for t in self.free}  # rate multipliers (down-weighting, trainer.adapt_mixture)
+        self.frozen: set[str] = set()  # tasks early stopping took out (trainer.control.early_stopping)
+        self.scales = {t: 1.0 for t in self.free}  # rate multipliers (down-weighting, trainer.control.adapt_mixture)
         self.rng = np.random.default_rng(seed)
         self.step = 0
 

@@ -24,15 +24,13 @@ from pathlib import Path
 import torch
 from pydantic import ValidationError
 
-from trainer.check_encode import encode_split
-from trainer.devices import helper_device
+from trainer.data import ROW, encode_split, task_context
 from trainer.errors import UserError
 from trainer.evaluation import EvalSet, best_per_example, label_probabilities, predict_features
-from trainer.read_data import ROW
+from trainer.inference.devices import helper_device
+from trainer.inference.version_io import LoadedVersion, load_from_storage
 from trainer.spec import JobSpec
-from trainer.task_data import task_context
 from trainer.tasks import registry
-from trainer.version_io import LoadedVersion, load_from_storage
 
 # What a row without answers is given where the encoders expect one (it is never scored).
 _PLACEHOLDERS = {
@@ -55,10 +53,9 @@ class MultitaskPipeline:
 
     @classmethod
     def from_version(cls, location, version: str = "latest") -> "MultitaskPipeline":
-        """`location`: an experiment on storage (a trainer.storage.Storage and a name, as a tuple)
-        or its folder / URI (trainer.storage.open_experiment)."""
-        from trainer.version_registry import pick_version
-        from trainer.storage import open_experiment
+        """`location`: an experiment on storage (a trainer.versions.storage.Storage and a name, as a tuple)
+        or its folder / URI (trainer.versions.storage.open_experiment)."""
+        from trainer.versions import open_experiment, pick_version
 
         storage, name = location if isinstance(location, tuple) else open_experiment(location)
         chosen = pick_version(storage, name, version)

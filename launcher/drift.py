@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+import types
+import typing
 
 from trainer.model import lr_factor
 
@@ -64,10 +66,41 @@ def training_differences(old_job: dict, new_job: dict, old_ds: dict | None = Non
     for path in sorted(set(old) | set(new)):
         if is_free(path) or _same(old.get(path), new.get(path)):
             continue
+        if path not in old and new_field_default(path) == (True, new[path]):
+            continue  # a field added after the version was written: it trained as the default does
         if path == "train.precision" and new.get(path) == "auto":
             continue  # a version records what `auto` resolved to
         lines.append(f"{path}: {_show(old.get(path, '(absent)'))} -> {_show(new.get(path, '(absent)'))}")
     return lines
+
+
+def new_field_default(path: str) -> tuple[bool, object]:
+    """(whether the spec gives the field at dotted `path` a default, that default as a job file
+    holds it). A field mtl added later keeps the old behaviour by default, so a version written
+    before it existed, which holds no value for it, has not drifted from a job that leaves it be."""
+    from trainer.spec import JobSpec
+
+    return _field_default(JobSpec, path.split("."))
+
+
+def _field_default(model, parts: list[str]) -> tuple[bool, object]:
+    from pydantic import BaseModel
+
+    if not parts or not (isinstance(model, type) and issubclass(model, BaseModel)) or parts[0] not in model.model_fields:
+        return False, None
+    field = model.model_fields[parts[0]]
+    if len(parts) == 1:
+        if field.is_required():
+            return False, None
+        default = field.get_default(call_default_factory=True)
+        return True, default.model_dump(mode="json") if isinstance(default, BaseModel) else default
+    inner = field.annotation
+    options = [a for a in typing.get_args(inner) if a is not type(None)]
+    if typing.get_origin(inner) in (typing.Union, types.UnionType) and len(options) == 1:
+        inner = options[0]  # X | None
+    if typing.get_origin(inner) is dict:  # tasks.<name>.<field>: the key names no field
+        return _field_default(typing.get_args(inner)[1], parts[2:])
+    return _field_default(inner, parts[1:])
 
 
 def _same(a, b) -> bool:

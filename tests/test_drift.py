@@ -84,6 +84,19 @@ def test_differences_cover_tasks_model_and_weighting():
     assert any(line.startswith("tasks.summary.type: generation -> (absent)") for line in lines)
 
 
+def test_a_field_added_after_the_version_was_written_is_drift_only_when_set_otherwise():
+    """A version written by an older mtl holds no value for a field added since: left at its
+    default (which keeps the old behaviour) it is no change; set to anything else, it is one."""
+    new = json.loads(json.dumps(spec_with().model_dump(mode="json")))
+    old = json.loads(json.dumps(new))
+    del old["loss_weighting"]["lr"], old["tasks"]["sentiment"]["weight"], old["train"]["early_stopping"]
+    assert training_differences(old, new) == []
+    new["loss_weighting"]["lr"] = 0.5
+    new["tasks"]["sentiment"]["weight"] = 3.0
+    assert training_differences(old, new) == ["loss_weighting.lr: (absent) -> 0.5",
+                                              "tasks.sentiment.weight: (absent) -> 3.0"]
+
+
 def test_the_deepspeed_file_is_compared_by_content_not_by_path(storage, tmp_path):
     """`mtl submit` ships the DeepSpeed file under another path (and a shipped path is gone later):
     a version records the file's content, and only a change of content is a change."""

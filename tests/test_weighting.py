@@ -8,7 +8,13 @@ import math
 import pytest
 import torch
 
-from trainer.control.weighting import DWAWeighting, StaticWeighting, UncertaintyWeighting, build_weighting
+from trainer.control.weighting import (
+    DWAWeighting,
+    FAMOWeighting,
+    StaticWeighting,
+    UncertaintyWeighting,
+    build_weighting,
+)
 
 
 def test_static():
@@ -61,5 +67,54 @@ def test_dwa_keeps_static_until_two_windows():
 
 def test_build_weighting_names():
     assert isinstance(build_weighting("dwa", {"a": 1.0}), DWAWeighting)
+    assert isinstance(build_weighting("famo", {"a": 1.0}, famo_lr=0.1), FAMOWeighting)
     with pytest.raises(ValueError, match="unknown loss weighting"):
         build_weighting("gradnorm", {"a": 1.0})
+
+
+def test_famo_scales_each_task_by_k_z_over_its_loss_times_its_static_weight():
+    w = FAMOWeighting({"a": 1.0, "b": 1.0, "c": 2.0})
+    assert w.weights() == {"a": 1.0, "b": 1.0, "c": 2.0}  # until every task has trained once
+    w.end_step({"a": 4.0, "b": 1.0})
+    assert w.weights() == {"a": 1.0, "b": 1.0, "c": 2.0}
+    w.end_step({"c": 0.5})
+    # z is uniform still (no task has a loss to compare with yet): weight_t = K (1/L_t) / sum(1/L)
+    inverse = {"a": 1 / 4.0, "b": 1 / 1.0, "c": 1 / 0.5}
+    total = sum(inverse.values())
+    expected = {t: static * 3 * q / total for (t, q), static in zip(inverse.items(), (1.0, 1.0, 2.0))}
+    assert w.weights() == pytest.approx(expected)
+    assert w.weighted("a", torch.tensor(2.0)).item() == pytest.approx(2.0 * expected["a"])
+
+
+def test_famo_logits_follow_the_papers_update_through_adam():
+    """The scripted losses of three steps; the logits equal those of torch's Adam on FAMO's
+    gradient J_softmax(w)^T delta, delta = the fall of each task's log loss."""
+    losses = [{"a": 2.0, "b": 2.0}, {"a": 1.0, "b": 1.9}, {"a": 0.5, "b": 1.8}, {"b": 1.7}]
+    famo = FAMOWeighting({"a": 1.0, "b": 1.0}, lr=0.025, decay=0.01)
+    w = torch.zeros(2, requires_grad=True)
+    adam = torch.optim.Adam([w], lr=0.025, weight_decay=0.01)
+    before = None
+    for step in losses:
+        famo.end_step(step)
+        now = torch.tensor([step.get("a", math.nan), step.get("b", math.nan)])
+        if before is not None:
+            delta = torch.where(now.isnan() | before.isnan(), torch.zeros(2), before.log() - now.log())
+            adam.zero_grad()
+            w.grad = torch.autograd.grad(torch.softmax(w, -1), w, grad_outputs=delta)[0]
+            adam.step()
+        before = torch.where(now.isnan(), before if before is not None else now, now)
+    assert famo.logits == pytest.approx(w.detach().tolist(), abs=1e-7)
+    # b's loss fell slower (log 2 -> log 1.7 against a's 2 -> 0.5): b gets the larger share
+    assert famo.logits[1] > famo.logits[0]
+
+
+def test_famo_resumes_exactly_from_its_saved_state():
+    w = FAMOWeighting({"a": 1.0, "b": 1.0})
+    for step in ({"a": 2.0, "b": 3.0}, {"a": 1.5, "b": 2.9}, {"a": 1.0}):
+        w.end_step(step)
+    clone = FAMOWeighting({"a": 1.0, "b": 1.0})
+    clone.load_state_dict(json.loads(json.dumps(w.state_dict())))
+    for step in ({"a": 0.9, "b": 2.5}, {"b": 2.4}, {"a": 0.8, "b": 2.0}):
+        w.end_step(step)
+        clone.end_step(step)
+        assert clone.weights() == w.weights()

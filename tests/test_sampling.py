@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import numpy as np
 import pytest
 
+from trainer.control.bandit_mixture import BanditMixer
 from trainer.data.sampling import StepPlanner, mixture_rates
 
 SIZES = {"a": 9000, "b": 900, "c": 100}
@@ -155,3 +159,43 @@ def test_rebalancing_moves_rates_toward_lagging_tasks_within_bounds_and_resumes_
     by_reference = MixtureAdapter(**{**options, "by": "reference", "reference": {"a": 0.9, "b": 0.5, "c": 0.45}})
     changes = by_reference.update(10, {"a": 0.6, "b": 0.6, "c": 0.445}, {"a": 1.0, "b": 1.0, "c": 1.0}, skip={"a"})
     assert {t: s for t, (s, _) in changes.items()} == {"b": 0.5, "c": 0.5}  # a skipped (stopped early); c within 0.01
+
+
+def test_the_bandit_starts_uniform_and_draws_more_of_the_task_with_more_loss_left():
+    """ODM's EXP3 on scripted losses: a's loss halves, b's stays: b's rate grows, a keeps at least eps_t."""
+    mixer = BanditMixer(["a", "b", "c"], smoothing=0.9)
+    assert mixer.rates() == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
+    rewards = {"a": 0.0, "b": 0.0, "c": 0.0}
+    for step in range(1, 41):
+        losses = {"a": 2.0 * 0.5 ** min(step, 10) + 0.1, "b": 2.0, "c": 2.0 * 0.9 ** min(step, 10)}
+        drawn = mixer.rates()
+        for task, loss in losses.items():  # the rule, written out: reward = loss / first loss, importance-weighted
+            first = {"a": 1.1, "b": 2.0, "c": 1.8}[task]
+            rewards[task] = 0.9 * rewards[task] + 0.1 * (loss / first) / drawn[task]
+        rates = mixer.update(losses)
+    k, t = 3, 41
+    eps, before = min(1 / k, math.sqrt(math.log(k) / (k * t))), min(1 / k, math.sqrt(math.log(k) / (k * (t - 1))))
+    exp = {task: math.exp(before * r) for task, r in rewards.items()}
+    expected = {task: (1 - k * eps) * e / sum(exp.values()) + eps for task, e in exp.items()}
+    assert rates == pytest.approx(expected)
+    assert rates["b"] > rates["c"] > rates["a"] >= eps and sum(rates.values()) == pytest.approx(1.0)
+
+
+def test_the_bandit_resumes_exactly_and_leaves_fixed_tasks_alone():
+    mixer = BanditMixer(["a", "b"])
+    for losses in ({"a": 3.0, "b": 1.0, "fixed": 9.0}, {"a": 2.0}, {"a": 1.5, "b": 0.9}):
+        mixer.update(losses)
+    clone = BanditMixer(["a", "b"])
+    clone.load_state_dict(json.loads(json.dumps(mixer.state_dict())))
+    for losses in ({"a": 1.0, "b": 0.8}, {"b": 0.7}):
+        assert clone.update(losses) == mixer.update(losses)
+    assert set(mixer.rates()) == {"a", "b"}
+
+
+def test_new_rates_keep_a_planners_scales_and_frozen_tasks():
+    planner = StepPlanner(["a", "b", "c"], {"a": 1.0, "b": 1.0, "c": 1.0}, {}, 4, seed=0)
+    planner.scale("a", 0.5)
+    planner.freeze("c")
+    planner.set_rates({"a": 0.2, "b": 0.2, "c": 0.6})
+    rates = planner.expected_rates()
+    assert rates["c"] == 0.0 and rates["a"] == pytest.approx(rates["b"] / 2)

@@ -256,7 +256,8 @@ def three_task_job(data_dir, model_dir, tmp_path, name, **train):
     job["storage"] = {"path": str(tmp_path / "runs")}
     job["train"].update({"steps": 4, "checkpoint_every": 2, "eval_every": 2, "lr": 1e-3,
                          "lr_schedule": "constant", "micro_batches_per_step": 3, **train})
-    job["loss_weighting"] = {"strategy": "famo", "famo_lr": 0.5}  # learned state that a resume must continue
+    job["loss_weighting"] = {"strategy": "famo", "famo_lr": 0.5}  # learned state that a resume must continue,
+    job["mixture"] = {"strategy": "bandit"}  # the bandit mixer's too
     return job
 
 
@@ -342,6 +343,7 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
         a, b = scalars(tb, f"loss/{task}"), scalars(resumed, f"loss/{task}")
         assert a == b, task  # the resumed run's losses are the uninterrupted run's, step for step
         assert scalars(resumed, f"weight/{task}") == scalars(tb, f"weight/{task}"), task  # FAMO's weights too
+        assert scalars(resumed, f"rate/{task}") == scalars(tb, f"rate/{task}"), task  # and the bandit's rates
         compared += sum(1 for step in a if step > 2)
         tag = "validation/summary/rougeL" if task == "summary" else f"validation/{task}/" + (
             "accuracy" if task == "sentiment" else "f1")
@@ -350,6 +352,9 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
     famo = {task: scalars(tb, f"weight/{task}") for task in ("sentiment", "qa", "summary")}
     assert {round(w[4], 6) for w in famo.values()} != {1.0}  # FAMO moved the weights by step 4
     assert sum(w[4] for w in famo.values()) == pytest.approx(3.0)  # and they sum to K, as static ones do
+    rates = {task: scalars(tb, f"rate/{task}") for task in ("sentiment", "qa", "summary")}
+    assert {round(r[1], 6) for r in rates.values()} == {round(1 / 3, 6)}  # the bandit starts uniform
+    assert len({round(r[4], 6) for r in rates.values()}) > 1  # and has moved by step 4
     for version in ("step-000002", "step-000004"):
         by_task = json.loads((tmp_path / "runs" / "resumed" / "evals" / version / "validation.json").read_text())
         in_loop = json.loads((straight / "evals" / version / "validation.json").read_text())

@@ -112,6 +112,8 @@ SPEC_MISTAKES = [
     ("mixture", {"adapt": {"by": "reference"}}, ["mixture.adapt", "by: reference needs `reference`"]),
     ("mixture", {"adapt": {"by": "reference", "reference": {"sentiment": 0.9, "qs": 0.5}}},
      ["mixture.adapt.reference needs a score for every task and no other: unknown qs; missing qa, summary"]),
+    ("mixture", {"strategy": "bandit", "adapt": {"by": "trend"}}, ["mixture.adapt and mixture.strategy 'bandit' both "
+                                                                   "move the rates: choose one"]),
     ("train.early_stopping", {"action": "drop"}, ["train.early_stopping.action", "'drop' is not one of freeze, downweight"]),
     ("train", {"validation": "task", "early_stopping": {"patience": 2}}, ["early_stopping needs validation: loop"]),
     ("tasks.sentiment.accumulation", 3, ["accumulation", "nothing is left for qa, summary"]),

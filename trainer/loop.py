@@ -107,7 +107,10 @@ def train_step(run: Run, first: int) -> tuple[dict[str, bool], dict]:
     per_task, flags = stats.reduce(run.device, [*run.stops.local(), float(uploaded)])
     if run.upload is not None and flags[-1] == run.world:  # every rank's part is on storage
         commit_version(run)
-    run.weighting.end_step({t: v["loss"] for t, v in per_task.items() if v["micro_batches"]})
+    losses = {t: v["loss"] for t, v in per_task.items() if v["micro_batches"]}  # each the mean over every rank
+    run.weighting.end_step(losses)
+    if run.mixer is not None:
+        run.planner.set_rates(run.mixer.update(losses))
     for task, v in per_task.items():
         for key in run.seen[task]:
             run.seen[task][key] += v[key]

@@ -8,7 +8,7 @@ import random
 import numpy as np
 import torch
 
-from trainer.control import EarlyStopping, HeadGuard, MixtureAdapter, UncertaintyWeighting, build_weighting
+from trainer.control import BanditMixer, EarlyStopping, HeadGuard, MixtureAdapter, UncertaintyWeighting, build_weighting
 from trainer.data import (
     StepPlanner,
     TaskData,
@@ -160,14 +160,16 @@ def start_engine(spec, model, ds_config: dict, runtime, memory: MemoryPhases):
 
 
 def add_controllers(run: Run) -> None:
-    """What the job asks to steer the run between steps: early stopping, mixture adaptation,
-    validation by a task beside the run."""
+    """What the job asks to steer the run between steps: early stopping, mixture adaptation (from
+    validation, or online by a bandit), validation by a task beside the run."""
     spec = run.spec
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(run.tasks), spec.train.early_stopping.patience,
                                   spec.train.early_stopping.min_delta)
     if spec.mixture.adapt is not None:
         run.adapter = MixtureAdapter(**spec.mixture.adapt.model_dump())
+    if spec.mixture.strategy == "bandit" and run.planner.free:
+        run.mixer = BanditMixer(run.planner.free, smoothing=spec.mixture.smoothing)
     if spec.train.validation == "task" and run.rank == 0:
         run.background = BackgroundValidation(spec)
 
@@ -332,6 +334,9 @@ def restore_latest(run: Run) -> bool:
         run.early.load_state_dict(state["early_stopping"])
     if run.adapter is not None and state.get("mixture_adapt"):
         run.adapter.load_state_dict(state["mixture_adapt"])
+    if run.mixer is not None and state.get("mixture_bandit"):
+        run.mixer.load_state_dict(state["mixture_bandit"])
+        run.planner.set_rates(run.mixer.rates())
     if run.rank == 0:
         say(f"[mtl] resumed from {ckpt.version_name(run.step)} (step {run.step} of {run.spec.train.steps})")
         if run.step >= run.spec.train.steps:

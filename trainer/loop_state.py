@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.control import EarlyStopping, HeadGuard, MixtureAdapter, StopRequests
+from trainer.control import BanditMixer, EarlyStopping, HeadGuard, MixtureAdapter, StopRequests
 from trainer.data import StepPlanner, TaskData, TaskStream
 from trainer.evaluation import BackgroundValidation
 from trainer.memory import MemoryPhases
@@ -36,6 +36,7 @@ class Run:
     train_s: float = 0.0  # the optimizer steps' wall time so far, over resumes (a run's cost, for mtl baselines)
     early: EarlyStopping | None = None  # per-task early stopping (train.early_stopping)
     adapter: MixtureAdapter | None = None  # validation-driven rates (mixture.adapt)
+    mixer: BanditMixer | None = None  # rates from the training losses (mixture.strategy: bandit)
     background: BackgroundValidation | None = None  # rank 0's validation tasks (train.validation: task)
     last_eval: dict = field(default_factory=dict)
     trackers: Trackers | None = None  # rank 0's TensorBoard / W&B / MLflow (tracking.to)

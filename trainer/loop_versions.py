@@ -124,7 +124,8 @@ def trainer_state(run: Run) -> dict:
             "early_stopping": run.early.state_dict() if run.early is not None else None,
             "init_from": run.init_from,
             "trackers": run.trackers.ids() if run.trackers is not None else run.tracker_ids,
-            "mixture_adapt": run.adapter.state_dict() if run.adapter is not None else None}
+            "mixture_adapt": run.adapter.state_dict() if run.adapter is not None else None,
+            "mixture_bandit": run.mixer.state_dict() if run.mixer is not None else None}
 
 
 def tasks_manifest(run: Run) -> dict:

@@ -199,13 +199,16 @@ class AdaptSpec(_Strict):
 
 
 class MixtureSpec(_Strict):
-    strategy: Literal["proportional", "capped", "temperature", "uniform", "explicit"] = Field(
+    strategy: Literal["proportional", "capped", "temperature", "uniform", "explicit", "bandit"] = Field(
         "temperature",
         description="How tasks share the micro-batches of a step: proportional to train size, capped-proportional "
-        "(sizes capped at `cap`), temperature (size^(1/T)), uniform, or explicit `rates`.",
+        "(sizes capped at `cap`), temperature (size^(1/T)), uniform, explicit `rates`, or bandit: online, from "
+        "each task's training loss (EXP3 in the style of ODM, Albalak et al. 2023), starting uniform.",
     )
     temperature: float = Field(2.0, gt=0.0, description="T of the temperature strategy (1 = proportional).")
     cap: int | None = Field(None, ge=1, description="K of the capped strategy, in train rows.")
+    smoothing: float = Field(0.9, ge=0.0, lt=1.0, description="bandit: how much of each task's reward estimate a "
+                             "step keeps (ODM's 0.9); the rest is the step's importance-weighted reward.")
     rates: dict[str, float] | None = Field(None, description="Task -> rate for `explicit` (normalised; or tasks.<t>.rate).")
     adapt: AdaptSpec | None = Field(
         None, description="Rebalance the rates from validation (every train.eval_every steps), within bounds; every "
@@ -501,6 +504,8 @@ class JobSpec(_Strict):
             if missing:
                 raise ValueError(f"mixture 'explicit' needs a rate for every task; missing: {', '.join(missing)}")
         adapt = self.mixture.adapt
+        if adapt is not None and self.mixture.strategy == "bandit":
+            raise ValueError("mixture.adapt and mixture.strategy 'bandit' both move the rates: choose one")
         if adapt is not None:
             if not self.train.eval_every or self.train.validation == "task":
                 raise ValueError("mixture.adapt needs train.eval_every and train.validation: loop (validations "

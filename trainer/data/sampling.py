@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-STRATEGIES = ("proportional", "capped", "temperature", "uniform", "explicit")
+STRATEGIES = ("proportional", "capped", "temperature", "uniform", "explicit", "bandit")
 
 
 def mixture_rates(strategy: str, sizes: dict[str, int], *, temperature: float = 1.0, cap: int | None = None,
@@ -30,7 +30,7 @@ def mixture_rates(strategy: str, sizes: dict[str, int], *, temperature: float = 
     elif strategy == "temperature":
         total = sum(sizes.values())
         raw = [(sizes[t] / total) ** (1.0 / temperature) for t in tasks]
-    elif strategy == "uniform":
+    elif strategy in ("uniform", "bandit"):  # a bandit starts uniform (trainer.control.bandit_mixture)
         raw = [1.0] * len(tasks)
     elif strategy == "explicit":
         raw = [float(explicit[t]) for t in tasks]
@@ -62,6 +62,11 @@ class StepPlanner:
         """No more micro-batches for `task`; a step keeps its size (DeepSpeed's accumulation is
         fixed), so the slots go to the tasks still training."""
         self.frozen.add(task)
+
+    def set_rates(self, rates: dict[str, float]) -> None:
+        """New starting rates of the sampled tasks (an online mixer's); scales and freezing still apply."""
+        probs = np.array([rates[t] for t in self.free], dtype=float)
+        self.rates = dict(zip(self.free, probs / probs.sum()))
 
     def scale(self, task: str, factor: float) -> None:
         """Multiply a sampled task's rate by `factor` (relative to its starting rate, before normalising)."""

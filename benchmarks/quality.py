@@ -7,7 +7,7 @@ QA and summary data and a task the demo does not use (BBC News topics, 5 classes
 the spec's default (temperature) unless the option under test sets it. For each seed:
 
 - the multitask model with each option (loss weighting: static, uncertainty, dwa, famo; mixing:
-  temperature, uniform), scored on the test split;
+  temperature, uniform, bandit), scored on the test split;
 - one single-task model per task (`mtl baselines` of the first option's run: same recipe, as
   many examples of the task as the multitask run saw), and the untrained model.
 
@@ -50,6 +50,7 @@ OPTIONS = {
     "dwa": {"loss_weighting": {"strategy": "dwa"}},
     "famo": {"loss_weighting": {"strategy": "famo"}},
     "uniform": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "uniform"}},
+    "bandit": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "bandit"}},
 }
 
 

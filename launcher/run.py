@@ -264,6 +264,7 @@ def check_drift(spec: JobSpec, storage: Storage, version: str, on_change: str) -
     import yaml
 
     from launcher.drift import schedule_note, training_differences
+    from trainer.model import job_heads_apart
     from trainer.versions import DS_FILE
 
     old_job = yaml.safe_load(storage.read_text(f"{spec.name}/{version}/job.yaml") or "{}") or {}
@@ -282,6 +283,11 @@ def check_drift(spec: JobSpec, storage: Storage, version: str, on_change: str) -
               file=sys.stderr)
         spec = spec.model_copy(update={"name": fresh})
         return spec, None
+    if changes and job_heads_apart(old_job) != job_heads_apart(new_job):
+        raise UserError(f"'{spec.name}' cannot continue from {version} with these changes: tasks.<t>.lr_scale or "
+                        "train.head_warmup_steps now give the heads optimizer groups of their own (or no longer "
+                        "do), and the version's optimizer state has the other layout. Run with --new, or keep "
+                        "those settings as they were (any lr_scale other than 1, or a head warm-up, on both sides).")
     for change in changes:
         print(f"[mtl] continuing with a change: {change}", file=sys.stderr)
     state = storage.read_json(f"{spec.name}/{version}/trainer_state.json") or {}

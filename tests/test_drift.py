@@ -124,3 +124,25 @@ def test_a_version_without_its_deepspeed_file_compares_the_path(storage, tmp_pat
     elsewhere.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     with pytest.raises(UserError, match="deepspeed: "):
         check_drift(trained.model_copy(update={"deepspeed": str(elsewhere)}), storage, "step-000004", "refuse")
+
+
+def test_a_change_that_moves_the_heads_into_groups_of_their_own_cannot_continue(tmp_path, capsys):
+    """lr_scale and head_warmup_steps give each head optimizer groups of its own: a version trained
+    without them holds its optimizer state in the other layout, so --allow-changes refuses (before
+    anything starts) while a change of the scale itself, on both sides apart, continues."""
+    storage = open_storage(StorageSpec(path=str(tmp_path)))
+
+    def heads(**train):
+        job = job_dict(Path("/data"), kind="heads", tasks=("sentiment", "qa"))
+        job["train"].update(steps=10, **train)
+        return resolve(parse_job(job))
+
+    storage.write_text("tiny/step-000004/job.yaml", dump_job(heads()))
+    storage.write_json("tiny/step-000004/trainer_state.json", {"step": 4, "world_size": 2})
+    with pytest.raises(UserError, match="optimizer groups of their own .* Run with --new"):
+        check_drift(heads(head_warmup_steps=2), storage, "step-000004", "allow")
+    storage.write_text("tiny/step-000004/job.yaml", dump_job(heads(head_warmup_steps=2)))
+    scaled = heads(head_warmup_steps=2)
+    scaled.tasks["qa"].lr_scale = 5.0
+    assert check_drift(scaled, storage, "step-000004", "allow") == (scaled, "step-000004")
+    assert "continuing with a change: tasks.qa.lr_scale: 1.0 -> 5.0" in capsys.readouterr().err

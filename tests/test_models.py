@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.model.models import HeadSpec, MultiTaskModel, build_model, lr_factor, param_groups
+from trainer.model.models import (
+    HeadSpec,
+    MultiTaskModel,
+    build_model,
+    group_lr_factors,
+    heads_apart,
+    lr_factor,
+    param_groups,
+)
 from trainer.control.weighting import UncertaintyWeighting
 
 
@@ -160,3 +168,48 @@ def test_the_attention_implementation_is_the_one_asked_for(model_dir, tokenizer)
         with torch.no_grad():
             outputs[implementation] = model.head_outputs("a", batch(tokenizer, ["great film", "dull plot"]))[1]
     torch.testing.assert_close(outputs["eager"], outputs["sdpa"], rtol=1e-4, atol=1e-5)  # the same attention
+
+
+def test_heads_apart_get_their_own_rate_and_the_default_layout_is_unchanged(heads_model):
+    """Without lr_scale or a head warm-up the groups are the two they always were (a version's
+    optimizer state keeps its layout); with them each head has its own, at lr x its scale."""
+    plain = param_groups(heads_model, weight_decay=0.1, weighting_lr=0.5)
+    assert [(len(g["params"]), g["weight_decay"], set(g) - {"params", "weight_decay"}) for g in plain] == \
+        [(len(plain[0]["params"]), 0.1, set()), (len(plain[1]["params"]), 0.0, set())]
+    assert not heads_apart({"a": 1.0, "b": 1.0}, 0) and heads_apart({"a": 2.0}, 0) and heads_apart({"a": 1.0}, 3)
+    apart = param_groups(heads_model, weight_decay=0.1, weighting_lr=0.5, lr=1e-3,
+                         head_lr_scales={"a": 10.0, "b": 1.0, "q": 0.5})
+    head_a = {id(p) for p in heads_model.heads["a"].parameters()}
+    a_groups = [g for g in apart if {id(p) for p in g["params"]} <= head_a]
+    assert [g["lr"] for g in a_groups] == pytest.approx([1e-2, 1e-2]) and {g["role"] for g in a_groups} == {"head"}
+    assert sorted(g["weight_decay"] for g in a_groups) == [0.0, 0.1]
+    assert {g.get("lr") for g in apart if g["role"] == "backbone"} == {None}  # the optimizer's lr
+    assert sum(len(g["params"]) for g in apart) == sum(len(g["params"]) for g in plain)
+
+
+def test_during_a_head_warm_up_only_the_heads_move(heads_model, tokenizer):
+    """LP-FT: two steps with the backbone's rate at 0 leave it bit-identical while the head learns;
+    from the third step on the backbone trains, on the schedule of the steps left."""
+    groups = param_groups(heads_model, weight_decay=0.0, weighting_lr=0.5, lr=1e-2,
+                          head_lr_scales={"a": 1.0, "b": 1.0, "q": 1.0})
+    factors = group_lr_factors(groups, "linear", 0, 10, head_warmup_steps=2)
+    backbone = [f for f, g in zip(factors, groups) if g["role"] == "backbone"][0]
+    assert [backbone(s) for s in (0, 1, 2, 3)] == [0.0, 0.0, 1.0, pytest.approx(7 / 8)]
+    assert [f(2) for f, g in zip(factors, groups) if g["role"] == "head"][0] == pytest.approx(0.8)
+    optimizer = torch.optim.AdamW(groups, lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
+    start = {n: p.detach().clone() for n, p in heads_model.named_parameters()}
+    b = batch(tokenizer, ["great film", "dull plot"], [1, 0])
+
+    def step():
+        optimizer.zero_grad()
+        heads_model("a", b)[1].backward()
+        optimizer.step()
+        scheduler.step()
+
+    for _ in range(2):
+        step()
+    moved = {n for n, p in heads_model.named_parameters() if not torch.equal(p, start[n])}
+    assert moved and all(n.startswith("heads.a.") for n in moved)
+    step()
+    assert any(not torch.equal(p, start[n]) for n, p in heads_model.named_parameters() if n.startswith("backbone."))

@@ -433,6 +433,10 @@ def test_zero3_resume_is_exact_with_dropout_and_a_new_run_starts_from_its_versio
         j["train"].update({"steps": steps, "checkpoint_every": 2, "eval_every": 0, "lr": 1e-3,
                            "lr_schedule": "constant"})
         j["loss_weighting"] = {"strategy": "dwa", "window": 1}
+        if name.startswith("z3-"):  # heads in optimizer groups of their own, partitioned: one step alone first
+            j["train"]["head_warmup_steps"] = 1
+        if name.startswith("z3-") or name == "more":  # qa's head at 3x (the same groups for its optimizer state)
+            j["tasks"]["qa"]["lr_scale"] = 3.0
         return j
 
     capsys.readouterr()

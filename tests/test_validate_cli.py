@@ -114,6 +114,9 @@ SPEC_MISTAKES = [
      ["mixture.adapt.reference needs a score for every task and no other: unknown qs; missing qa, summary"]),
     ("mixture", {"strategy": "bandit", "adapt": {"by": "trend"}}, ["mixture.adapt and mixture.strategy 'bandit' both "
                                                                    "move the rates: choose one"]),
+    ("tasks.sentiment.lr_scale", 3.0, ["tasks.sentiment.lr_scale", "a text2text model has none", "`weight`"]),
+    ("train.head_warmup_steps", 2, ["train.head_warmup_steps", "a text2text model has none"]),
+    ("train", {"steps": 3, "head_warmup_steps": 3}, ["head_warmup_steps (3) must be below steps (3)"]),
     ("train.early_stopping", {"action": "drop"}, ["train.early_stopping.action", "'drop' is not one of freeze, downweight"]),
     ("train", {"validation": "task", "early_stopping": {"patience": 2}}, ["early_stopping needs validation: loop"]),
     ("tasks.sentiment.accumulation", 3, ["accumulation", "nothing is left for qa, summary"]),

@@ -29,10 +29,11 @@ from trainer.model import (
     agreed_precision,
     build_model,
     fill_model_sizes,
+    group_lr_factors,
+    heads_apart,
     hidden_size,
     job_ds_config,
     load_model_files,
-    lr_factor,
     param_groups,
     share_master_partitions,
     zero_stage,
@@ -136,15 +137,17 @@ def build_job_model(spec, tasks: dict[str, TaskData], encoding: str, weighting, 
 
 
 def start_engine(spec, model, ds_config: dict, runtime, memory: MemoryPhases):
-    """The DeepSpeed engine over `model`: AdamW, the job's schedule, and versions written after the
-    step that made them."""
+    """The DeepSpeed engine over `model`: AdamW (each head at its task's lr_scale, the backbone still
+    during a head warm-up), the job's schedule, and versions written after the step that made them."""
     import deepspeed
 
-    optimizer = torch.optim.AdamW(param_groups(model, weight_decay=spec.train.weight_decay,
-                                               weighting_lr=spec.loss_weighting.lr),
-                                  lr=spec.train.lr, betas=(0.9, 0.999), eps=1e-8)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_factor(spec.train.lr_schedule, spec.train.warmup_steps, spec.train.steps))
+    train = spec.train
+    scales = {t: task.lr_scale for t, task in spec.tasks.items()}
+    groups = param_groups(model, weight_decay=train.weight_decay, weighting_lr=spec.loss_weighting.lr, lr=train.lr,
+                          head_lr_scales=scales if heads_apart(scales, train.head_warmup_steps) else None)
+    optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, group_lr_factors(
+        groups, train.lr_schedule, train.warmup_steps, train.steps, train.head_warmup_steps))
     return_freed_memory()  # a partitioned build frees each whole layer it made
     memory.enter("engine init")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,

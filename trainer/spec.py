@@ -106,6 +106,9 @@ class TaskSpec(_Strict):
         None, description="Instruction template over the task fields, e.g. 'sentiment: {text}' (text2text models)."
     )
     weight: float = Field(1.0, ge=0.0, description="Static loss weight (the starting point of adaptive weighting).")
+    lr_scale: float = Field(1.0, gt=0.0, description="Multiplies train.lr for this task's head (heads models): a new "
+                            "head may want a larger rate than the pretrained backbone. A text2text model has no "
+                            "head; a task's share of its shared gradient is `weight`.")
     metrics: list[str] | None = Field(None, description="Metric names, the primary first (it ranks versions: "
                                                         "best:<task>, keep_best); default: the task type's defaults.")
     labels: list[str] | None = Field(None, description="Classification label set and order; default: inferred from train.")
@@ -265,6 +268,10 @@ class TrainSpec(_Strict):
     warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps from 0 to `lr`.")
     lr_schedule: Literal["linear", "cosine", "constant"] = Field(
         "linear", description="After warm-up: linear or cosine decay to 0 at `steps`, or constant.")
+    head_warmup_steps: int = Field(0, ge=0, description="Heads models: train only the task heads for the first N "
+                                   "steps (the backbone's rate is 0), then everything, the backbone on the schedule "
+                                   "of the steps left (LP-FT, Kumar et al. 2022: random heads do not distort the "
+                                   "pretrained features first).")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         "fp32", description="Training precision; auto: bf16 where the hardware computes it natively (Ampere+ "
@@ -299,6 +306,9 @@ class TrainSpec(_Strict):
     def _warmup(self) -> TrainSpec:
         if self.warmup_steps >= self.steps and self.warmup_steps > 0:
             raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        if self.head_warmup_steps >= self.steps and self.head_warmup_steps > 0:
+            raise ValueError(f"head_warmup_steps ({self.head_warmup_steps}) must be below steps ({self.steps}): the "
+                             "backbone would never train")
         if self.early_stopping is not None and not self.eval_every:
             raise ValueError("early_stopping needs eval_every (validations during the run to compare)")
         if self.early_stopping is not None and self.validation == "task":
@@ -492,6 +502,14 @@ class JobSpec(_Strict):
             if task.type == "extractive_qa" and stride and stride * 2 > length:
                 raise ValueError(f"tasks.{name}.options.doc_stride ({stride}) must be at most half of the task's "
                                  f"max_length ({length}): consecutive windows overlap by it")
+        if self.model.kind == "text2text":
+            scaled = [f"tasks.{n}.lr_scale" for n, t in self.tasks.items() if t.lr_scale != 1.0]
+            if scaled:
+                raise ValueError(f"{', '.join(scaled)}: lr_scale sets the rate of a task's head, and a text2text "
+                                 "model has none; a task's share of the shared gradient is its `weight`")
+            if self.train.head_warmup_steps:
+                raise ValueError("train.head_warmup_steps trains the task heads alone first, and a text2text model "
+                                 "has none (model.kind heads has one per task)")
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
             raise ValueError("model.attn_implementation: flash_attention_2 runs on GPUs only (scaling.use_gpu: true); "
                              "use sdpa or eager on CPUs")

@@ -257,22 +257,66 @@ def _with_lora(model: nn.Module, lora: dict) -> nn.Module:
     return get_peft_model(model, config)
 
 
-def param_groups(model: MultiTaskModel, *, weight_decay: float, weighting_lr: float) -> list[dict]:
-    """AdamW groups: decayed matrices, undecayed biases/norms, and the loss weights at their own lr."""
-    decay, no_decay, weights = [], [], []
+def param_groups(model: MultiTaskModel, *, weight_decay: float, weighting_lr: float, lr: float | None = None,
+                 head_lr_scales: dict[str, float] | None = None) -> list[dict]:
+    """AdamW groups: decayed matrices, undecayed biases/norms, and the loss weights at their own lr.
+
+    With `head_lr_scales` (task -> multiplier of `lr`; see `heads_apart`) each task's head has
+    groups of its own, marked `role: head` (the others `role: backbone`), so that its rate and the
+    backbone's can differ: the layout of the optimizer's state differs too, so it is only chosen
+    when a job asks for it."""
+    apart = head_lr_scales is not None
+    groups: dict[tuple, list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if name.startswith("loss_weighting."):
-            weights.append(p)
-        elif len(p.ds_shape if is_partitioned(p) else p.shape) < 2:  # a ZeRO-3 partition is flat
-            no_decay.append(p)
+            key = ("weights",)
         else:
-            decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if weights:
-        groups.append({"params": weights, "weight_decay": 0.0, "lr": weighting_lr})
-    return [g for g in groups if g["params"]]
+            decayed = len(p.ds_shape if is_partitioned(p) else p.shape) >= 2  # a ZeRO-3 partition is flat
+            task = name.split(".")[1] if apart and name.startswith("heads.") else None
+            key = ("head", task, decayed) if task is not None else ("backbone", decayed)
+        groups.setdefault(key, []).append(p)
+    out = []
+    for decayed in (True, False):
+        if groups.get(("backbone", decayed)):
+            out.append({"params": groups[("backbone", decayed)], "weight_decay": weight_decay if decayed else 0.0,
+                        **({"role": "backbone"} if apart else {})})
+    for task in head_lr_scales or {}:
+        for decayed in (True, False):
+            if groups.get(("head", task, decayed)):
+                out.append({"params": groups[("head", task, decayed)], "weight_decay": weight_decay if decayed else 0.0,
+                            "lr": lr * head_lr_scales[task], "role": "head"})
+    if groups.get(("weights",)):
+        out.append({"params": groups[("weights",)], "weight_decay": 0.0, "lr": weighting_lr})
+    return out
+
+
+def heads_apart(lr_scales: dict[str, float], head_warmup_steps: int) -> bool:
+    """Whether a job's heads get optimizer groups of their own (see param_groups)."""
+    return head_warmup_steps > 0 or any(scale != 1.0 for scale in lr_scales.values())
+
+
+def job_heads_apart(job: dict) -> bool:
+    """heads_apart of a job as a version's job.yaml holds it (one written before these fields
+    existed had neither)."""
+    scales = {t: float(task.get("lr_scale", 1.0)) for t, task in (job.get("tasks") or {}).items()}
+    return heads_apart(scales, int((job.get("train") or {}).get("head_warmup_steps", 0)))
+
+
+def group_lr_factors(groups: list[dict], schedule: str, warmup_steps: int, total_steps: int,
+                     head_warmup_steps: int = 0) -> list:
+    """LambdaLR's factor of each group: the job's schedule; during a head warm-up the backbone's is 0,
+    then it follows the same schedule over the steps left."""
+    shared = lr_factor(schedule, warmup_steps, total_steps)
+    if not head_warmup_steps:
+        return [shared] * len(groups)
+    later = lr_factor(schedule, warmup_steps, total_steps - head_warmup_steps)
+
+    def backbone(step: int) -> float:
+        return 0.0 if step < head_warmup_steps else later(step - head_warmup_steps)
+
+    return [backbone if g.get("role") == "backbone" else shared for g in groups]
 
 
 def lr_factor(schedule: str, warmup_steps: int, total_steps: int):

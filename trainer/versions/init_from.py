@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 import torch
+import yaml
 
 from trainer.collectives import distributed, from_rank0
 from trainer.errors import UserError
@@ -181,14 +182,21 @@ def check(spec) -> list[str]:
         where = f"{name}/{spec.init_from.version}"
         manifest = read_manifest(storage, where)
         state = storage.read_json(f"{where}/trainer_state.json") if spec.init_from.resume_optimizer else None
+        job = yaml.safe_load(storage.read_text(f"{where}/job.yaml") or "{}") or {} if state else {}
     except UserError as exc:
         return [f"init_from: {exc}"]
-    return manifest_problems(spec, manifest) + (optimizer_problems(spec, manifest, state) if state else [])
+    return manifest_problems(spec, manifest) + (optimizer_problems(spec, manifest, state, job) if state else [])
 
 
-def optimizer_problems(spec, manifest: dict, state: dict) -> list[str]:
-    """resume_optimizer: the optimizer's state is partitioned over the same parameters and ranks."""
+def optimizer_problems(spec, manifest: dict, state: dict, job: dict) -> list[str]:
+    """resume_optimizer: the optimizer's state is partitioned over the same parameters, groups and ranks."""
+    from trainer.model import job_heads_apart
+
     problems = []
+    if job_heads_apart(job) != job_heads_apart(spec.model_dump(mode="json")):
+        problems.append("init_from.resume_optimizer: the version's heads had optimizer groups of their own "
+                        "(tasks.<t>.lr_scale or train.head_warmup_steps) and this job's do not, or the other way "
+                        "round: its optimizer state has another layout")
     if list(manifest["tasks"]) != list(spec.tasks):
         problems.append(f"init_from.resume_optimizer: the tasks must be the version's, in order "
                         f"({', '.join(manifest['tasks'])}); here {', '.join(spec.tasks)}")

@@ -40,6 +40,14 @@ def from_rank0(obj):
     return all_gather_objects(obj)[0]
 
 
+def regather_persistent(params: list) -> None:
+    """ZeRO-3: the whole tensor of each released parameter DeepSpeed keeps gathered between steps,
+    gathered again from the ranks' partitions (DeepSpeed's own gather, as at the end of its step).
+    Every rank passes the same parameters."""
+    if params:
+        params[0].all_gather(param_list=params)
+
+
 def barrier() -> None:
     if distributed():
         dist.barrier()

@@ -7,7 +7,8 @@ QA and summary data and a task the demo does not use (BBC News topics, 5 classes
 the spec's default (temperature) unless the option under test sets it. For each seed:
 
 - the multitask model with each option (loss weighting: static, uncertainty, dwa, famo; mixing:
-  temperature, uniform, bandit), scored on the test split;
+  temperature, uniform, bandit; for the heads model, heads at 10x the rate and a head warm-up),
+  scored on the test split;
 - one single-task model per task (`mtl baselines` of the first option's run: same recipe, as
   many examples of the task as the multitask run saw), and the untrained model.
 
@@ -51,7 +52,11 @@ OPTIONS = {
     "famo": {"loss_weighting": {"strategy": "famo"}},
     "uniform": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "uniform"}},
     "bandit": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "bandit"}},
+    # heads models only: each head at 10x the backbone's rate; the heads alone for the first eighth
+    "heads_lr10": {"loss_weighting": {"strategy": "static"}, "every_task": {"lr_scale": 10.0}},
+    "lpft": {"loss_weighting": {"strategy": "static"}, "train": {"head_warmup_steps": 0.125}},
 }
+HEADS_ONLY = {"heads_lr10", "lpft"}
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -119,9 +124,14 @@ def job_for(kind: str, option: str, seed: int, files: dict, steps: int) -> dict:
         tasks[task] = spec
     job.update(name=f"{kind}-{option}-s{seed}", tasks=tasks, mixture={"strategy": "temperature"},
                storage={"path": str(WORK / "runs")})
-    job.update({k: v for k, v in OPTIONS[option].items()})
+    chosen = OPTIONS[option]
+    job.update({k: v for k, v in chosen.items() if k in ("loss_weighting", "mixture")})
+    for task in tasks.values():
+        task.update(chosen.get("every_task", {}))
     job["train"].update(steps=steps, seed=seed, eval_every=0, checkpoint_every=0, precision="auto",
                         warmup_steps=min(job["train"].get("warmup_steps", 0), steps // 10))
+    if "head_warmup_steps" in chosen.get("train", {}):
+        job["train"]["head_warmup_steps"] = int(steps * chosen["train"]["head_warmup_steps"])
     return job
 
 
@@ -148,8 +158,8 @@ def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int) 
     done = WORK / "scores" / f"{kind}-s{seed}.json"
     if done.exists():
         out = json.loads(done.read_text())
-    for i, option in enumerate(options):
-        if option in out:
+    for option in options:
+        if option in out or (kind != "heads" and option in HEADS_ONLY):
             continue
         spec = spec_of(job_for(kind, option, seed, files, steps))
         started = time.time()
@@ -180,6 +190,7 @@ def mean_sd(values: list[float]) -> str:
 
 
 def table(kind: str, seeds: list[dict], options: list[str]) -> list[str]:
+    options = [o for o in options if all(o in s for s in seeds)]
     tasks = list(seeds[0]["single"])
     columns = ["untrained", "single", *options]
     lines = [f"**{kind}** ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}; test split, primary metric)", "",

@@ -385,9 +385,15 @@ def test_init_from_is_checked_before_any_resource_starts(capsys, data_dir, model
     problem, = label_problems(spec, manifest, {"sentiment": ("positive", "negative"), "qa": ()})
     assert problem.startswith("tasks.sentiment: labels ['positive', 'negative'] here, ['negative', 'positive'] in")
     assert label_problems(spec, {**manifest, "encoding": "causal"}, {"sentiment": ("positive", "negative")}) == []
-    assert optimizer_problems(spec, {"tasks": {"qa": {}, "sentiment": {}}}, {"world_size": 4}) == [
+    assert optimizer_problems(spec, {"tasks": {"qa": {}, "sentiment": {}}}, {"world_size": 4}, {}) == [
         "init_from.resume_optimizer: the tasks must be the version's, in order (qa, sentiment); here sentiment, qa",
         "init_from.resume_optimizer: the version was trained on 4 workers; scaling.num_workers is 2"]
+    # a version whose heads had optimizer groups of their own (lr_scale, head_warmup_steps) holds another layout
+    apart = {"tasks": {"sentiment": {"lr_scale": 10.0}}, "train": {}}
+    assert optimizer_problems(spec, {"tasks": {"sentiment": {}, "qa": {}}}, {"world_size": 2}, apart) == [
+        "init_from.resume_optimizer: the version's heads had optimizer groups of their own (tasks.<t>.lr_scale or "
+        "train.head_warmup_steps) and this job's do not, or the other way round: its optimizer state has another "
+        "layout"]
 
 
 def test_a_decoder_that_would_generate_past_its_positions_is_refused(capsys, data_dir, causal_dir, write_job):

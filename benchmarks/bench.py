@@ -40,7 +40,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BASE, REPO, build_model, median_after_warmup, step_times, write_rows  # noqa: E402
+from common import (  # noqa: E402
+    BASE,
+    REPO,
+    build_model,
+    marked,
+    median_after_warmup,
+    put_marked,
+    step_times,
+    write_rows,
+)
 
 from launcher.local_cluster import free_port  # noqa: E402
 
@@ -505,12 +514,9 @@ BEGIN, END = "<!-- BEGIN bench -->", "<!-- END bench -->"
 def update_markdown(path: Path, text: str, partial: bool = False) -> None:
     """Put `text` between the page's bench markers. partial (`--only`): the measured rows replace
     the page's rows of the same measure, the others stay, each run's command listed above."""
-    page = path.read_text()
-    head, rest = page.split(BEGIN, 1)
-    old, tail = rest.split(END, 1)
     if partial:
-        text = merged(old, text)
-    path.write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+        text = merged(marked(path, BEGIN, END), text)
+    put_marked(path, BEGIN, END, text)
 
 
 def merged(old: str, new: str) -> str:

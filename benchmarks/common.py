@@ -114,3 +114,19 @@ def step_times(tb_dir: Path) -> dict[int, float]:
 
 def median_after_warmup(times: list[float], warmup: int = 2) -> float:
     return statistics.median(times[warmup:] if len(times) > warmup else times)
+
+
+def marked(path: Path, begin: str, end: str) -> str:
+    """The text between a page's `begin` and `end` markers."""
+    return path.read_text().split(begin, 1)[1].split(end, 1)[0]
+
+
+def put_marked(path: Path, begin: str, end: str, text: str, heading: str | None = None) -> None:
+    """Put `text` between the page's markers; a page without them gets them at its end, under
+    `heading`, where one is given."""
+    page = path.read_text() if path.exists() else ""
+    if begin not in page and heading is not None:
+        page += f"\n{heading}\n\n{begin}\n{end}\n"
+    head, rest = page.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{begin}\n{text}{end}{tail}")

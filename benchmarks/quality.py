@@ -32,8 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, put_marked  # noqa: E402
+
 sys.path.insert(0, str(REPO / "scripts"))
 
 WORK = REPO / ".bench" / "quality"
@@ -164,16 +165,19 @@ def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int) 
         spec = spec_of(job_for(kind, option, seed, files, steps))
         started = time.time()
         train(spec, on_change="allow")
+        if "single" not in out:  # the single-task models: as many examples as the first option's run saw
+            table = run_baselines(spec, split="test")  # which scores that run's version too
+            primary = {t: table["tasks"][t][table["primary"][t]] for t in spec.tasks}
+            out["single"] = {t: scores["single"] for t, scores in primary.items()}
+            out[option] = {t: scores["multitask"] for t, scores in primary.items()}
         storage = open_storage(spec.storage)
         latest = pick_version(storage, spec.name, "latest")
-        versions = [latest] + ([UNTRAINED] if "untrained" not in out else [])
+        versions = [v for v, scored in ((latest, option in out), (UNTRAINED, "untrained" in out)) if not scored]
         report = evaluate_experiment(storage, spec.name, versions=versions, split="test", baselines=False)
-        out[option] = primary_scores(report["results"][latest], spec)
+        if latest in report["results"]:
+            out[option] = primary_scores(report["results"][latest], spec)
         if UNTRAINED in report["results"]:
             out["untrained"] = primary_scores(report["results"][UNTRAINED], spec)
-        if "single" not in out:  # the single-task models: as many examples as the first option's run saw
-            table = run_baselines(spec, split="test")
-            out["single"] = {t: table["tasks"][t][table["primary"][t]]["single"] for t in spec.tasks}
         print(f"[bench-quality] {kind} seed {seed} {option}: {out[option]} ({time.time() - started:.0f} s)",
               flush=True)
         done.parent.mkdir(parents=True, exist_ok=True)
@@ -242,13 +246,8 @@ BEGIN, END = "<!-- bench-quality: begin -->", "<!-- bench-quality: end -->"
 def update(path: Path, text: str, args) -> None:
     command = (f"`python benchmarks/quality.py --kinds {args.kinds} --seeds {args.seeds} --options {args.options}"
                + (f" --steps {args.steps}" if args.steps else "") + "`")
-    block = f"{BEGIN}\n{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n{END}"
-    page = path.read_text() if path.exists() else ""
-    if BEGIN in page:
-        page = page.split(BEGIN)[0] + block + page.split(END, 1)[1]
-    else:
-        page += f"\n## Quality: multitask against single-task models\n\n{block}\n"
-    path.write_text(page)
+    put_marked(path, BEGIN, END, f"{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n",
+               heading="## Quality: multitask against single-task models")
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO  # noqa: E402
+from common import REPO, put_marked  # noqa: E402
 
 from launcher.local_cluster import free_port  # noqa: E402
 
@@ -201,10 +201,7 @@ def report(results: list[dict], wall: float, alive: dict, args) -> None:
     for r in problems[:10]:
         print(f"  problem: {r['kind']} {r['path']}: {r['problem']}", file=sys.stderr)
     if args.update:
-        page = Path(args.update).read_text()
-        head, rest = page.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        Path(args.update).write_text(f"{head}{BEGIN}\n{text}{END}{tail}")
+        put_marked(Path(args.update), BEGIN, END, text)
     if problems or alive["got"] != 200:
         sys.exit(1)
 

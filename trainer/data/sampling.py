@@ -51,8 +51,9 @@ class StepPlanner:
         self.slots = micro_batches_per_step - sum(self.fixed.values())
         if self.free and self.slots < 1:
             raise ValueError("no micro-batches left for tasks without a fixed accumulation")
-        probs = np.array([rates[t] for t in self.free], dtype=float)
-        self.rates = dict(zip(self.free, probs / probs.sum())) if self.free else {}
+        self.rates: dict[str, float] = {}
+        if self.free:
+            self.set_rates(rates)
         self.frozen: set[str] = set()  # tasks early stopping took out (trainer.control.early_stopping)
         self.scales = {t: 1.0 for t in self.free}  # rate multipliers (down-weighting, trainer.control.adapt_mixture)
         self.rng = np.random.default_rng(seed)

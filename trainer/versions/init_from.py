@@ -182,7 +182,7 @@ def check(spec) -> list[str]:
         where = f"{name}/{spec.init_from.version}"
         manifest = read_manifest(storage, where)
         state = storage.read_json(f"{where}/trainer_state.json") if spec.init_from.resume_optimizer else None
-        job = yaml.safe_load(storage.read_text(f"{where}/job.yaml") or "{}") or {} if state else {}
+        job = (yaml.safe_load(storage.read_text(f"{where}/job.yaml") or "{}") or {}) if state else {}
     except UserError as exc:
         return [f"init_from: {exc}"]
     return manifest_problems(spec, manifest) + (optimizer_problems(spec, manifest, state, job) if state else [])

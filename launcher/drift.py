@@ -37,6 +37,10 @@ FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep
 # only when a run starts (a resume loads the version's weights).
 # init_from matters only when a run starts (its versions record the pinned one); later it resumes from its own.
 
+# Fields added with a default that trains differently from what versions written before them did:
+# such a version's job holds no value, and it trained as this one says.
+TRAINED_BEFORE = {"train.loss_normalization": "micro_batch"}
+
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:
     if isinstance(tree, dict):
@@ -65,6 +69,11 @@ def training_differences(old_job: dict, new_job: dict, old_ds: dict | None = Non
     lines = []
     for path in sorted(set(old) | set(new)):
         if is_free(path) or _same(old.get(path), new.get(path)):
+            continue
+        if path not in old and path in TRAINED_BEFORE:
+            if _same(TRAINED_BEFORE[path], new.get(path)):
+                continue
+            lines.append(f"{path}: {_show(TRAINED_BEFORE[path])} (before the field existed) -> {_show(new.get(path))}")
             continue
         if path not in old and new_field_default(path) == (True, new[path]):
             continue  # a field added after the version was written: it trained as the default does

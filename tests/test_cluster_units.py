@@ -309,9 +309,10 @@ def test_a_step_reads_nothing_back_from_the_device_until_its_end():
                     "labels": torch.tensor([[-100, -100, 3, 4, 5]] * 2)}
 
     stats = run_plan(Engine(), {"a": 3, "b": 2}, {"a": Stream(), "b": Stream()}, {"a": 1.0, "b": 0.5}, ["a", "b"],
-                     "cpu")
+                     "cpu", encoding="causal")
     assert stats.losses.device.type == "meta"
-    assert stats.counts.tolist() == [[3, 6, 30, 30], [2, 4, 20, 20]]  # from the host batches
+    # micro-batches, scored target tokens (3 a row), rows, real and padded tokens: from the host batches
+    assert stats.counts.tolist() == [[3, 18, 6, 30, 30], [2, 12, 4, 20, 20]]
     with pytest.raises(NotImplementedError):  # the one read, at the step's end
         stats.reduce("cpu")
 

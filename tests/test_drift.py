@@ -97,6 +97,18 @@ def test_a_field_added_after_the_version_was_written_is_drift_only_when_set_othe
                                               "tasks.sentiment.weight: (absent) -> 3.0"]
 
 
+def test_a_version_from_before_token_normalised_losses_trained_per_micro_batch():
+    """train.loss_normalization came with a default (tokens) that trains differently from what
+    versions written before it did: resuming one under the default is a change, under micro_batch none."""
+    new = json.loads(json.dumps(spec_with().model_dump(mode="json")))
+    old = json.loads(json.dumps(new))
+    del old["train"]["loss_normalization"]
+    assert training_differences(old, new) == [
+        "train.loss_normalization: micro_batch (before the field existed) -> tokens"]
+    new["train"]["loss_normalization"] = "micro_batch"
+    assert training_differences(old, new) == []
+
+
 def test_the_deepspeed_file_is_compared_by_content_not_by_path(storage, tmp_path):
     """`mtl submit` ships the DeepSpeed file under another path (and a shipped path is gone later):
     a version records the file's content, and only a change of content is a change."""

@@ -1,4 +1,5 @@
-"""One optimizer step's gradient is the weighted mean over its plan's micro-batches.
+"""One optimizer step's gradient is the weighted mean over its plan's micro-batches, and with
+token-normalised losses each task's part is the gradient of one batch of all its rows.
 
 The step runs through the worker's own `run_plan` on a real DeepSpeed engine (one process,
 gloo). With SGD at lr 1 and no clipping, the parameter change is exactly minus the gradient
@@ -15,11 +16,12 @@ import socket
 import pytest
 import torch
 
-from conftest import qa_rows, sentiment_rows
+from conftest import qa_rows, sentiment_rows, summary_rows
 from trainer.data.batching import TaskStream
 from trainer.loop import run_plan
 from trainer.loop_setup import skip_inference_comm_op
-from trainer.model.models import HeadSpec, build_model
+from trainer.data.batching import IGNORE_INDEX
+from trainer.model.models import HeadSpec, build_model, loss_items
 from trainer.data.check_encode import encode_split
 from trainer.tasks import registry
 from trainer.tasks.registry import TaskContext
@@ -40,13 +42,13 @@ def process_group():
     dist.destroy_process_group()
 
 
-def features(task_type, rows, tokenizer, labels=()):
+def features(task_type, rows, tokenizer, labels=(), encoding="heads"):
     t = registry.get(task_type)
     for i, r in enumerate(rows):
         r["__row__"] = i + 1
         if "label" in r:
             r["label"] = r["label"]
-    ctx = TaskContext("t", tokenizer, "heads", 48, t.default_prompt, labels,
+    ctx = TaskContext("t", tokenizer, encoding, 48, t.default_prompt, labels,
                       t.options_model.model_validate({"doc_stride": 16} if task_type == "extractive_qa" else {}))
     feats = encode_split(rows, t, ctx).features
     keep = ["input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions", "length"]
@@ -93,3 +95,62 @@ def test_step_gradient_is_weighted_mean_over_plan(process_group, model_dir, toke
         torch.testing.assert_close(applied[name], grad, rtol=1e-4, atol=1e-6, msg=name)
         compared += 1
     assert compared > 10 and expected["heads.a.out.weight"].abs().sum() > 0
+
+
+def one_batch(batches: list[dict], pad_id: int) -> dict:
+    """Micro-batches' rows as one batch, padded on the right as TaskStream pads."""
+    width = max(b["input_ids"].shape[1] for b in batches)
+    pads = {"input_ids": pad_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+    return {k: torch.cat([torch.nn.functional.pad(b[k], (0, width - b[k].shape[1]), value=v) for b in batches])
+            for k, v in pads.items()}
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_token_normalised_step_gradient_is_each_tasks_one_batch_gradient(process_group, causal_dir, tokenizer, stage):
+    """train.loss_normalization: tokens. A task's micro-batches of 2 rows hold different numbers of
+    target tokens; the step's gradient must be, per task, the gradient of its rows as one batch (the
+    mean over all their tokens), at its share of the step's micro-batches, times its weight."""
+    import deepspeed
+
+    rng = random.Random(1)
+    feats = {"c": features("classification", sentiment_rows(8, rng), tokenizer, ("negative", "positive"), "causal"),
+             "g": features("generation", summary_rows(12, rng), tokenizer, encoding="causal")}
+    torch.manual_seed(0)
+    model = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    reference = copy.deepcopy(model)
+    plan, weights = {"c": 1, "g": 3}, {"c": 2.0, "g": 0.5}
+    pad = tokenizer.pad_token_id
+    streams = lambda: {t: TaskStream(t, f, rank=0, world=1, seed=0, pad_id=pad, micro_batch_size=2)  # noqa: E731
+                       for t, f in feats.items()}
+
+    reference_streams = streams()
+    drawn = {t: [reference_streams[t].next_batch() for _ in range(n)] for t, n in plan.items()}
+    items = [loss_items(b, "causal") for b in drawn["g"]]
+    assert len(set(items)) > 1, f"the generation micro-batches should differ in target tokens: {items}"
+    steps = sum(plan.values())
+    total = sum(weights[t] * plan[t] / steps * reference(t, one_batch(drawn[t], pad))[0] for t in plan)
+    total.backward()
+    expected = {n: p.grad.clone() for n, p in reference.named_parameters() if p.grad is not None}
+    # What the mean of micro-batch means gives instead: the test tells the two apart.
+    old = {n: torch.autograd.grad(sum(weights[t] * reference(t, b)[0] for t in plan for b in drawn[t]) / steps, p)[0]
+           for n, p in list(reference.named_parameters())[:1]}
+    name = next(iter(old))
+    assert not torch.allclose(old[name], expected[name], rtol=1e-3, atol=1e-6)
+
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": steps, "train_batch_size": 2 * steps,
+              "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                      config=config)
+    stats = run_plan(engine, plan, streams(), weights, ["c", "g"], torch.device("cpu"), encoding="causal")
+    assert engine.global_steps == 1
+    per_task, _ = stats.reduce()
+    mean_over_tokens = float(reference("g", one_batch(drawn["g"], pad))[0].detach())
+    assert per_task["g"]["loss"] == pytest.approx(mean_over_tokens, rel=1e-4)  # what the step reports, too
+    applied = {n: before[n] - p.detach() for n, p in engine.module.named_parameters()}
+    for n, grad in expected.items():
+        torch.testing.assert_close(applied[n], grad, rtol=1e-4, atol=1e-6, msg=n)
+    assert len(expected) > 10

@@ -17,13 +17,14 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def all_reduce_sum(values: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """The element-wise sum of `values` over all ranks, as a new CPU tensor."""
+def all_reduce_sum(values: torch.Tensor, device: torch.device | str, *, to_host: bool = True) -> torch.Tensor:
+    """The element-wise sum of `values` over all ranks, as a new CPU tensor (`to_host=False`: left on
+    `device`, where the host need not wait for it)."""
     if not distributed():
-        return values.clone()
+        return values.clone() if to_host else values.to(device, copy=True)
     buffer = values.to(device, copy=True)
     dist.all_reduce(buffer)
-    return buffer.cpu()
+    return buffer.cpu() if to_host else buffer
 
 
 def all_gather_objects(obj) -> list:

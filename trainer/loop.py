@@ -5,7 +5,8 @@ weighting, model, engine) and restores the latest version if there is one; fit()
 optimizer steps, handing versions to trainer.loop_versions and validation, with what acts on it,
 to trainer.loop_validation. The state they share is trainer.loop_state.Run.
 Each step runs its plan: so many micro-batches of each task, each one task only, each
-back-propagated with its task's weight; DeepSpeed steps the optimizer once, at the
+back-propagated with its task's weight (and, by default, its share of its task's tokens in the
+step: `loss_scales`); DeepSpeed steps the optimizer once, at the
 accumulation boundary that closes the plan.
 """
 
@@ -15,7 +16,7 @@ import time
 
 import torch
 
-from trainer.collectives import to_device
+from trainer.collectives import all_reduce_sum, to_device
 from trainer.control import HeadGuard, StopRequests, agreed
 from trainer.data import TaskStream
 from trainer.evaluation import WAIT_AT_END_S
@@ -25,7 +26,7 @@ from trainer.loop_state import Run
 from trainer.loop_validation import absorb_validations, all_stopped, stop_early, validate_in_loop
 from trainer.loop_versions import commit_version, finish_upload, save_version
 from trainer.memory import MemoryPhases, memory_key
-from trainer.model import first_target
+from trainer.model import first_target, loss_items
 from trainer.reporting import StepStats, quiet_libraries, say, step_line
 from trainer.runtime import RayRuntime
 from trainer.scratch import remove_orphans
@@ -99,7 +100,9 @@ def train_step(run: Run, first: int) -> tuple[dict[str, bool], dict]:
     plan = run.planner.plan()
     weights = run.weighting.weights()
     held = run.head_guard.hold([t for t in names if not plan.get(t)]) if run.head_guard else []
-    stats = run_plan(run.engine, plan, run.streams, weights, names, run.device)
+    by_tokens = run.spec.train.loss_normalization == "tokens"
+    stats = run_plan(run.engine, plan, run.streams, weights, names, run.device,
+                     encoding=run.encoding if by_tokens else None)
     HeadGuard.restore(held)
     run.step += 1
     assert run.engine.global_steps == run.step, "plan size and DeepSpeed accumulation disagree"
@@ -141,17 +144,45 @@ def finish_run(run: Run) -> None:
 
 
 def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weights: dict[str, float],
-             tasks: list[str], device) -> StepStats:
-    """One optimizer step: the plan's micro-batches, each of one task, each with its task's weight."""
+             tasks: list[str], device, *, encoding: str | None = None) -> StepStats:
+    """One optimizer step: the plan's micro-batches, each of one task, each with its task's weight.
+
+    With `encoding` (train.loss_normalization: tokens), each task's loss in the step is the mean over
+    all its items (target tokens, or rows for a head; trainer.model.loss_items) in its micro-batches
+    on every rank, as if they were one batch; without it, the mean of its micro-batches' own means.
+    Either way a task's share of the step is its share of the micro-batches (see `loss_scales`).
+    """
+    batches = [(task, with_first_target(streams[task].next_batch())) for task, count in plan.items()
+               for _ in range(count)]
+    items = [loss_items(host, encoding) if encoding else 1 for _, host in batches]
+    scales = loss_scales([task for task, _ in batches], items, tasks, device) if encoding else None
     stats = StepStats(tasks)
-    for task, count in plan.items():
-        for _ in range(count):
-            host = with_first_target(streams[task].next_batch())
-            loss, weighted = engine(task, to_device(host, device), weight=weights[task])
-            engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps
-            engine.step()  # steps the optimizer only at the boundary that ends this plan
-            stats.add(task, loss, host)  # no read back from the device until the step's end (StepStats)
+    for i, (task, host) in enumerate(batches):
+        loss, weighted = engine(task, to_device(host, device), weight=weights[task])
+        # DeepSpeed divides by gradient_accumulation_steps, and its all-reduce by the world size
+        engine.backward(weighted * scales[i] if scales is not None else weighted)
+        engine.step()  # steps the optimizer only at the boundary that ends this plan
+        stats.add(task, loss, host, items[i])  # no read back from the device until the step's end (StepStats)
     return stats
+
+
+def loss_scales(batch_tasks: list[str], items: list[int], tasks: list[str], device) -> torch.Tensor:
+    """Each micro-batch's factor on its mean loss: its items × its task's micro-batches / its task's
+    items, both counted over every rank.
+
+    DeepSpeed averages the scaled losses over the step's N micro-batches (every rank's), so a task
+    with n of them and I items contributes (n / N) · Σ item losses / I: the mean over its items, at
+    the share its micro-batches have (transformers' `num_items_in_batch`, per task). One all-reduce
+    of 2 numbers per task, before the first backward; the result stays on the device (the host does
+    not wait for it)."""
+    index = [tasks.index(t) for t in batch_tasks]
+    local = torch.zeros(2, len(tasks), dtype=torch.float64)
+    for i, n in zip(index, items):
+        local[:, i] += torch.tensor([1.0, n], dtype=torch.float64)
+    totals = all_reduce_sum(local, device, to_host=False)
+    per_item = totals[0] / totals[1].clamp(min=1.0)
+    return (torch.tensor(items, dtype=torch.float64, device=totals.device)
+            * per_item[torch.tensor(index, device=totals.device)]).float()
 
 
 def with_first_target(batch: dict) -> dict:

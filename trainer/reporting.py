@@ -59,31 +59,35 @@ class StepStats:
     step (a `.item()` per micro-batch would make the host wait for each one's backward pass).
     """
 
-    FIELDS = ("loss_sum", "micro_batches", "examples", "real_tokens", "padded_tokens")
+    FIELDS = ("loss_sum", "micro_batches", "loss_items", "examples", "real_tokens", "padded_tokens")
 
     def __init__(self, tasks: list[str]):
         self.tasks = tasks
         self.counts = torch.zeros(len(tasks), len(self.FIELDS) - 1, dtype=torch.float64)  # on the host
         self.losses: torch.Tensor | None = None  # on the losses' device
 
-    def add(self, task: str, loss: torch.Tensor, host_batch: dict) -> None:
-        """`loss`: the micro-batch's loss, where it was computed; `host_batch`: it before it was moved there."""
+    def add(self, task: str, loss: torch.Tensor, host_batch: dict, items: int = 1) -> None:
+        """`loss`: the micro-batch's mean loss, where it was computed, over `items` items (tokens or
+        rows: trainer.model.loss_items; 1 counts every micro-batch alike); `host_batch`: the
+        micro-batch before it was moved there."""
         i = self.tasks.index(task)
         if self.losses is None:
             self.losses = torch.zeros(len(self.tasks), dtype=torch.float64, device=loss.device)
-        self.losses[i] += loss.detach().to(torch.float64)
+        self.losses[i] += loss.detach().to(torch.float64) * items
         mask = host_batch["attention_mask"]
-        self.counts[i] += torch.tensor([1, mask.shape[0], float(mask.sum()), mask.numel()], dtype=torch.float64)
+        self.counts[i] += torch.tensor([1, items, mask.shape[0], float(mask.sum()), mask.numel()],
+                                       dtype=torch.float64)
 
     @property
     def values(self) -> torch.Tensor:
-        """[loss_sum, micro_batches, examples, real_tokens, padded_tokens] per task, on the host (reads the device)."""
+        """[loss_sum, micro_batches, loss_items, examples, real_tokens, padded_tokens] per task, on the host (reads the device)."""
         losses = self.losses.cpu() if self.losses is not None else torch.zeros(len(self.tasks), dtype=torch.float64)
         return torch.cat([losses[:, None], self.counts], dim=1)
 
     def reduce(self, device: torch.device | str = "cpu",
                flags: list[float] = ()) -> tuple[dict[str, dict[str, float]], list[float]]:
-        """({task: {loss, micro_batches, examples, real_tokens, padded_tokens}}, flags) over all ranks.
+        """({task: {loss, micro_batches, examples, real_tokens, padded_tokens}}, flags) over all ranks;
+        a task's loss is the mean over its items (see `add`).
 
         The same sums on every rank, so the weighting state stays identical everywhere. `flags`
         are this rank's notes for the run's control (stop requests, uploads finished): they ride
@@ -97,8 +101,8 @@ class StepStats:
         n, width = len(self.tasks), self.counts.shape[1]
         out = {}
         for i, task in enumerate(self.tasks):
-            mbs, examples, real, padded = summed[n + i * width:n + (i + 1) * width]
-            out[task] = {"loss": summed[i] / mbs if mbs else math.nan, "micro_batches": mbs, "examples": examples,
+            mbs, items, examples, real, padded = summed[n + i * width:n + (i + 1) * width]
+            out[task] = {"loss": summed[i] / items if items else math.nan, "micro_batches": mbs, "examples": examples,
                          "real_tokens": real, "padded_tokens": padded}
         return out, summed[n + self.counts.numel():]
 

@@ -273,6 +273,11 @@ class TrainSpec(_Strict):
                                    "of the steps left (LP-FT, Kumar et al. 2022: random heads do not distort the "
                                    "pretrained features first).")
     max_grad_norm: float | None = Field(1.0, gt=0.0, description="Gradient clipping; null disables it.")
+    loss_normalization: Literal["tokens", "micro_batch"] = Field(
+        "tokens", description="tokens: a task's loss in a step is the mean over all its target tokens (rows, for "
+        "a head) in the step's micro-batches on every rank, so a micro-batch of long answers counts for more than "
+        "one of short ones; each task keeps its share of the step. micro_batch: the mean of its micro-batches' own "
+        "means, each counting alike (what versions written before this field trained with).")
     precision: Literal["fp32", "bf16", "fp16", "auto"] = Field(
         "fp32", description="Training precision; auto: bf16 where the hardware computes it natively (Ampere+ "
                             "GPUs, CPUs with AMX/AVX512-BF16), else fp32.")

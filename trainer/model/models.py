@@ -122,6 +122,16 @@ def first_target(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).any(0).int().argmax())
 
 
+def loss_items(batch: dict, encoding: str) -> int:
+    """How many items the task's loss of a host micro-batch averages: its scored target tokens for an
+    LM (a decoder scores position t against token t + 1, so never the first column), its rows for a head."""
+    labels = batch.get("labels")
+    if encoding == "heads" or labels is None or labels.dim() != 2:
+        return int(batch["attention_mask"].shape[0])
+    scored = labels if encoding == "seq2seq" else labels[:, 1:]
+    return int((scored != IGNORE_INDEX).sum())
+
+
 def model_class(kind: str, encoding: str, config):
     """The transformers class build_model makes for `config` (None when the auto class has no mapping for it)."""
     try:

@@ -22,7 +22,7 @@ import math
 import types
 import typing
 
-from trainer.model import lr_factor
+from trainer.model import DEVICE_KEYS, lr_factor
 
 # Dotted prefixes that never change the trained model, so they may differ on resume.
 FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep_last", "train.keep_best",
@@ -31,11 +31,13 @@ FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep
         "scaling.gpus_per_worker", "scaling.cpus_per_worker", "scaling.placement", "scaling.accelerator_type",
         "scaling.wait_for_nodes_s", "scaling.num_workers", "scaling.resize_check_s", "scaling.collective_timeout_s",
         "model.gradient_checkpointing", "model.attn_implementation", "model.init",
-        "storage", "name", "init_from", "serve")
+        "storage", "name", "init_from", "serve",
+        *(f"deepspeed file.{key}" for key in DEVICE_KEYS))
 # scaling.num_workers may change: the run says what a resume on another world size does (launcher.versions).
 # Checkpointing and the attention kernels compute the same model; model.init, like init_from, matters
 # only when a run starts (a resume loads the version's weights).
 # init_from matters only when a run starts (its versions record the pinned one); later it resumes from its own.
+# DeepSpeed's overlap_comm and pin_memory move the same numbers at another time, or through another buffer.
 
 # Fields added with a default that trains differently from what versions written before them did:
 # such a version's job holds no value, and it trained as this one says.

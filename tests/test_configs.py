@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import REPO
 from launcher.jobfile import load_job, parse_overrides, resolve_ds_config
@@ -51,6 +52,43 @@ def test_every_shipped_ds_config_builds(path):
     assert config["bf16"] == {"enabled": True}
     assert "optimizer" not in config and "scheduler" not in config  # torch objects built by the loop
     assert config["zero_optimization"]["stage"] == int(path.stem[4])
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_shipped_configs_overlap_communication_and_pin_memory_only_on_gpus(use_gpu):
+    """overlap_comm and pin_memory are "auto" in every shipped file that has them: on for GPU
+    workers, off for CPU ones; no "auto" reaches DeepSpeed."""
+    from trainer.model.ds_config import offloads_optimizer
+
+    offloaded = set()
+    for path in DS_CONFIGS:
+        config = build_ds_config(read_ds_config(str(path)), micro_batch_size=8, micro_batches_per_step=4,
+                                 world_size=2, max_grad_norm=1.0, precision="bf16", use_gpu=use_gpu)
+        zero = config["zero_optimization"]
+        if zero["stage"] > 0:
+            assert zero["overlap_comm"] is use_gpu, path.name
+        for part in ("offload_optimizer", "offload_param"):
+            if part in zero:
+                assert zero[part]["pin_memory"] is use_gpu, path.name
+        if offloads_optimizer(config):
+            offloaded.add(path.stem)
+    assert offloaded == {"zero2_offload", "zero3_offload"}
+
+
+def test_an_offloaded_optimizer_steps_with_deepspeeds_cpu_adam_only_on_gpu_workers(monkeypatch):
+    import types
+
+    import deepspeed.ops.adam
+
+    from trainer.loop_setup import job_optimizer
+
+    made = []
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam",  # its C++ op is built on first use (~1 min)
+                        lambda groups, **kw: made.append(kw) or types.SimpleNamespace(param_groups=groups))
+    groups = [{"params": [torch.nn.Parameter(torch.ones(2))], "weight_decay": 0.1}]
+    assert isinstance(job_optimizer(groups, 1e-3, host_adam=False), torch.optim.AdamW) and not made
+    job_optimizer(groups, 1e-3, host_adam=True)
+    assert made == [{"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "adamw_mode": True}]
 
 
 def test_ds_config_auto_is_filled_and_conflicts_raise():

@@ -109,6 +109,19 @@ def test_a_version_from_before_token_normalised_losses_trained_per_micro_batch()
     assert training_differences(old, new) == []
 
 
+def test_device_knobs_of_the_deepspeed_file_may_change():
+    """overlap_comm and pin_memory move the same numbers at another time: a version written when the
+    shipped files said false resumes under their "auto"."""
+    job = json.loads(json.dumps(spec_with().model_dump(mode="json")))
+    old_ds = {"zero_optimization": {"stage": 3, "overlap_comm": False, "offload_param": {"device": "cpu",
+                                                                                         "pin_memory": False}}}
+    new_ds = json.loads(json.dumps(old_ds).replace("false", '"auto"'))
+    assert training_differences(job, job, old_ds, new_ds) == []
+    new_ds["zero_optimization"]["offload_param"]["device"] = "none"
+    assert training_differences(job, job, old_ds, new_ds) == [
+        "deepspeed file.zero_optimization.offload_param.device: cpu -> none"]
+
+
 def test_the_deepspeed_file_is_compared_by_content_not_by_path(storage, tmp_path):
     """`mtl submit` ships the DeepSpeed file under another path (and a shipped path is gone later):
     a version records the file's content, and only a change of content is a change."""

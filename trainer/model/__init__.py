@@ -8,8 +8,8 @@ The face: code outside this package imports these names from `trainer.model` (se
 from trainer.face import face
 
 __getattr__, __dir__, __all__ = face(__name__, {
-    "ds_config": ("DEEPSPEED_SUB_GROUP_SIZE", "fill_model_sizes", "job_ds_config", "read_ds_config",
-                  "zero_stage",),
+    "ds_config": ("DEEPSPEED_SUB_GROUP_SIZE", "DEVICE_KEYS", "fill_model_sizes", "job_ds_config",
+                  "offloads_optimizer", "read_ds_config", "zero_stage",),
     "memory_plan": ("GIB", "RAY_KILL_FRACTION", "describe", "job_model_size", "job_plan", "model_size",
                     "plan_memory",),
     "model_io": ("check_model", "load_config", "load_model_files", "load_tokenizer_and_encoding",),

@@ -22,6 +22,13 @@ MODEL_SIZED_KEYS = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3
 DERIVED_KEYS = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size",
                 "gradient_clipping")
 
+# Knobs that pay on GPUs and cost on CPUs; "auto" takes `scaling.use_gpu`. overlap_comm runs the
+# gradient reductions on a CUDA stream of their own while the backward pass goes on; a pinned
+# (page-locked) host buffer lets an offloaded optimizer's copies run without staging. On CPU
+# workers there is no second stream to overlap with and nothing to pin for.
+DEVICE_KEYS = ("zero_optimization.overlap_comm", "zero_optimization.offload_optimizer.pin_memory",
+               "zero_optimization.offload_param.pin_memory")
+
 
 def read_ds_config(path: str, field: str = "deepspeed") -> dict:
     try:
@@ -85,8 +92,16 @@ def _zero_problems(zero: dict):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     sized = {k: 1 for k in MODEL_SIZED_KEYS if zero.get(k) == "auto"}  # filled on the workers
+    checked = copy.deepcopy({**zero, **sized})
+    for path in DEVICE_KEYS:  # filled for the workers' device (build_ds_config)
+        *parents, key = path.split(".")[1:]
+        node = checked
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key) == "auto":
+            node[key] = False
     try:
-        DeepSpeedZeroConfig(**{**zero, **sized})
+        DeepSpeedZeroConfig(**checked)
     except pydantic.ValidationError as exc:
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
@@ -117,8 +132,10 @@ def zero_stage(config: dict | None) -> int:
 
 
 def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step: int, world_size: int,
-                    max_grad_norm: float | None, precision: str, field: str = "deepspeed") -> dict:
-    """`base` with every derived number filled in; raises if the file contradicts the job."""
+                    max_grad_norm: float | None, precision: str, use_gpu: bool = False,
+                    field: str = "deepspeed") -> dict:
+    """`base` with every derived number filled in, and the DEVICE_KEYS left "auto" set for the
+    workers' device; raises if the file contradicts the job."""
     derived = {
         # DeepSpeed only uses this for bookkeeping: a task may set its own rows per micro-batch.
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -141,11 +158,19 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
         config.pop(mode, None)
     if precision in ("fp16", "bf16"):
         config[precision] = {"enabled": True}
+    for path in DEVICE_KEYS:
+        *parents, key = path.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key) == "auto":
+            node[key] = use_gpu
     filled_later = {f"zero_optimization.{key}" for key in MODEL_SIZED_KEYS}  # fill_model_sizes, on the workers
     unfilled = [path for path in _auto_paths(config) if path not in filled_later]
     if unfilled:  # DeepSpeed would only refuse it on the workers, after Ray started
         raise SpecError(field, f"{unfilled[0]} is \"auto\" in the DeepSpeed config, and only these are filled in: "
-                               f"{', '.join(DERIVED_KEYS + MODEL_SIZED_KEYS)}; give it a value or remove it")
+                               f"{', '.join(DERIVED_KEYS + MODEL_SIZED_KEYS + DEVICE_KEYS)}; give it a value or "
+                               f"remove it")
     config.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
     if zero_stage(config) == 3:  # a version then holds whole weights (weights/), read without optimizer shards
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
@@ -210,4 +235,10 @@ def job_ds_config(spec, world_size: int | None = None, base: dict | None = None)
     world_size = world_size or spec.scaling.max_workers
     return build_ds_config(base, micro_batch_size=spec.train.micro_batch_size,
                            micro_batches_per_step=spec.step_shape(world_size)[0], world_size=world_size,
-                           max_grad_norm=spec.train.max_grad_norm, precision=spec.train.precision)
+                           max_grad_norm=spec.train.max_grad_norm, precision=spec.train.precision,
+                           use_gpu=spec.scaling.use_gpu)
+
+
+def offloads_optimizer(config: dict) -> bool:
+    """Whether a DeepSpeed config keeps the optimizer's state and step on the host."""
+    return (config.get("zero_optimization", {}).get("offload_optimizer") or {}).get("device") in ("cpu", "nvme")

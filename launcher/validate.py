@@ -10,6 +10,7 @@ are collected, so one run of `mtl validate` lists everything to fix.
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass, field
 
 from trainer.data import ROW, CheckedTask, check_task_data
@@ -54,6 +55,7 @@ def validate_job(spec: JobSpec, *, check_files: bool = True, machine: bool = Fal
                 report.tasks[name] = check_task_data(spec, name)
             except UserError as exc:
                 report.errors.append(str(exc))
+        report.notes.extend(task_summary(report.tasks))
         for name, checked in report.tasks.items():
             _describe_task(spec, name, checked, report)
         report.errors.extend(_tracking_problems(spec))
@@ -75,19 +77,47 @@ def require_valid(spec: JobSpec, *, check_files: bool = True, machine: bool = Fa
     return report
 
 
+TABLE_MAX_TASKS = 20  # beyond, the console gets counts (a FLAN-sized mixture would print pages)
+SPLITS = ("train", "validation", "test")
+
+
+def task_summary(tasks: dict[str, CheckedTask]) -> list[str]:
+    """The tasks on the console before a run: a table of up to TABLE_MAX_TASKS, counts beyond them
+    (`mtl data` reports every task)."""
+    if not tasks:
+        return []
+    missing = [name for name, c in tasks.items() if "validation" not in c.splits]
+    if len(tasks) <= TABLE_MAX_TASKS:
+        rows = [("task", "type", *SPLITS, "labels")]
+        for name, c in tasks.items():
+            labels = ", ".join(c.labels[:6]) + (f" (+{len(c.labels) - 6} more)" if len(c.labels) > 6 else "")
+            rows.append((name, c.type, *(str(len(c.splits[s])) if s in c.splits else "-" for s in SPLITS), labels))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(v.rjust(w) if 2 <= i <= 4 else v.ljust(w) for i, (v, w) in enumerate(zip(r, widths))).rstrip()
+                 for r in rows]
+        if missing:
+            lines.append(f"no validation split, so not evaluated during training: {', '.join(missing)}")
+        return lines
+    types = Counter(c.type for c in tasks.values())
+    train = sorted(len(c.splits["train"]) for c in tasks.values())
+    with_split = {s: sum(s in c.splits for c in tasks.values()) for s in ("validation", "test")}
+    return [f"{len(tasks)} tasks: " + ", ".join(f"{n} {t}" for t, n in types.most_common()),
+            f"  train rows per task: {train[0]:,} to {train[-1]:,} (median {train[len(train) // 2]:,}; "
+            f"{sum(train):,} in all)",
+            f"  with a validation split: {with_split['validation']} (the others are not evaluated during "
+            f"training); with a test split: {with_split['test']}",
+            "  `mtl data JOB` reports each task"]
+
+
 def _describe_task(spec: JobSpec, name: str, checked: CheckedTask, report: Report) -> None:
-    sizes = ", ".join(f"{s} {len(rows)}" for s, rows in checked.splits.items())
-    labels = f"; labels: {', '.join(checked.labels)}" if checked.labels else ""
-    report.notes.append(f"{name} ({checked.type}): {sizes}{labels}")
+    """What the summary table leaves out: bad rows, truncation, batch sizes that cannot work."""
     for split, bad in checked.bad.items():
         if bad.count:
             most = bad.count > bad.total / 2
-            report.notes.append(f"  {'warning: ' if most else ''}{name}/{split} ({bad.origin}): {bad.summary()}"
+            report.notes.append(f"{'warning: ' if most else ''}{name}/{split} ({bad.origin}): {bad.summary()}"
                                 + ("; most of the split is left out: check the data and the task's columns and "
                                    "labels" if most else ""))
     _note_certain_truncation(spec, name, checked, report)
-    if "validation" not in checked.splits:
-        report.notes.append(f"  {name}: no validation split; it is not evaluated during training")
     rows, workers = len(checked.splits["train"]), spec.scaling.max_workers
     task = spec.tasks[name]
     batch = task.micro_batch_size or (None if task.max_tokens else spec.train.micro_batch_size)
@@ -109,7 +139,7 @@ def _note_certain_truncation(spec: JobSpec, name: str, checked: CheckedTask, rep
         long = [(size, row) for size, row in sizes if size > limit]
         if long:
             size, row = max(long)
-            report.notes.append(f"  warning: {name}/{split}: {len(long)} row{'s' if len(long) > 1 else ''} far longer "
+            report.notes.append(f"warning: {name}/{split}: {len(long)} row{'s' if len(long) > 1 else ''} far longer "
                                 f"than max_length ({limit // CHARS_PER_TOKEN_BOUND} tokens) will be truncated; the "
                                 f"longest, row {row}, has {size:,} characters")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,8 @@ def run(capsys, *argv) -> tuple[int, str]:
 def test_good_job_validates_and_reports_sizes(capsys, data_dir, model_dir, write_job):
     code, out = run(capsys, "validate", write_job(job_dict(data_dir, str(model_dir))))
     assert code == 0, out
-    assert "sentiment (classification): train 40, validation 10, test 10; labels: negative, positive" in out
+    assert re.search(r"^task +type +train +validation +test +labels$", out, re.M), out
+    assert re.search(r"^sentiment +classification +40 +10 +10 +negative, positive$", out, re.M), out
     assert "OK (3 tasks)" in out
 
 
@@ -31,7 +33,7 @@ def test_print_shows_resolved_job_with_overrides_and_defaults(capsys, data_dir, 
     code, out = run(capsys, "validate", write_job(job_dict(data_dir, str(model_dir))), "--print",
                     "train.steps=20", "tasks.sentiment.weight=2", "mixture.strategy=uniform")
     assert code == 0, out
-    resolved = yaml.safe_load(out.split("sentiment (classification)")[0])
+    resolved = yaml.safe_load(out.split("\ntask ")[0])
     assert resolved["train"]["steps"] == 20
     assert resolved["tasks"]["sentiment"]["weight"] == 2.0
     assert resolved["mixture"]["strategy"] == "uniform"
@@ -47,7 +49,7 @@ def test_the_default_deepspeed_config_is_found_from_any_folder(capsys, data_dir,
     monkeypatch.chdir(tmp_path)
     code, out = run(capsys, "validate", path, "--print")
     assert code == 0, out
-    assert Path(yaml.safe_load(out.split("sentiment (classification)")[0])["deepspeed"]).is_file()
+    assert Path(yaml.safe_load(out.split("\ntask ")[0])["deepspeed"]).is_file()
 
 
 def test_a_task_named_twice_in_the_yaml_is_refused(capsys, data_dir, model_dir, write_job, tmp_path):
@@ -164,7 +166,7 @@ def test_derived_splits_are_deterministic(capsys, data_dir, model_dir, write_job
                                          "split": {"validation": 0.25, "test": 0.25}, "seed": 3}
     code, out = run(capsys, "validate", write_job(job))
     assert code == 0, out
-    assert "sentiment (classification): train 20, validation 10, test 10" in out
+    assert re.search(r"^sentiment +classification +20 +10 +10 ", out, re.M), out
 
 
 FILE_MISTAKES = {
@@ -353,7 +355,7 @@ def test_class_label_columns_train_on_their_names(capsys, data_dir, model_dir, w
     job["tasks"]["sentiment"]["columns"] = {"text": "sentence"}
     code, out = run(capsys, "validate", write_job(job))
     assert code == 0, out
-    assert "labels: terrible, great, unused" in out
+    assert re.search(r"^sentiment +classification .* terrible, great, unused$", out, re.M), out
     checked = check_task_data(resolve(parse_job(job)), "sentiment")
     assert checked.labels == ("terrible", "great", "unused")
     assert [r["label"] for r in checked.splits["train"][:3]] == ["terrible", "great", "terrible"]
@@ -439,3 +441,17 @@ def test_model_options_the_model_or_machine_cannot_honour_are_named(capsys, data
     job["model"].update(init="random", attn_implementation="eager", gradient_checkpointing=True)
     code, out = run(capsys, "validate", write_job(job))
     assert code == 0, out
+
+
+def test_many_tasks_are_summarised_in_counts_not_a_line_each(capsys, data_dir, model_dir, write_job):
+    """Past 20 tasks the console gets counts; a table row per task would be pages for a FLAN-sized mix."""
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+    first = job["tasks"]["sentiment"]
+    job["tasks"] = {f"t{i:02d}": json.loads(json.dumps(first)) for i in range(24)}
+    del job["tasks"]["t03"]["data"]["validation"]
+    code, out = run(capsys, "validate", write_job(job))
+    assert code == 0, out
+    assert "24 tasks: 24 classification" in out
+    assert "train rows per task: 40 to 40 (median 40; 960 in all)" in out
+    assert "with a validation split: 23 (the others are not evaluated during training); with a test split: 24" in out
+    assert not re.search(r"^t0[0-9] ", out, re.M), out

@@ -57,6 +57,26 @@ def test_a_second_preparation_reads_the_cache_and_equals_the_first(data_dir, tok
     assert entries == ["qa", "sentiment"]
 
 
+def test_tasks_prepared_on_several_threads_equal_those_prepared_one_by_one(data_dir, tokenizer, monkeypatch):
+    """Each thread encodes through its own copy of the tokenizer (one fast tokenizer shared by two
+    threads fails with 'Already borrowed'); the result, and its order, are the job's whatever the
+    order the tasks were begun in."""
+    import trainer.data.task_data as task_data
+
+    monkeypatch.setenv("MTL_DATA_CACHE", "off")
+    job = job_dict(data_dir, tasks=("sentiment", "qa", "summary"))
+    job["tasks"]["qa"]["options"] = {"doc_stride": 16}
+    spec = spec_of(job)
+    monkeypatch.setattr(task_data, "PREPARE_THREADS", 1)
+    alone = prepare_tasks(spec, tokenizer, "causal")
+    monkeypatch.setattr(task_data, "PREPARE_THREADS", 3)
+    for start in (0, 1, 5):
+        together = prepare_tasks(spec, tokenizer, "causal", start=start)
+        assert list(together) == ["sentiment", "qa", "summary"]
+        for task in alone:
+            assert contents(together[task]) == contents(alone[task]), (task, start)
+
+
 @pytest.mark.parametrize("change", ["file content", "prompt", "max_length", "splits", "tokenizer"])
 def test_anything_the_rows_are_made_from_makes_a_new_entry(data_dir, tokenizer, tmp_path, cache, change):
     job = job_dict(data_dir, tasks=("sentiment",))

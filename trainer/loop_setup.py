@@ -72,7 +72,7 @@ def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | Non
     memory.enter("data")
     prepare_process(spec, runtime, device)
     base_config, tokenizer, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
-    tasks = prepare_tasks(spec, tokenizer, encoding)
+    tasks = prepare_tasks(spec, tokenizer, encoding, start=runtime.local_rank)
     say_data_cache(rank, tasks)
     require_same_data(data_signature(tasks), rank)
     streams = build_streams(spec, tasks, tokenizer, rank, world)

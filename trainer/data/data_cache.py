@@ -37,6 +37,16 @@ OFF = ("off", "0", "false", "no")
 HASH_LIMIT = 1 << 30  # data files up to 1 GiB are keyed by their content
 
 
+def _process_umask() -> int:
+    """Read once, at import: reading it means setting it, and tasks are prepared on several threads."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+UMASK = _process_umask()
+
+
 def cache_root() -> Path | None:
     """Where entries live on this node, or None when the cache is off."""
     value = os.environ.get("MTL_DATA_CACHE", "")
@@ -131,9 +141,7 @@ class DataCache:
             partial = Path(tempfile.mkdtemp(prefix=f".{folder.name}-{os.getpid()}-", dir=self.root))
             store(data, partial)
             (partial / "meta.json").write_text(json.dumps({"entry": folder.name, "created": time.time()}))
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(partial, 0o777 & ~umask)  # mkdtemp makes it private; others on a shared node may read it
+            os.chmod(partial, 0o777 & ~UMASK)  # mkdtemp makes it private; others on a shared node may read it
             shutil.rmtree(folder, ignore_errors=True)  # an entry without meta.json, or one that did not load
             os.rename(partial, folder)
             return True

@@ -4,12 +4,15 @@ plain arguments)."""
 
 from __future__ import annotations
 
+import copy
 import glob
 import inspect
 import json
 import os
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,26 +74,59 @@ def check_task_data(spec, name: str, raw: list[RawSplit] | None = None) -> Check
 
 
 def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation", "test"), *,
-                  tasks: list[str] | None = None, limit: int | None = None) -> dict[str, TaskData]:
+                  tasks: list[str] | None = None, limit: int | None = None, start: int = 0) -> dict[str, TaskData]:
     """Each task's rows checked and encoded. `tasks`: only these; `limit`: the first N rows of
     each held-out split (train is never cut: baselines and label sets read it). Prepared data is
-    kept in the node's cache (trainer.data.data_cache) and read from it when nothing it depends on changed."""
+    kept in the node's cache (trainer.data.data_cache) and read from it when nothing it depends on changed.
+
+    Tasks are had on a few threads at once: a task read from the cache mostly waits on files, and
+    one being prepared mostly tokenizes in Rust, outside the GIL. `start` rotates the order in which
+    they are begun: ranks on one node pass their local rank, so each prepares a different task first
+    while the others wait on its cache entry's lock, and reads the rest from the cache."""
+    names = list(tasks or spec.tasks)
+    order = names[start % len(names):] + names[:start % len(names)] if names else []
     root = cache_root()
-    out = {}
-    for name in tasks or spec.tasks:
+    hashed = _tokenizer_hash(tokenizer)  # once: dill-pickling a tokenizer's vocabulary is ~10 ms a task or more
+    copies = threading.local()
+
+    def own_tokenizer():
+        """A tokenizer per thread: a fast tokenizer's truncation settings are state of its Rust object,
+        and two threads encoding through one raise 'Already borrowed'."""
+        if not hasattr(copies, "tokenizer"):
+            copies.tokenizer = tokenizer if threading.current_thread() is threading.main_thread() \
+                else copy.deepcopy(tokenizer)
+        return copies.tokenizer
+
+    def have(name: str) -> TaskData:
+        build = lambda raw=None: _prepare_task(spec, name, own_tokenizer(), encoding, splits, limit, raw)  # noqa: E731
         if root is None:
             started = time.perf_counter()
-            out[name] = _prepare_task(spec, name, tokenizer, encoding, splits, limit)
-            out[name].cache = CacheUse("off", time.perf_counter() - started)
-            continue
+            data = build()
+            data.cache = CacheUse("off", time.perf_counter() - started)
+            return data
         raw = read_splits(name, spec.tasks[name].data) if spec.tasks[name].data.hub else None
-        parts = cache_key(spec, name, tokenizer, encoding, splits, limit, raw)
-        data, use = DataCache(root).get_or_build(
-            name, fingerprint(parts), lambda: _prepare_task(spec, name, tokenizer, encoding, splits, limit, raw),
-            store=_store_task, load=_load_task)
+        parts = cache_key(spec, name, tokenizer, encoding, splits, limit, raw, tokenizer_hash=hashed)
+        data, use = DataCache(root).get_or_build(name, fingerprint(parts), lambda: build(raw),
+                                                 store=_store_task, load=_load_task)
         data.cache, data.source = use, source_fingerprint(parts)
-        out[name] = data
-    return out
+        return data
+
+    threads = min(PREPARE_THREADS, len(order))
+    if threads <= 1:
+        done = {name: have(name) for name in order}
+    else:
+        with ThreadPoolExecutor(threads, thread_name_prefix="mtl-data") as pool:
+            done = dict(zip(order, pool.map(have, order)))
+    return {name: done[name] for name in names}
+
+
+PREPARE_THREADS = 4
+
+
+def _tokenizer_hash(tokenizer) -> str | None:
+    from datasets.fingerprint import Hasher
+
+    return Hasher.hash(tokenizer) if tokenizer is not None else None
 
 
 def _prepare_task(spec, name: str, tokenizer, encoding: str, splits, limit: int | None,
@@ -108,10 +144,9 @@ def _prepare_task(spec, name: str, tokenizer, encoding: str, splits, limit: int 
 
 
 def cache_key(spec, name: str, tokenizer, encoding: str, splits, limit: int | None,
-              raw: list[RawSplit] | None) -> dict:
-    """Everything a task's prepared data is made from (see trainer.data.data_cache)."""
-    from datasets.fingerprint import Hasher
-
+              raw: list[RawSplit] | None, *, tokenizer_hash: str | None = None) -> dict:
+    """Everything a task's prepared data is made from (see trainer.data.data_cache);
+    `tokenizer_hash`: the tokenizer's, when the caller has it already."""
     task = spec.tasks[name]
     task_type = registry.get(task.type)
     ctx = task_context(spec, name)
@@ -122,7 +157,7 @@ def cache_key(spec, name: str, tokenizer, encoding: str, splits, limit: int | No
     return {"data": data, "data_spec": task.data.model_dump(mode="json"), "type": task.type,
             "columns": task.columns, "labels": task.labels, "bad_rows": task.bad_rows,
             "max_length": ctx.max_length, "prompt": ctx.prompt, "options": ctx.options.model_dump(mode="json"),
-            "tokenizer": Hasher.hash(tokenizer) if tokenizer is not None else None, "encoding": encoding,
+            "tokenizer": tokenizer_hash or _tokenizer_hash(tokenizer), "encoding": encoding,
             "splits": list(splits), "limit": limit, "code": _code_hash(task_type), "libraries": library_versions()}
 
 

@@ -290,6 +290,31 @@ def lora_rows(folder: Path, job_path: str) -> list[Row]:
                 f"by base.json")]
 
 
+def task_count_rows(folder: Path, counts: list[int]) -> list[Row]:
+    """What grows with the number of tasks (benchmarks/many_tasks.py), each count against the first."""
+    import many_tasks
+
+    model = folder / "tasks-model"
+    build_model(model)
+    figures = [many_tasks.measure(folder, model, count, ENV) for count in counts]
+    base, rows = figures[0], []
+    how = (f"N classification tasks x {many_tasks.ROWS} rows, MiniLM-shaped heads, 2 workers, 4 micro-batches of "
+           f"8x128 tokens a step (equal tokens whatever N), validation ({many_tasks.VALIDATION_ROWS} rows a task) "
+           "at the end; benchmarks/many_tasks.py")
+    for f in figures[1:]:
+        n, ratio = f["tasks"], f["first_step_s"] / base["first_step_s"]
+        rows.append(Row(f"{n} tasks / {base['tasks']}: time to first step (s)", f"{f['first_step_s']:.1f}",
+                        f"{base['first_step_s']:.1f} ({base['tasks']} tasks)", ratio, "<= 1.5x", ratio <= 1.5,
+                        f"{how}; `mtl validate` {f['validate_s']:.1f} s vs {base['validate_s']:.1f} s"))
+        ratio = f["step_s"] / base["step_s"]
+        rows.append(Row(f"{n} tasks / {base['tasks']}: steady step time (s)", f"{f['step_s']:.2f}",
+                        f"{base['step_s']:.2f} ({base['tasks']} tasks)", ratio, "<= 1.2x", ratio <= 1.2,
+                        f"{how}; median of steps 3 on; peak {f['peak_gib']:.2f} vs {base['peak_gib']:.2f} GiB "
+                        f"per rank; end-of-run validation {f['end_validation_s']:.1f} s vs "
+                        f"{base['end_validation_s']:.1f} s ({n / base['tasks']:.0f}x the rows)"))
+    return rows
+
+
 PREPARED = re.compile(r"^prepared (\w+) ([\d.]+) (\d+)", re.M)  # data_prep.py's line
 
 
@@ -470,8 +495,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--only", default="speed,bf16,tokens,stall,prep,memory,large,lora,eval",
-                        help="comma list of: speed, bf16, tokens, stall, prep, memory, large, lora, eval")
+    parser.add_argument("--only", default="speed,bf16,tokens,stall,prep,memory,large,lora,eval,tasks",
+                        help="comma list of: speed, bf16, tokens, stall, prep, memory, large, lora, eval, tasks")
+    parser.add_argument("--task-counts", default="8,64,256", help="tasks: the numbers of tasks, the first the base")
     parser.add_argument("--eval-rows", type=int, default=64, help="eval: test rows per task")
     parser.add_argument("--prep-rows", type=int, default=100_000)
     parser.add_argument("--tokens-job", default="jobs/demo.yaml", help="tokens: the job whose data and model to use "
@@ -494,6 +520,8 @@ def main() -> None:
             rows += lora_rows(Path(tmp), args.tokens_job)
         if "prep" in only:
             rows += prep_rows(Path(tmp), args.repeats, args.prep_rows)
+        if "tasks" in only:
+            rows += task_count_rows(Path(tmp), [int(c) for c in args.task_counts.split(",")])
     if "tokens" in only:
         rows += token_rows(args.tokens_job, args.tokens_batches, common_rows=8)
     if "eval" in only:

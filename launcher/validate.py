@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from trainer.data import ROW, CheckedTask, check_task_data
 from trainer.errors import UserError
 from trainer.model import check_model, job_ds_config
+from trainer.reporting import CONSOLE_TASKS
 from trainer.spec import JobSpec
 from trainer.tasks import CHARS_PER_TOKEN_BOUND
 from trainer.versions import init_from, storage_problem
@@ -77,17 +78,16 @@ def require_valid(spec: JobSpec, *, check_files: bool = True, machine: bool = Fa
     return report
 
 
-TABLE_MAX_TASKS = 20  # beyond, the console gets counts (a FLAN-sized mixture would print pages)
 SPLITS = ("train", "validation", "test")
 
 
 def task_summary(tasks: dict[str, CheckedTask]) -> list[str]:
-    """The tasks on the console before a run: a table of up to TABLE_MAX_TASKS, counts beyond them
+    """The tasks on the console before a run: a table of up to CONSOLE_TASKS, counts beyond them
     (`mtl data` reports every task)."""
     if not tasks:
         return []
     missing = [name for name, c in tasks.items() if "validation" not in c.splits]
-    if len(tasks) <= TABLE_MAX_TASKS:
+    if len(tasks) <= CONSOLE_TASKS:
         rows = [("task", "type", *SPLITS, "labels")]
         for name, c in tasks.items():
             labels = ", ".join(c.labels[:6]) + (f" (+{len(c.labels) - 6} more)" if len(c.labels) > 6 else "")

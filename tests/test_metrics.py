@@ -31,3 +31,25 @@ def test_rouge_lsum_reads_sentences_from_newlines():
     assert out["rouge1"] == pytest.approx(1.0)
     assert out["rougeL"] == pytest.approx(0.5)  # one sequence: the longest common subsequence is 2 of 4
     assert out["rougeLsum"] == pytest.approx(1.0)  # sentence by sentence: every sentence matches
+
+
+def test_a_validation_of_many_tasks_is_one_console_line_with_the_spread(capsys):
+    """Past 20 tasks a validation prints one line (mean, lowest and highest per primary metric); the
+    trackers still get every task's metrics."""
+    from types import SimpleNamespace
+
+    from trainer.loop_validation import log_evaluation
+
+    logged = {}
+    trackers = SimpleNamespace(scalars=lambda values, step: logged.update(values), text=lambda *a: None)
+    tasks = {f"c{i:02d}": SimpleNamespace(type="classification", metrics=None) for i in range(22)}
+    tasks["gen"] = SimpleNamespace(type="generation", metrics=None)
+    run = SimpleNamespace(trackers=trackers, spec=SimpleNamespace(tasks=tasks))
+    report = {t: {"metrics": {"accuracy": i / 100, "macro_f1": 0.5}, "samples": []} for i, t in enumerate(tasks)}
+    report["gen"] = {"metrics": {"rougeL": 0.25}, "samples": []}
+    log_evaluation(run, "validation", 7, report, "step 7")
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["[mtl] eval validation step 7: 23 tasks; accuracy of 22 tasks: mean 0.1050, lowest c00 0.0000, "
+                   "highest c21 0.2100; rougeL of 1 tasks: mean 0.2500, lowest gen 0.2500, highest gen 0.2500 "
+                   "(every task's metrics: TensorBoard and evals/step-000007/validation.json)"]
+    assert len(logged) == 22 * 2 + 1

@@ -39,7 +39,7 @@ from trainer.model import (
     share_master_partitions,
     zero_stage,
 )
-from trainer.reporting import flat_hparams, say
+from trainer.reporting import CONSOLE_TASKS, flat_hparams, say
 from trainer.scratch import scratch
 from trainer.trackers import open_trackers
 from trainer.versions import (
@@ -219,13 +219,22 @@ def resume_or_start(run: Run, started_from: dict | None) -> None:
 
 def say_data_cache(rank: int, tasks: dict[str, TaskData]) -> None:
     """How each rank had its data: prepared (and cached for the node), or read from that cache."""
-    parts = [f"{name} {'read from the node cache' if d.cache.status == 'hit' else 'prepared'} in {d.cache.seconds:.1f}s"
-             for name, d in tasks.items() if d.cache is not None]
-    say(f"[mtl] rank {rank} data: {', '.join(parts)}")
+    had = {name: d.cache for name, d in tasks.items() if d.cache is not None}
+    if len(had) <= CONSOLE_TASKS:
+        parts = [f"{name} {'read from the node cache' if use.status == 'hit' else 'prepared'} in {use.seconds:.1f}s"
+                 for name, use in had.items()]
+        say(f"[mtl] rank {rank} data: {', '.join(parts)}")
+    elif had:
+        read = sum(use.status == "hit" for use in had.values())
+        slowest = max(had, key=lambda name: had[name].seconds)
+        say(f"[mtl] rank {rank} data: {len(had)} tasks, {read} read from the node cache, {len(had) - read} prepared "
+            f"(the longest, {slowest}, in {had[slowest].seconds:.1f}s)")
     cut = [f"{name} {e.truncated} of {e.rows} {split}" for name, d in tasks.items()
            for split, e in d.encoded.items() if e.truncated]
     if rank == 0 and cut:
-        say(f"[mtl] rows longer than their task's max_length are truncated: {'; '.join(cut)} "
+        shown = "; ".join(cut[:CONSOLE_TASKS]) + (f"; and {len(cut) - CONSOLE_TASKS} more" if len(cut) > CONSOLE_TASKS
+                                                  else "")
+        say(f"[mtl] rows longer than their task's max_length are truncated: {shown} "
             "(mtl data JOB shows each task's lengths)")
 
 

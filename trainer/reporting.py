@@ -19,6 +19,11 @@ import torch
 from trainer.collectives import all_reduce_sum
 
 
+# Up to this many tasks the console shows a line (or table row) per task; beyond, counts and spreads
+# (a FLAN-sized mixture would print pages at every validation). TensorBoard and storage keep each task.
+CONSOLE_TASKS = 20
+
+
 def say(message: str) -> None:
     """One console line on the worker's stdout, which Ray forwards to the driver's console."""
     sys.stdout.write(message + "\n")

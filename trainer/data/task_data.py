@@ -112,6 +112,8 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
         return data
 
     threads = min(PREPARE_THREADS, len(order))
+    if threads > 1:
+        _share_progress_bar_lock()
     if threads <= 1:
         done = {name: have(name) for name in order}
     else:
@@ -121,6 +123,16 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
 
 
 PREPARE_THREADS = 4
+
+
+def _share_progress_bar_lock() -> None:
+    """Give tqdm its class lock before threads read data. `datasets` reads files through tqdm's
+    `thread_map`, which creates the lock when there is none and deletes it when done: another
+    thread's bar then fails with "'tqdm' object has no attribute '_lock'" (seen with 64 tasks).
+    With a lock in place, `thread_map` puts it back instead."""
+    from tqdm.std import tqdm
+
+    tqdm.get_lock()
 
 
 def _tokenizer_hash(tokenizer) -> str | None:

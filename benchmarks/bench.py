@@ -319,29 +319,41 @@ PREPARED = re.compile(r"^prepared (\w+) ([\d.]+) (\d+)", re.M)  # data_prep.py's
 
 
 def prep_rows(folder: Path, repeats: int, rows: int) -> list[Row]:
-    """Preparing a `rows`-row classification task in a fresh process: with an empty node cache,
-    then again with the entry the first run stored (a restart, another rank, the next run)."""
+    """Preparing a `rows`-row classification task in a fresh process: with an empty node cache on one
+    process and on all the machine's cores, then again with the entry the first run stored (a
+    restart, another rank, the next run)."""
     model, data = folder / "prep-model", folder / "prep.jsonl"
     from conftest import build_tokenizer
 
+    from trainer.data import usable_cores
+
     build_tokenizer(model)
     write_varied_rows(data, rows)
-    first, cached = [], []
+
+    def prepare(cache: Path, processes: int) -> tuple[str, float]:
+        _, out, _ = timed_lines([PY, str(REPO / "benchmarks" / "data_prep.py"), "--model", str(model), "--data",
+                                 str(data), "--cache", str(cache), "--processes", str(processes)], "prepared")
+        found = PREPARED.search(out)
+        if not found or int(found.group(3)) != rows:
+            raise RuntimeError(f"data_prep.py printed no preparation of {rows} rows:\n{out[-2000:]}")
+        return found.group(1), float(found.group(2))
+
+    cores = usable_cores()
+    first, cached, alone = [], [], []
     for repeat in range(repeats):
-        cache = folder / f"prep-cache-{repeat}"
-        for into in (first, cached):
-            _, out, _ = timed_lines([PY, str(REPO / "benchmarks" / "data_prep.py"), "--model", str(model),
-                                     "--data", str(data), "--cache", str(cache)], "prepared")
-            found = PREPARED.search(out)
-            if not found or int(found.group(3)) != rows:
-                raise RuntimeError(f"data_prep.py printed no preparation of {rows} rows:\n{out[-2000:]}")
-            into.append((found.group(1), float(found.group(2))))
-    if [s for s, _ in first] != ["built"] * repeats or [s for s, _ in cached] != ["hit"] * repeats:
-        raise RuntimeError(f"expected a build then a cache hit each time, got {first} and {cached}")
-    a, b = statistics.median(t for _, t in first), statistics.median(t for _, t in cached)
+        first.append(prepare(folder / f"prep-cache-{repeat}", cores))
+        cached.append(prepare(folder / f"prep-cache-{repeat}", cores))
+        alone.append(prepare(folder / f"prep-alone-{repeat}", 1))
+    statuses = [s for s, _ in first + alone], [s for s, _ in cached]
+    if statuses != (["built"] * 2 * repeats, ["hit"] * repeats):
+        raise RuntimeError(f"expected builds, then a cache hit each time, got {statuses}")
+    a, b, c = (statistics.median(t for _, t in runs) for runs in (first, cached, alone))
+    how = "benchmarks/data_prep.py: read + check + tokenize in a fresh process"
     return [Row(f"data preparation, {rows // 1000}k rows: cached / first", f"{b:.2f} s", f"{a:.2f} s (first)", b / a,
-                "<= 0.10", b / a <= 0.10, "benchmarks/data_prep.py: read + check + tokenize in a fresh process, "
-                "empty node cache, then again")]
+                "<= 0.10", b / a <= 0.10, f"{how}, empty node cache, then again"),
+            Row(f"data preparation, {rows // 1000}k rows: first, {cores} cores / 1", f"{a:.1f} s", f"{c:.1f} s (1 core)",
+                a / c, "< 1 with 2+ cores", a / c < 1 if cores > 1 else None,
+                f"{how}, empty node cache; the split's chunks encoded on {cores} forked processes against 1")]
 
 
 def write_varied_rows(path: Path, rows: int, seed: int = 0) -> None:
@@ -499,7 +511,7 @@ def main() -> None:
                         help="comma list of: speed, bf16, tokens, stall, prep, memory, large, lora, eval, tasks")
     parser.add_argument("--task-counts", default="8,64,256", help="tasks: the numbers of tasks, the first the base")
     parser.add_argument("--eval-rows", type=int, default=64, help="eval: test rows per task")
-    parser.add_argument("--prep-rows", type=int, default=100_000)
+    parser.add_argument("--prep-rows", type=int, default=1_000_000)
     parser.add_argument("--tokens-job", default="jobs/demo.yaml", help="tokens: the job whose data and model to use "
                                                                         "(`make demo-data` prepares the demo's)")
     parser.add_argument("--tokens-batches", type=int, default=8)

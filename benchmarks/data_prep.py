@@ -1,7 +1,8 @@
 """Seconds to read, check and encode one task's rows in a fresh process, with the node's data
 cache (trainer.data.data_cache) in `--cache`: the first run prepares and stores, a second one reads.
 
-    benchmarks/data_prep.py --model DIR --data FILE --cache DIR   # prints: prepared <status> <seconds> <rows>
+    benchmarks/data_prep.py --model DIR --data FILE --cache DIR [--processes N]
+    # prints: prepared <status> <seconds> <rows>
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a folder with a tokenizer")
     parser.add_argument("--data", required=True, help="a classification jsonl file (text, label)")
     parser.add_argument("--cache", required=True)
+    parser.add_argument("--processes", type=int, default=None, help="encoding processes (default: all cores)")
     args = parser.parse_args()
     os.environ["MTL_DATA_CACHE"] = args.cache
     started = time.perf_counter()
@@ -30,7 +32,7 @@ def main() -> None:
                               "tasks": {"cls": {"type": "classification", "data": {"train": args.data}}}}))
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ready = time.perf_counter()
-    data = prepare_tasks(spec, tokenizer, "heads", splits=("train",))["cls"]
+    data = prepare_tasks(spec, tokenizer, "heads", splits=("train",), processes=args.processes)["cls"]
     done = time.perf_counter()
     print(f"prepared {data.cache.status} {done - ready:.3f} {len(data.encoded['train'].features)} "
           f"(imports and tokenizer {ready - started:.1f}s)")

@@ -245,3 +245,61 @@ def test_the_cache_key_covers_the_data_code_and_every_task_type_file():
     expected = {f"trainer/data/{m}.py" for m in ("read_data", "check_encode", "task_data", "data_cache")}
     expected |= {f"trainer/tasks/{m}.py" for m in ("registry", "text2text", "heads", "extractive_qa", "classification")}
     assert expected <= files
+
+
+def test_a_large_split_is_encoded_on_several_processes_into_the_same_features(tokenizer, monkeypatch):
+    """Past PARALLEL_MIN_ROWS rows a split is encoded by forked processes, chunk by chunk; the
+    features, their order and the truncation count are those of one process."""
+    import dataclasses
+    import os
+    import random
+
+    import trainer.data.check_encode as check_encode
+    from trainer.data.check_encode import encode_split
+    from trainer.tasks import registry
+    from trainer.tasks.registry import TaskContext
+
+    classification = registry.get("classification")
+
+    def encode_and_say_where(rows, ctx):
+        feats, cut = classification.encode(rows, ctx)
+        return {**feats, "pid": [os.getpid()] * len(feats["input_ids"])}, cut
+
+    task_type = dataclasses.replace(classification, encode=encode_and_say_where)
+    rows = [{**r, "__row__": i + 1} for i, r in enumerate(sentiment_rows(300, random.Random(0)))]
+    ctx = TaskContext("s", tokenizer, "heads", 12, classification.default_prompt, ("negative", "positive"),
+                      classification.options_model.model_validate({}))
+    alone = encode_split(rows, task_type, ctx, chunk=16, processes=1)
+    monkeypatch.setattr(check_encode, "PARALLEL_MIN_ROWS", 100)
+    together = encode_split(rows, task_type, ctx, chunk=16, processes=2)
+    assert set(alone.features["pid"]) == {os.getpid()}
+    assert len(set(together.features["pid"])) == 2 and os.getpid() not in together.features["pid"]
+    assert together.truncated == alone.truncated > 0 and together.rows == alone.rows == 300
+    assert together.features.remove_columns("pid").to_dict() == alone.features.remove_columns("pid").to_dict()
+
+
+def test_files_read_directly_hold_what_datasets_builder_reads(tmp_path, monkeypatch):
+    """JSON Lines and Parquet files are read by pyarrow itself (the builder's set-up cost 25 ms a
+    file); the rows are the builder's, and what pyarrow cannot read (a JSON array document) still
+    goes through the builder."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import trainer.data.read_data as read_data
+    from conftest import qa_rows
+
+    rows = qa_rows(20, random.Random(0))
+    rows[3]["note"], rows[5]["note"] = "naïve café ✓", None
+    jsonl = write_jsonl(tmp_path / "qa.jsonl", rows)
+    parquet = tmp_path / "qa.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), parquet)
+    array = tmp_path / "qa.json"
+    array.write_text(json.dumps(rows))
+    direct = {p: read_data.read_file(str(p), None, "f").to_list() for p in (jsonl, parquet, array)}
+    assert read_data.read_directly([str(array)], "json") is None
+    monkeypatch.setattr(read_data, "read_directly", lambda files, builder: None)
+    for path, got in direct.items():
+        assert got == read_data.read_file(str(path), None, "f").to_list(), path
+    assert direct[jsonl][3]["note"] == "naïve café ✓" and direct[jsonl][0]["__row__"] == 1

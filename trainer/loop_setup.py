@@ -18,6 +18,7 @@ from trainer.data import (
     prepare_tasks,
     primary_metric,
     task_metrics,
+    usable_cores,
 )
 from trainer.evaluation import BackgroundValidation
 from trainer.loop_state import Run
@@ -72,7 +73,8 @@ def setup(spec, runtime, ds_base: dict | None = None, memory: MemoryPhases | Non
     memory.enter("data")
     prepare_process(spec, runtime, device)
     base_config, tokenizer, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
-    tasks = prepare_tasks(spec, tokenizer, encoding, start=runtime.local_rank)
+    tasks = prepare_tasks(spec, tokenizer, encoding, start=runtime.local_rank,
+                          processes=preparing_cores(spec, runtime))
     say_data_cache(rank, tasks)
     require_same_data(data_signature(tasks), rank)
     streams = build_streams(spec, tasks, tokenizer, rank, world)
@@ -215,6 +217,13 @@ def resume_or_start(run: Run, started_from: dict | None) -> None:
     evaluate_all(run, "validation")  # the tasks' scores before this run: forgetting is measured against them
     run.init_from = {**started_from, "before": run.last_eval.get("tasks", {}),
                      "primary": run.last_eval.get("primary", {})}
+
+
+def preparing_cores(spec, runtime) -> int:
+    """Processes a rank may encode a large split on: the CPUs its node's workers reserved (while one
+    rank prepares a task, the others wait for its cache entry), no more than the node has."""
+    reserved = int(spec.scaling.cpus_per_worker * runtime.local_world)
+    return max(1, min(reserved, usable_cores()))
 
 
 def say_data_cache(rank: int, tasks: dict[str, TaskData]) -> None:

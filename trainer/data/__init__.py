@@ -14,5 +14,5 @@ __getattr__, __dir__, __all__ = face(__name__, {
     "read_data": ("ROW",),
     "sampling": ("StepPlanner", "mixture_rates",),
     "task_data": ("TaskData", "check_task_data", "data_signature", "epoch_padding", "model_encoding",
-                  "prepare_tasks", "primary_metric", "task_context", "task_metrics",),
+                  "prepare_tasks", "primary_metric", "task_context", "task_metrics", "usable_cores",),
 })

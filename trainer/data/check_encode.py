@@ -8,6 +8,7 @@ features with the task type's encoder and records truncation and lengths.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from dataclasses import dataclass, field, replace
 
@@ -163,18 +164,67 @@ class EncodedSplit:
     truncated: int
 
 
-def encode_split(rows: list[dict], task_type: TaskType, ctx: TaskContext, chunk: int = 1000) -> EncodedSplit:
+PARALLEL_MIN_ROWS = 50_000  # below, starting processes costs about what they save
+
+
+def encode_split(rows: list[dict], task_type: TaskType, ctx: TaskContext, chunk: int = 1000,
+                 processes: int = 1) -> EncodedSplit:
+    """The rows' features, encoded `chunk` rows at a time; a split of PARALLEL_MIN_ROWS rows or more
+    on `processes` processes (see `_encode_in_processes`), in the same order."""
     import datasets
 
+    batches = [rows[start:start + chunk] for start in range(0, len(rows), chunk)]
+    if processes > 1 and len(rows) >= PARALLEL_MIN_ROWS:
+        encoded = _encode_in_processes(batches, task_type, ctx, processes)
+    else:
+        encoded = (_encode_chunk(batch, task_type, ctx) for batch in batches)
     columns: dict[str, list] = {}
     truncated = 0
-    for start in range(0, len(rows), chunk):
-        batch = rows[start:start + chunk]
-        feats, cut = task_type.encode(batch, ctx)
-        if "example_id" not in feats:  # one feature per row: its id is the row's number
-            feats["example_id"] = [r[ROW] for r in batch]
+    for feats, cut in encoded:
         truncated += cut
         for key, values in feats.items():
             columns.setdefault(key, []).extend(values)
     columns["length"] = [len(ids) for ids in columns["input_ids"]]
     return EncodedSplit(datasets.Dataset.from_dict(columns), len(rows), truncated)
+
+
+def _encode_chunk(batch: list[dict], task_type: TaskType, ctx: TaskContext) -> tuple[dict, int]:
+    feats, cut = task_type.encode(batch, ctx)
+    if "example_id" not in feats:  # one feature per row: its id is the row's number
+        feats["example_id"] = [r[ROW] for r in batch]
+    return feats, cut
+
+
+_forked: tuple | None = None  # (task type, context) in a process forked by _encode_in_processes
+
+
+def _remember(task_type: TaskType, ctx: TaskContext) -> None:
+    global _forked
+    _forked = (task_type, ctx)
+
+
+def _encode_forked(batch: list[dict]) -> tuple[dict, int]:
+    return _encode_chunk(batch, *_forked)
+
+
+def _encode_in_processes(batches: list[list[dict]], task_type: TaskType, ctx: TaskContext, processes: int):
+    """Each chunk encoded in one of `processes` forked processes (what `datasets.map(num_proc=...)`
+    does): the row checks and the tokenizer's Python side hold the GIL, so threads would not help.
+
+    Forked, the processes have the task type and its tokenizer without pickling them, and need no
+    imports. A fast tokenizer that already ran on threads turns its threads off in a forked child,
+    with a warning per child; TOKENIZERS_PARALLELISM=false says so first, and each process then
+    encodes on one core."""
+    import multiprocessing
+
+    quiet = "TOKENIZERS_PARALLELISM" not in os.environ
+    if quiet:
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = multiprocessing.get_context("fork").Pool(min(processes, len(batches)), initializer=_remember,
+                                                        initargs=(task_type, ctx))
+    finally:
+        if quiet:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+    with pool:
+        return pool.map(_encode_forked, batches, chunksize=max(1, len(batches) // (4 * processes)))

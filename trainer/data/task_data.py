@@ -74,7 +74,8 @@ def check_task_data(spec, name: str, raw: list[RawSplit] | None = None) -> Check
 
 
 def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation", "test"), *,
-                  tasks: list[str] | None = None, limit: int | None = None, start: int = 0) -> dict[str, TaskData]:
+                  tasks: list[str] | None = None, limit: int | None = None, start: int = 0,
+                  processes: int | None = None) -> dict[str, TaskData]:
     """Each task's rows checked and encoded. `tasks`: only these; `limit`: the first N rows of
     each held-out split (train is never cut: baselines and label sets read it). Prepared data is
     kept in the node's cache (trainer.data.data_cache) and read from it when nothing it depends on changed.
@@ -82,7 +83,8 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
     Tasks are had on a few threads at once: a task read from the cache mostly waits on files, and
     one being prepared mostly tokenizes in Rust, outside the GIL. `start` rotates the order in which
     they are begun: ranks on one node pass their local rank, so each prepares a different task first
-    while the others wait on its cache entry's lock, and reads the rest from the cache."""
+    while the others wait on its cache entry's lock, and reads the rest from the cache. A split of
+    many rows is encoded on `processes` processes (default: the cores this process may use)."""
     names = list(tasks or spec.tasks)
     order = names[start % len(names):] + names[:start % len(names)] if names else []
     root = cache_root()
@@ -98,7 +100,8 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
         return copies.tokenizer
 
     def have(name: str) -> TaskData:
-        build = lambda raw=None: _prepare_task(spec, name, own_tokenizer(), encoding, splits, limit, raw)  # noqa: E731
+        build = lambda raw=None: _prepare_task(spec, name, own_tokenizer(), encoding, splits, limit, raw,  # noqa: E731
+                                               processes=processes or usable_cores())
         if root is None:
             started = time.perf_counter()
             data = build()
@@ -141,8 +144,13 @@ def _tokenizer_hash(tokenizer) -> str | None:
     return Hasher.hash(tokenizer) if tokenizer is not None else None
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, which a container or Ray may narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _prepare_task(spec, name: str, tokenizer, encoding: str, splits, limit: int | None,
-                  raw: list[RawSplit] | None = None) -> TaskData:
+                  raw: list[RawSplit] | None = None, processes: int = 1) -> TaskData:
     task = spec.tasks[name]
     checked = check_task_data(spec, name, raw)
     ctx = task_context(spec, name, tokenizer, encoding, checked.labels)
@@ -151,7 +159,8 @@ def _prepare_task(spec, name: str, tokenizer, encoding: str, splits, limit: int 
         if split in checked.splits:
             if limit is not None and split != "train":
                 checked.splits[split] = checked.splits[split][:limit]
-            data.encoded[split] = encode_split(checked.splits[split], registry.get(task.type), ctx)
+            data.encoded[split] = encode_split(checked.splits[split], registry.get(task.type), ctx,
+                                               processes=processes)
     return data
 
 

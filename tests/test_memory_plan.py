@@ -45,6 +45,25 @@ def test_each_stage_holds_less_and_offload_moves_the_optimizer_to_the_host():
     assert lora.device_bytes < per_rank[0] / 5  # a frozen base holds no gradients or moments
 
 
+def test_gradient_surgery_holds_two_fp32_copies_of_each_tasks_gradient_in_a_step():
+    lora = ModelSize(**{**SEVEN_B.__dict__, "trainable": 20_000_000})
+    plain = plan_memory(lora, stage=1, world=8, precision="bf16", on_gpu=True)
+    surgery = plan_memory(lora, stage=1, world=8, precision="bf16", on_gpu=True, surgery_tasks=3)
+    assert surgery.device["gradient surgery"] == 2 * 3 * 20_000_000 * 4
+    assert surgery.device_bytes - plain.device_bytes == 2 * 3 * 20_000_000 * 4
+
+
+def test_surgery_is_refused_where_gradients_are_partitioned_or_fp16_scaled(capsys, data_dir, model_dir, write_job):
+    job = job_dict(data_dir, str(model_dir), "heads", tasks=("sentiment",))
+    job["loss_weighting"] = {"surgery": "pcgrad"}
+    job["deepspeed"] = "zero2"
+    assert main(["validate", write_job(job)]) == 2
+    assert ("loss_weighting.surgery: pcgrad holds each task's whole gradient of a step on every rank, which ZeRO-2 "
+            "partitions") in capsys.readouterr().err
+    job["deepspeed"] = "zero1"
+    assert main(["validate", write_job(job)]) == 0, capsys.readouterr().out
+
+
 @pytest.fixture
 def large_model(tmp_path, causal_dir):
     """A ~0.7B Llama-shaped config (no weights: model.init random) with the tests' tokenizer."""

@@ -258,6 +258,8 @@ def three_task_job(data_dir, model_dir, tmp_path, name, **train):
                          "lr_schedule": "constant", "micro_batches_per_step": 3, **train})
     job["loss_weighting"] = {"strategy": "famo", "famo_lr": 0.5}  # learned state that a resume must continue,
     job["mixture"] = {"strategy": "bandit"}  # the bandit mixer's too
+    job["loss_weighting"]["surgery"] = "pcgrad"  # and PCGrad's order of tasks, drawn from the seed and step
+    job["deepspeed"] = "zero1"
     return job
 
 
@@ -349,6 +351,8 @@ def test_three_tasks_versions_tensorboard_and_exact_resume(ray_cluster, data_dir
             "accuracy" if task == "sentiment" else "f1")
         assert scalars(resumed, tag) == scalars(tb, tag)  # the same weights score the same, task or loop
     assert compared > 0
+    conflicts = scalars(tb, "surgery/conflicts")
+    assert sorted(conflicts) == [1, 2, 3, 4] and scalars(resumed, "surgery/conflicts") == conflicts
     famo = {task: scalars(tb, f"weight/{task}") for task in ("sentiment", "qa", "summary")}
     assert {round(w[4], 6) for w in famo.values()} != {1.0}  # FAMO moved the weights by step 4
     assert sum(w[4] for w in famo.values()) == pytest.approx(3.0)  # and they sum to K, as static ones do

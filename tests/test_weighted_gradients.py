@@ -154,3 +154,58 @@ def test_token_normalised_step_gradient_is_each_tasks_one_batch_gradient(process
     for n, grad in expected.items():
         torch.testing.assert_close(applied[n], grad, rtol=1e-4, atol=1e-6, msg=n)
     assert len(expected) > 10
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_pcgrad_step_applies_the_projected_sum_of_the_tasks_gradients(process_group, model_dir, tokenizer, stage):
+    """loss_weighting.surgery: pcgrad. Each task's gradient of the step is computed apart; on the
+    shared encoder conflicting ones are projected (trainer.control.gradient_surgery.pcgrad, order
+    from the seed and step), heads summed as they are; DeepSpeed applies exactly that sum."""
+    import deepspeed
+    import numpy as np
+
+    from trainer.control.gradient_surgery import TaskGradients, pcgrad
+    from trainer.loop import Surgery
+
+    rng = random.Random(0)
+    feats = {"a": features("classification", sentiment_rows(12, rng), tokenizer, ("negative", "positive")),
+             "q": features("extractive_qa", qa_rows(8, rng), tokenizer)}
+    torch.manual_seed(2)  # heads drawn so that the two tasks' encoder gradients conflict (asserted below)
+    model = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
+                        heads=[HeadSpec("a", "classification", 2), HeadSpec("q", "extractive_qa", 0)])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    reference = copy.deepcopy(model)
+    plan, weights = {"a": 2, "q": 1}, {"a": 2.0, "q": 0.5}
+    streams = lambda: {t: TaskStream(t, f, rank=0, world=1, seed=0, pad_id=0, micro_batch_size=3)  # noqa: E731
+                       for t, f in feats.items()}
+
+    # By hand: each task's gradient, PCGrad over the shared parameters, heads summed.
+    names = [n for n, p in reference.named_parameters() if p.requires_grad]
+    params = [p for p in reference.parameters() if p.requires_grad]
+    reference_streams, per_task = streams(), {}
+    for task, n in plan.items():
+        loss = sum(weights[task] * reference(task, reference_streams[task].next_batch())[0] for _ in range(n)) / 3
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        per_task[task] = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                                    for g, p in zip(grads, params)])
+    shared = torch.cat([torch.full((p.numel(),), not n.startswith("heads."), dtype=torch.bool)
+                        for n, p in zip(names, params)])
+    stacked = torch.stack([per_task["a"], per_task["q"]])
+    assert float(stacked[0, shared] @ stacked[1, shared]) < 0, "the scenario needs conflicting tasks"
+    expected = stacked.sum(0)
+    expected[shared] = pcgrad(stacked[:, shared], np.random.default_rng([0, 0])).sum(0)
+    assert not torch.allclose(expected, stacked.sum(0))
+
+    config = {"train_micro_batch_size_per_gpu": 3, "gradient_accumulation_steps": 3, "train_batch_size": 9,
+              "zero_optimization": {"stage": stage}, "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True}
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                      config=config)
+    surgery = Surgery(TaskGradients(engine.module), step=0, seed=0, world=1)
+    stats = run_plan(engine, plan, streams(), weights, ["a", "q"], torch.device("cpu"), surgery=surgery)
+    assert engine.global_steps == 1
+    assert stats.reduce()[0]["q"]["micro_batches"] == 1
+    after = torch.cat([p.detach().flatten() for p in engine.module.parameters() if p.requires_grad])
+    torch.testing.assert_close(before - after, expected, rtol=1e-4, atol=1e-6)

@@ -118,3 +118,32 @@ def test_famo_resumes_exactly_from_its_saved_state():
         w.end_step(step)
         clone.end_step(step)
         assert clone.weights() == w.weights()
+
+
+def test_pcgrad_projects_away_only_conflicts_in_a_random_order_of_the_others():
+    """PCGrad (Yu et al. 2020): a task's gradient loses its component along another task's gradient
+    where the two conflict (negative dot product), the others taken in a random order, against
+    the others' original gradients."""
+    import numpy as np
+    import torch
+
+    from trainer.control.gradient_surgery import pcgrad
+
+    g = torch.tensor([[1.0, 0.0], [-1.0, 1.0]])
+    torch.testing.assert_close(pcgrad(g, np.random.default_rng(0)), torch.tensor([[0.5, 0.5], [0.0, 1.0]]))
+    aligned = torch.tensor([[1.0, 2.0], [2.0, 1.0]])
+    torch.testing.assert_close(pcgrad(aligned, np.random.default_rng(0)), aligned)  # no conflict: unchanged
+
+    three = torch.randn(3, 5, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    rng, mirror = np.random.default_rng([7, 2]), np.random.default_rng([7, 2])
+    expected = three.clone()
+    for i in range(3):
+        for j in mirror.permutation(3).tolist():
+            if j != i and float(expected[i] @ three[j]) < 0:
+                expected[i] = expected[i] - float(expected[i] @ three[j]) / float(three[j] @ three[j]) * three[j]
+    got = pcgrad(three, rng)
+    torch.testing.assert_close(got, expected)
+    assert any(float(three[i] @ three[j]) < 0 for i in range(3) for j in range(3)), "the scenario has a conflict"
+    assert not torch.allclose(got, three)
+    zero = torch.tensor([[1.0, -1.0], [0.0, 0.0]])  # a task without gradient projects nothing
+    torch.testing.assert_close(pcgrad(zero, np.random.default_rng(0)), zero)

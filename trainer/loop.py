@@ -13,11 +13,12 @@ accumulation boundary that closes the plan.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 
 from trainer.collectives import all_reduce_sum, to_device
-from trainer.control import HeadGuard, StopRequests, agreed
+from trainer.control import HeadGuard, StopRequests, TaskGradients, agreed
 from trainer.data import TaskStream
 from trainer.evaluation import WAIT_AT_END_S
 from trainer.job_env import receive_secrets
@@ -101,8 +102,9 @@ def train_step(run: Run, first: int) -> tuple[dict[str, bool], dict]:
     weights = run.weighting.weights()
     held = run.head_guard.hold([t for t in names if not plan.get(t)]) if run.head_guard else []
     by_tokens = run.spec.train.loss_normalization == "tokens"
+    surgery = Surgery(run.surgery, run.step, run.spec.train.seed, run.world) if run.surgery is not None else None
     stats = run_plan(run.engine, plan, run.streams, weights, names, run.device,
-                     encoding=run.encoding if by_tokens else None)
+                     encoding=run.encoding if by_tokens else None, surgery=surgery)
     HeadGuard.restore(held)
     run.step += 1
     assert run.engine.global_steps == run.step, "plan size and DeepSpeed accumulation disagree"
@@ -144,13 +146,15 @@ def finish_run(run: Run) -> None:
 
 
 def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weights: dict[str, float],
-             tasks: list[str], device, *, encoding: str | None = None) -> StepStats:
+             tasks: list[str], device, *, encoding: str | None = None, surgery: Surgery | None = None) -> StepStats:
     """One optimizer step: the plan's micro-batches, each of one task, each with its task's weight.
 
     With `encoding` (train.loss_normalization: tokens), each task's loss in the step is the mean over
     all its items (target tokens, or rows for a head; trainer.model.loss_items) in its micro-batches
     on every rank, as if they were one batch; without it, the mean of its micro-batches' own means.
     Either way a task's share of the step is its share of the micro-batches (see `loss_scales`).
+    With `surgery` (loss_weighting.surgery), each task's gradient is kept apart and DeepSpeed gets
+    their combination at the end (trainer.control.gradient_surgery).
     """
     batches = [(task, with_first_target(streams[task].next_batch())) for task, count in plan.items()
                for _ in range(count)]
@@ -158,12 +162,28 @@ def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weigh
     scales = loss_scales([task for task, _ in batches], items, tasks, device) if encoding else None
     stats = StepStats(tasks)
     for i, (task, host) in enumerate(batches):
-        loss, weighted = engine(task, to_device(host, device), weight=weights[task])
-        # DeepSpeed divides by gradient_accumulation_steps, and its all-reduce by the world size
-        engine.backward(weighted * scales[i] if scales is not None else weighted)
-        engine.step()  # steps the optimizer only at the boundary that ends this plan
+        forward = engine if surgery is None else engine.module  # DeepSpeed sees only the combination
+        loss, weighted = forward(task, to_device(host, device), weight=weights[task])
+        weighted = weighted * scales[i] if scales is not None else weighted
+        if surgery is None:
+            engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps, its all-reduce by the world
+            engine.step()  # steps the optimizer only at the boundary that ends this plan
+        else:
+            surgery.gradients.add(task, weighted / len(batches))
         stats.add(task, loss, host, items[i])  # no read back from the device until the step's end (StepStats)
+    if surgery is not None:
+        surgery.gradients.apply(engine, len(batches), surgery.step, surgery.seed, surgery.world, device)
     return stats
+
+
+@dataclass
+class Surgery:
+    """What a step of gradient surgery needs: the per-task gradients, and the step, seed and world
+    that make its random order of tasks the same on every rank and on a resumed run."""
+    gradients: TaskGradients
+    step: int
+    seed: int
+    world: int
 
 
 def loss_scales(batch_tasks: list[str], items: list[int], tasks: list[str], device) -> torch.Tensor:
@@ -208,6 +228,8 @@ def step_metrics(run: Run, per_task: dict, weights: dict, seconds: float) -> dic
                         f"micro_batches/{task}": v["micro_batches"],
                         f"tokens_real/{task}": v["real_tokens"], f"tokens_padded/{task}": v["padded_tokens"],
                         f"examples_seen/{task}": run.seen[task]["examples"]})
+    if run.surgery is not None and run.surgery.conflicts is not None:
+        metrics["surgery/conflicts"] = int(run.surgery.conflicts)  # pairs of tasks projected apart this step
     if run.rank == 0:
         if run.step % run.spec.train.log_every == 0 or run.step == run.spec.train.steps:
             eta = (run.spec.train.steps - run.step) * sum(run.recent_step_s) / len(run.recent_step_s)

@@ -8,7 +8,16 @@ import random
 import numpy as np
 import torch
 
-from trainer.control import BanditMixer, EarlyStopping, HeadGuard, MixtureAdapter, UncertaintyWeighting, build_weighting
+from trainer.control import (
+    BanditMixer,
+    EarlyStopping,
+    HeadGuard,
+    MixtureAdapter,
+    TaskGradients,
+    UncertaintyWeighting,
+    build_weighting,
+    surgery_problem,
+)
 from trainer.data import (
     StepPlanner,
     TaskData,
@@ -20,6 +29,7 @@ from trainer.data import (
     task_metrics,
     usable_cores,
 )
+from trainer.errors import UserError
 from trainer.evaluation import BackgroundValidation
 from trainer.loop_state import Run
 from trainer.loop_validation import all_stopped, evaluate_all, scores_from_evals
@@ -178,9 +188,15 @@ def job_optimizer(groups: list[dict], lr: float, *, host_adam: bool):
 
 
 def add_controllers(run: Run) -> None:
-    """What the job asks to steer the run between steps: early stopping, mixture adaptation (from
-    validation, or online by a bandit), validation by a task beside the run."""
+    """What the job asks to steer the run between steps: gradient surgery, early stopping, mixture
+    adaptation (from validation, or online by a bandit), validation by a task beside the run."""
     spec = run.spec
+    if spec.loss_weighting.surgery != "none":
+        problem = surgery_problem(spec.loss_weighting.surgery, run.engine.zero_optimization_stage(),
+                                  spec.train.precision)
+        if problem:
+            raise UserError(problem)
+        run.surgery = TaskGradients(run.engine.module)
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(run.tasks), spec.train.early_stopping.patience,
                                   spec.train.early_stopping.min_delta)

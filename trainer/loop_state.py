@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from trainer.control import BanditMixer, EarlyStopping, HeadGuard, MixtureAdapter, StopRequests
+from trainer.control import BanditMixer, EarlyStopping, HeadGuard, MixtureAdapter, StopRequests, TaskGradients
 from trainer.data import StepPlanner, TaskData, TaskStream
 from trainer.evaluation import BackgroundValidation
 from trainer.memory import MemoryPhases
@@ -50,6 +50,7 @@ class Run:
     memory: MemoryPhases | None = None  # this rank's peak memory per phase (trainer.memory)
     base: dict | None = None  # LoRA on pretrained weights: the base its versions name (trainer.versions.base_model)
     head_guard: HeadGuard | None = None  # heads of tasks a step does not train stay put (trainer.control.head_guard)
+    surgery: TaskGradients | None = None  # per-task gradients for loss_weighting.surgery (trainer.control.gradient_surgery)
 
 
 class WorkerStopped(RuntimeError):

@@ -243,6 +243,11 @@ class WeightingSpec(_Strict):
     lr: float = Field(1e-2, gt=0.0, description="Uncertainty: learning rate of the log-variances.")
     famo_lr: float = Field(0.025, gt=0.0, description="FAMO: Adam's learning rate for the task logits (the paper's).")
     famo_decay: float = Field(0.01, ge=0.0, description="FAMO: weight decay of the task logits (the paper's gamma).")
+    surgery: Literal["none", "pcgrad"] = Field(
+        "none", description="pcgrad (Yu et al. 2020): where two tasks' gradients on the shared parameters of a "
+        "step conflict (a negative dot product), each loses its component along the other before they are "
+        "summed. Holds each task's gradient of the step on every rank (one copy per task in the step): ZeRO "
+        "stages 0-1, bf16 or fp32.")
 
 
 class EarlyStoppingSpec(_Strict):

@@ -13,7 +13,7 @@ __getattr__, __dir__, __all__ = face(__name__, {
     "memory_plan": ("GIB", "RAY_KILL_FRACTION", "describe", "job_model_size", "job_plan", "model_size",
                     "plan_memory",),
     "model_io": ("check_model", "load_config", "load_model_files", "load_tokenizer_and_encoding",),
-    "models": ("HeadSpec", "MultiTaskModel", "build_model", "build_model_from_config", "first_target",
+    "models": ("SURROGATE", "HeadSpec", "MultiTaskModel", "build_model", "build_model_from_config", "first_target",
                "forward_accepts", "group_lr_factors", "heads_apart", "hidden_size", "is_partitioned", "lr_factor",
                "job_heads_apart", "loss_items", "model_class", "model_config", "param_groups",),
     "precision": ("agreed_precision", "fast_bf16",),

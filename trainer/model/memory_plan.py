@@ -103,11 +103,12 @@ class MemoryPlan:
 def plan_memory(size: ModelSize, *, stage: int, world: int, precision: str, offload_optimizer: bool = False,
                 offload_params: bool = False, on_gpu: bool = False, tokens: int = 0, sequence: int = 0,
                 checkpointing: bool = False, eager_attention: bool = False, logit_tokens: int | None = None,
-                trained_depth: float = 1.0, live_parameters: int | None = None) -> MemoryPlan:
+                trained_depth: float = 1.0, live_parameters: int | None = None, surgery_tasks: int = 0) -> MemoryPlan:
     """Bytes per rank. tokens: the largest micro-batch's input tokens, of sequences up to
     `sequence`; logit_tokens: the positions the vocabulary is projected for (default: all);
     trained_depth: the share of the layers gradients flow through (LoRA on the top layers only:
-    the frozen ones below keep no activations)."""
+    the frozen ones below keep no activations); surgery_tasks: the most tasks a step holds a
+    gradient of apart (loss_weighting.surgery)."""
     b = 2 if precision in ("bf16", "fp16") else 4
     p, t, w = size.params, size.trainable, max(1, world)
     activations = activation_bytes(size, tokens, sequence if eager_attention else 0, b, checkpointing,
@@ -135,6 +136,8 @@ def plan_memory(size: ModelSize, *, stage: int, world: int, precision: str, offl
     stepped = min(12 * size.hidden ** 2 or t, t // w) if stage == 3 else t // share
     optimizer_side["optimizer step"] = (3 if stage == 3 else 2) * 4 * stepped
     states["activations"] = activations
+    if surgery_tasks:  # each task's fp32 gradient, and their stack while it is reduced (gradient_surgery)
+        states["gradient surgery"] = 2 * surgery_tasks * t * 4
     plan.host["process"] = PROCESS_BYTES
     return plan
 
@@ -176,7 +179,9 @@ def job_plan(spec, size: ModelSize, *, precision: str | None = None, ds_config: 
                   precision=precision or spec.train.precision, offload_optimizer=offloaded("offload_optimizer"),
                   offload_params=offloaded("offload_param"), on_gpu=spec.scaling.use_gpu,
                   checkpointing=spec.model.gradient_checkpointing, eager_attention=spec.model.attn_implementation == "eager",
-                  trained_depth=trained_depth(lora, size.layers))
+                  trained_depth=trained_depth(lora, size.layers),
+                  surgery_tasks=min(len(spec.tasks), spec.train.micro_batches_per_step)
+                  if spec.loss_weighting.surgery != "none" else 0)
     plans = [plan_memory(size, **common, **task_tokens(spec, name)) for name in spec.tasks]
     return max(plans, key=lambda plan: plan.activations)  # the task whose micro-batch holds the most
 

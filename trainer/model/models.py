@@ -21,6 +21,7 @@ from trainer.model.ds_config import zero_stage
 from trainer.tasks import registry
 
 ENCODER_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+SURROGATE = "__gradient__"  # forward's task for the surrogate loss of a gradient (see MultiTaskModel._surrogate)
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ class MultiTaskModel(nn.Module):
         return self.heads[task](self._encode(batch), batch)
 
     def forward(self, task: str, batch: dict, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        if task == SURROGATE:
+            return (self._surrogate(batch["gradient"]),) * 2
         if self.lm is not None:
             loss = self._lm_loss(batch)
             weighted = self._weighted(task, loss, weight)
@@ -67,6 +70,12 @@ class MultiTaskModel(nn.Module):
             loss, _ = self.heads[task](hidden, batch)
             weighted = self._weighted(task, loss, weight) + self._touch_other_heads(task, hidden, batch)
         return loss, weighted
+
+    def _surrogate(self, gradient: list[torch.Tensor]) -> torch.Tensor:
+        """Σ_p ⟨p, G_p⟩ over the trainable parameters: a loss whose gradient is `gradient`, one
+        computed outside DeepSpeed (trainer.control.gradient_surgery), for DeepSpeed to apply."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return sum((p * g.to(p.dtype)).sum() for p, g in zip(params, gradient, strict=True))
 
     def _lm_loss(self, batch: dict) -> torch.Tensor:
         """The LM's mean loss over the target tokens.

@@ -4,7 +4,8 @@ tokens (the same tokens per step whatever N), validation at the end.
 
     benchmarks/many_tasks.py --tasks 8,64,256   # one line of figures per count
 
-Per count: `mtl validate` (s), time to first step (from the command to the first step line, s),
+Per count, with the node's data cache prepared first (its time is reported too): `mtl validate`
+(s), time to first step (from the command to the first step line, s),
 the steady step time (median of steps 3 on, s), the end-of-run validation (from the last step line
 to the last task's validation line, s) and the largest rank's peak resident memory (GiB).
 """
@@ -61,9 +62,25 @@ def write_job(folder: Path, model: Path, count: int, steps: int) -> tuple[Path, 
     return path, name
 
 
+WARM = """
+import sys
+from launcher.jobfile import load_job
+from trainer.data import prepare_tasks
+from trainer.model import load_model_files
+spec = load_job(sys.argv[1], [])
+_, tokenizer, encoding = load_model_files(spec.model.name_or_path, spec.model.kind)
+prepare_tasks(spec, tokenizer, encoding)  # what each worker prepares: the same node-cache entries
+"""
+
+
 def measure(folder: Path, model: Path, count: int, env: dict, steps: int = 6) -> dict:
+    """The figures of one count, with the node's data cache warm (the tasks prepared as a worker
+    prepares them, beforehand): the fixed costs per task, not the first tokenization of their rows."""
     mtl = str(Path(sys.executable).parent / "mtl")
     job, name = write_job(folder, model, count, steps)
+    started = time.monotonic()
+    timed_output([sys.executable, "-c", WARM, str(job)], env)
+    prepared_s = time.monotonic() - started
     started = time.monotonic()
     timed_output([mtl, "validate", str(job)], env)
     validate_s = time.monotonic() - started
@@ -72,7 +89,8 @@ def measure(folder: Path, model: Path, count: int, env: dict, steps: int = 6) ->
     last_step = max(t for t, line in lines if f"[mtl] step {steps}/{steps}" in line)
     validated = [t for t, line in lines if "[mtl] eval validation" in line]
     times = step_times(folder / "runs" / name / "tensorboard")
-    return {"tasks": count, "validate_s": round(validate_s, 2), "first_step_s": round(first, 2),
+    return {"tasks": count, "prepare_s": round(prepared_s, 2), "validate_s": round(validate_s, 2),
+            "first_step_s": round(first, 2),
             "step_s": round(statistics.median([times[s] for s in sorted(times)][2:]), 3),
             "end_validation_s": round(max(validated) - last_step, 2) if validated else None,
             "peak_gib": max(float(g) for g in PEAK.findall("".join(line for _, line in lines)))}

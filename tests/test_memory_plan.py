@@ -45,6 +45,19 @@ def test_each_stage_holds_less_and_offload_moves_the_optimizer_to_the_host():
     assert lora.device_bytes < per_rank[0] / 5  # a frozen base holds no gradients or moments
 
 
+def test_the_plan_counts_the_parameters_of_the_model_a_heads_job_builds(model_dir):
+    """256 tasks' heads once counted as 38M phantom parameters (a dense layer no head has)."""
+    from transformers import AutoConfig
+
+    from trainer.model.memory_plan import model_size
+    from trainer.model.models import HeadSpec, build_model
+
+    heads = [HeadSpec("a", "classification", 2), HeadSpec("b", "classification", 5), HeadSpec("q", "extractive_qa", 0)]
+    built = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir), heads=heads)
+    size = model_size(AutoConfig.from_pretrained(model_dir), "heads", "heads", head_labels=[2, 5, 0])
+    assert size.params == size.trainable == sum(p.numel() for p in built.parameters())
+
+
 def test_gradient_surgery_holds_two_fp32_copies_of_each_tasks_gradient_in_a_step():
     lora = ModelSize(**{**SEVEN_B.__dict__, "trainable": 20_000_000})
     plain = plan_memory(lora, stage=1, world=8, precision="bf16", on_gpu=True)

@@ -51,7 +51,9 @@ def model_size(config, kind: str, encoding: str, lora: dict | None = None, head_
     trainable = params
     if lora:
         trainable = lora_parameters(model, lora)
-    heads = sum(hidden * (n + 1) + hidden * hidden for n in head_labels)  # a classifier's dense + output
+    # A head is one linear layer on the hidden states (trainer/tasks/heads.py): n labels, or a span's
+    # start and end (a task without labels).
+    heads = sum((hidden + 1) * (n or 2) for n in head_labels)
     return ModelSize(params=params + heads, trainable=trainable + heads, largest_layer=largest, hidden=hidden,
                      layers=int(getattr(config, "num_hidden_layers", 0) or getattr(config, "n_layer", 0)
                                 or getattr(config, "num_layers", 0)),

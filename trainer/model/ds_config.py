@@ -92,14 +92,8 @@ def _zero_problems(zero: dict):
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     sized = {k: 1 for k in MODEL_SIZED_KEYS if zero.get(k) == "auto"}  # filled on the workers
-    checked = copy.deepcopy({**zero, **sized})
-    for path in DEVICE_KEYS:  # filled for the workers' device (build_ds_config)
-        *parents, key = path.split(".")[1:]
-        node = checked
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and node.get(key) == "auto":
-            node[key] = False
+    # Device knobs are filled for the workers' device (build_ds_config); any value is checked the same.
+    checked = fill_device_keys({"zero_optimization": copy.deepcopy({**zero, **sized})}, False)["zero_optimization"]
     try:
         DeepSpeedZeroConfig(**checked)
     except pydantic.ValidationError as exc:
@@ -158,13 +152,7 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
         config.pop(mode, None)
     if precision in ("fp16", "bf16"):
         config[precision] = {"enabled": True}
-    for path in DEVICE_KEYS:
-        *parents, key = path.split(".")
-        node = config
-        for part in parents:
-            node = node.get(part) if isinstance(node, dict) else None
-        if isinstance(node, dict) and node.get(key) == "auto":
-            node[key] = use_gpu
+    fill_device_keys(config, use_gpu)
     filled_later = {f"zero_optimization.{key}" for key in MODEL_SIZED_KEYS}  # fill_model_sizes, on the workers
     unfilled = [path for path in _auto_paths(config) if path not in filled_later]
     if unfilled:  # DeepSpeed would only refuse it on the workers, after Ray started
@@ -174,6 +162,18 @@ def build_ds_config(base: dict, *, micro_batch_size: int, micro_batches_per_step
     config.setdefault("steps_per_print", 10 ** 9)  # the loop does its own logging
     if zero_stage(config) == 3:  # a version then holds whole weights (weights/), read without optimizer shards
         config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] = True
+    return config
+
+
+def fill_device_keys(config: dict, use_gpu: bool) -> dict:
+    """`config` (changed in place) with each of DEVICE_KEYS it leaves "auto" set to `use_gpu`."""
+    for path in DEVICE_KEYS:
+        *parents, key = path.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and node.get(key) == "auto":
+            node[key] = use_gpu
     return config
 
 

@@ -13,7 +13,6 @@ accumulation boundary that closes the plan.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -102,9 +101,8 @@ def train_step(run: Run, first: int) -> tuple[dict[str, bool], dict]:
     weights = run.weighting.weights()
     held = run.head_guard.hold([t for t in names if not plan.get(t)]) if run.head_guard else []
     by_tokens = run.spec.train.loss_normalization == "tokens"
-    surgery = Surgery(run.surgery, run.step, run.spec.train.seed, run.world) if run.surgery is not None else None
     stats = run_plan(run.engine, plan, run.streams, weights, names, run.device,
-                     encoding=run.encoding if by_tokens else None, surgery=surgery)
+                     encoding=run.encoding if by_tokens else None, surgery=run.surgery, step=run.step)
     HeadGuard.restore(held)
     run.step += 1
     assert run.engine.global_steps == run.step, "plan size and DeepSpeed accumulation disagree"
@@ -146,7 +144,8 @@ def finish_run(run: Run) -> None:
 
 
 def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weights: dict[str, float],
-             tasks: list[str], device, *, encoding: str | None = None, surgery: Surgery | None = None) -> StepStats:
+             tasks: list[str], device, *, encoding: str | None = None, surgery: TaskGradients | None = None,
+             step: int = 0) -> StepStats:
     """One optimizer step: the plan's micro-batches, each of one task, each with its task's weight.
 
     With `encoding` (train.loss_normalization: tokens), each task's loss in the step is the mean over
@@ -154,7 +153,7 @@ def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weigh
     on every rank, as if they were one batch; without it, the mean of its micro-batches' own means.
     Either way a task's share of the step is its share of the micro-batches (see `loss_scales`).
     With `surgery` (loss_weighting.surgery), each task's gradient is kept apart and DeepSpeed gets
-    their combination at the end (trainer.control.gradient_surgery).
+    their combination at the end (trainer.control.gradient_surgery); `step` is the run's step so far.
     """
     batches = [(task, with_first_target(streams[task].next_batch())) for task, count in plan.items()
                for _ in range(count)]
@@ -169,21 +168,11 @@ def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weigh
             engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps, its all-reduce by the world
             engine.step()  # steps the optimizer only at the boundary that ends this plan
         else:
-            surgery.gradients.add(task, weighted / len(batches))
+            surgery.add(task, weighted / len(batches))
         stats.add(task, loss, host, items[i])  # no read back from the device until the step's end (StepStats)
     if surgery is not None:
-        surgery.gradients.apply(engine, len(batches), surgery.step, surgery.seed, surgery.world, device)
+        surgery.apply(engine, len(batches), step, device)
     return stats
-
-
-@dataclass
-class Surgery:
-    """What a step of gradient surgery needs: the per-task gradients, and the step, seed and world
-    that make its random order of tasks the same on every rank and on a resumed run."""
-    gradients: TaskGradients
-    step: int
-    seed: int
-    world: int
 
 
 def loss_scales(batch_tasks: list[str], items: list[int], tasks: list[str], device) -> torch.Tensor:

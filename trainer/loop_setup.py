@@ -196,7 +196,7 @@ def add_controllers(run: Run) -> None:
                                   spec.train.precision)
         if problem:
             raise UserError(problem)
-        run.surgery = TaskGradients(run.engine.module)
+        run.surgery = TaskGradients(run.engine.module, seed=spec.train.seed, world=run.world)
     if spec.train.early_stopping is not None:
         run.early = EarlyStopping(list(run.tasks), spec.train.early_stopping.patience,
                                   spec.train.early_stopping.min_delta)

@@ -27,9 +27,12 @@ OWN_PREFIXES = ("heads.", "loss_weighting.")  # parameters that belong to one ta
 
 
 class TaskGradients:
-    """Per-task gradient sums of one optimizer step, on the trainable parameters of `model`."""
+    """Per-task gradient sums of one optimizer step, on the trainable parameters of `model`, for a
+    run of `world` ranks whose order of tasks comes from `seed` and the step (the same on every rank
+    and on a resumed run)."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, *, seed: int, world: int):
+        self.seed, self.world = seed, world
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
         self.shared = [not n.startswith(OWN_PREFIXES) for n, _ in named]
@@ -44,27 +47,27 @@ class TaskGradients:
             if grad is not None:
                 total.add_(grad.float())
 
-    def combined(self, step: int, seed: int, world: int, device) -> list[torch.Tensor]:
+    def combined(self, step: int, device) -> list[torch.Tensor]:
         """The step's gradient per parameter: each task's sum averaged over the ranks, PCGrad on the
         shared parameters, then summed over tasks."""
         tasks = sorted(self.sums)  # every rank ran the same plan: the same tasks
         flat = torch.stack([torch.cat([g.flatten() for g in self.sums[t]]) for t in tasks])
         self.sums.clear()  # at most two copies of every task's gradient at once (trainer.model.memory_plan)
-        flat = all_reduce_sum(flat, device, to_host=False) / world
+        flat = all_reduce_sum(flat, device, to_host=False) / self.world
         sizes = [p.numel() for p in self.params]
         shared = torch.cat([torch.full((n,), s, dtype=torch.bool, device=flat.device)
                             for n, s in zip(sizes, self.shared)])
         total = flat.sum(0)
         on_shared = flat[:, shared]
         self.conflicts = ((on_shared @ on_shared.T).triu(1) < 0).sum()  # read with the step's metrics
-        total[shared] = pcgrad(on_shared, np.random.default_rng([seed, step])).sum(0)
+        total[shared] = pcgrad(on_shared, np.random.default_rng([self.seed, step])).sum(0)
         return [part.view_as(p) for part, p in zip(total.split(sizes), self.params)]
 
-    def apply(self, engine, micro_batches: int, step: int, seed: int, world: int, device) -> None:
+    def apply(self, engine, micro_batches: int, step: int, device) -> None:
         """Hand the step's combined gradient to DeepSpeed: its surrogate loss (MultiTaskModel's
         forward of SURROGATE) through the engine once per accumulation micro-step, so DeepSpeed's
         own backward, averaging, clipping and optimizer step take it as they take any gradient."""
-        combined = self.combined(step, seed, world, device)
+        combined = self.combined(step, device)
         for _ in range(micro_batches):
             loss, _ = engine(SURROGATE, {"gradient": combined})
             engine.backward(loss)  # each adds combined / micro_batches

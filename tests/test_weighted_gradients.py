@@ -55,23 +55,36 @@ def features(task_type, rows, tokenizer, labels=(), encoding="heads"):
     return feats.select_columns([c for c in keep if c in feats.column_names])
 
 
+def without_dropout(model):
+    """`model` with every dropout off: forward passes repeat exactly, for the comparisons."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def two_heads_tasks(model_dir, tokenizer, seed: int):
+    """A heads model over tasks a (classification) and q (extractive QA), its heads drawn from
+    `seed`, dropout off; a copy for the reference computed by hand; fresh streams of 3-row micro-batches."""
+    rng = random.Random(0)
+    feats = {"a": features("classification", sentiment_rows(12, rng), tokenizer, ("negative", "positive")),
+             "q": features("extractive_qa", qa_rows(8, rng), tokenizer)}
+    torch.manual_seed(seed)
+    model = without_dropout(build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
+                                        heads=[HeadSpec("a", "classification", 2), HeadSpec("q", "extractive_qa", 0)]))
+
+    def streams():
+        return {t: TaskStream(t, f, rank=0, world=1, seed=0, pad_id=0, micro_batch_size=3) for t, f in feats.items()}
+
+    return model, copy.deepcopy(model), streams
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_step_gradient_is_weighted_mean_over_plan(process_group, model_dir, tokenizer, stage):
     import deepspeed
 
-    rng = random.Random(0)
-    feats = {"a": features("classification", sentiment_rows(12, rng), tokenizer, ("negative", "positive")),
-             "q": features("extractive_qa", qa_rows(8, rng), tokenizer)}
-    torch.manual_seed(0)
-    model = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
-                        heads=[HeadSpec("a", "classification", 2), HeadSpec("q", "extractive_qa", 0)])
-    for m in model.modules():  # deterministic forward passes for the comparison
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    reference = copy.deepcopy(model)
+    model, reference, streams = two_heads_tasks(model_dir, tokenizer, seed=0)
     plan, weights = {"a": 2, "q": 1}, {"a": 2.0, "q": 0.5}
-    streams = lambda: {t: TaskStream(t, f, rank=0, world=1, seed=0, pad_id=0, micro_batch_size=3)  # noqa: E731
-                       for t, f in feats.items()}
 
     # By hand: sum over the plan's micro-batches of weight * loss, divided by their number.
     reference_streams = streams()
@@ -116,10 +129,7 @@ def test_token_normalised_step_gradient_is_each_tasks_one_batch_gradient(process
     feats = {"c": features("classification", sentiment_rows(8, rng), tokenizer, ("negative", "positive"), "causal"),
              "g": features("generation", summary_rows(12, rng), tokenizer, encoding="causal")}
     torch.manual_seed(0)
-    model = build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[])
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
+    model = without_dropout(build_model(kind="text2text", encoding="causal", name_or_path=str(causal_dir), heads=[]))
     reference = copy.deepcopy(model)
     plan, weights = {"c": 1, "g": 3}, {"c": 2.0, "g": 0.5}
     pad = tokenizer.pad_token_id
@@ -165,21 +175,10 @@ def test_pcgrad_step_applies_the_projected_sum_of_the_tasks_gradients(process_gr
     import numpy as np
 
     from trainer.control.gradient_surgery import TaskGradients, pcgrad
-    from trainer.loop import Surgery
 
-    rng = random.Random(0)
-    feats = {"a": features("classification", sentiment_rows(12, rng), tokenizer, ("negative", "positive")),
-             "q": features("extractive_qa", qa_rows(8, rng), tokenizer)}
-    torch.manual_seed(2)  # heads drawn so that the two tasks' encoder gradients conflict (asserted below)
-    model = build_model(kind="heads", encoding="heads", name_or_path=str(model_dir),
-                        heads=[HeadSpec("a", "classification", 2), HeadSpec("q", "extractive_qa", 0)])
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = 0.0
-    reference = copy.deepcopy(model)
+    # heads drawn so that the two tasks' encoder gradients conflict (asserted below)
+    model, reference, streams = two_heads_tasks(model_dir, tokenizer, seed=2)
     plan, weights = {"a": 2, "q": 1}, {"a": 2.0, "q": 0.5}
-    streams = lambda: {t: TaskStream(t, f, rank=0, world=1, seed=0, pad_id=0, micro_batch_size=3)  # noqa: E731
-                       for t, f in feats.items()}
 
     # By hand: each task's gradient, PCGrad over the shared parameters, heads summed.
     names = [n for n, p in reference.named_parameters() if p.requires_grad]
@@ -203,8 +202,8 @@ def test_pcgrad_step_applies_the_projected_sum_of_the_tasks_gradients(process_gr
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters() if p.requires_grad])
     engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                       config=config)
-    surgery = Surgery(TaskGradients(engine.module), step=0, seed=0, world=1)
-    stats = run_plan(engine, plan, streams(), weights, ["a", "q"], torch.device("cpu"), surgery=surgery)
+    surgery = TaskGradients(engine.module, seed=0, world=1)
+    stats = run_plan(engine, plan, streams(), weights, ["a", "q"], torch.device("cpu"), surgery=surgery, step=0)
     assert engine.global_steps == 1
     assert stats.reduce()[0]["q"]["micro_batches"] == 1
     after = torch.cat([p.detach().flatten() for p in engine.module.parameters() if p.requires_grad])

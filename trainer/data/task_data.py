@@ -115,11 +115,10 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
         return data
 
     threads = min(PREPARE_THREADS, len(order))
-    if threads > 1:
-        _share_progress_bar_lock()
     if threads <= 1:
         done = {name: have(name) for name in order}
     else:
+        _share_progress_bar_lock()
         with ThreadPoolExecutor(threads, thread_name_prefix="mtl-data") as pool:
             done = dict(zip(order, pool.map(have, order)))
     return {name: done[name] for name in names}

@@ -31,7 +31,6 @@ import platform
 import random
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +47,7 @@ from common import (  # noqa: E402
     median_after_warmup,
     put_marked,
     step_times,
+    timed_output,
     write_rows,
 )
 
@@ -74,15 +74,9 @@ class Row:
 def timed_lines(cmd: list[str], marker: str, timeout: float = 900) -> tuple[float | None, str, float]:
     """Run `cmd`; (seconds until a stdout line contains `marker`, all stdout, total seconds)."""
     started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    first, out = None, []
-    for line in proc.stdout:
-        out.append(line)
-        if first is None and marker in line:
-            first = time.monotonic() - started
-    if proc.wait(timeout=timeout) != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{''.join(out[-40:])}")
-    return first, "".join(out), time.monotonic() - started
+    lines = timed_output(cmd, ENV, timeout)
+    first = next((t for t, line in lines if marker in line), None)
+    return first, "".join(line for _, line in lines), time.monotonic() - started
 
 
 def mtl_job(folder: Path, model: Path, data: Path, steps: int, precision: str, name: str,

@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,3 +132,14 @@ def put_marked(path: Path, begin: str, end: str, text: str, heading: str | None 
     head, rest = page.split(begin, 1)
     _, tail = rest.split(end, 1)
     path.write_text(f"{head}{begin}\n{text}{end}{tail}")
+
+
+def timed_output(cmd: list[str], env: dict, timeout: float = 1800) -> list[tuple[float, str]]:
+    """Run `cmd` in the repository: (seconds since its start, line) for each line it printed, stdout
+    and stderr together; a failure raises with its last lines."""
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = [(time.monotonic() - started, line) for line in proc.stdout]
+    if proc.wait(timeout=timeout) != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{''.join(line for _, line in lines[-40:])}")
+    return lines

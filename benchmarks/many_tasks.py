@@ -16,27 +16,16 @@ import argparse
 import json
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, build_model, step_times, write_rows  # noqa: E402
+from common import REPO, build_model, step_times, timed_output, write_rows  # noqa: E402
 
 PEAK = re.compile(r"\[mtl\] rank \d+ peak memory: ([\d.]+) GiB")
 ROWS, VALIDATION_ROWS, LENGTH = 300, 16, 128
-
-
-def timed_output(cmd: list[str], env: dict, timeout: float = 1800) -> list[tuple[float, str]]:
-    """Run `cmd`: (seconds since its start, line) for each line it printed."""
-    started = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = [(time.monotonic() - started, line) for line in proc.stdout]
-    if proc.wait(timeout=timeout) != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{''.join(line for _, line in lines[-40:])}")
-    return lines
 
 
 def write_job(folder: Path, model: Path, count: int, steps: int) -> tuple[Path, str]:

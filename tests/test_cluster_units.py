@@ -293,7 +293,7 @@ def test_a_step_reads_nothing_back_from_the_device_until_its_end():
     from trainer.loop import run_plan
 
     class Engine:
-        def __call__(self, task, batch, weight):
+        def __call__(self, task, batch, weight, touch_heads=True):
             loss = torch.tensor(0.7, device="meta")
             return loss, loss * weight
 

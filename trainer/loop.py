@@ -162,7 +162,7 @@ def run_plan(engine, plan: dict[str, int], streams: dict[str, TaskStream], weigh
     stats = StepStats(tasks)
     for i, (task, host) in enumerate(batches):
         forward = engine if surgery is None else engine.module  # DeepSpeed sees only the combination
-        loss, weighted = forward(task, to_device(host, device), weight=weights[task])
+        loss, weighted = forward(task, to_device(host, device), weight=weights[task], touch_heads=i == 0)
         weighted = weighted * scales[i] if scales is not None else weighted
         if surgery is None:
             engine.backward(weighted)  # DeepSpeed divides by gradient_accumulation_steps, its all-reduce by the world

@@ -59,7 +59,11 @@ class MultiTaskModel(nn.Module):
     def head_outputs(self, task: str, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor]:
         return self.heads[task](self._encode(batch), batch)
 
-    def forward(self, task: str, batch: dict, weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, task: str, batch: dict, weight: float = 1.0,
+                touch_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the task's loss, the loss to back-propagate). `touch_heads`: whether every other head
+        joins the backward with a zero gradient; a step needs it in its first micro-batch only
+        (see `_touch_other_heads`)."""
         if task == SURROGATE:
             return (self._surrogate(batch["gradient"]),) * 2
         if self.lm is not None:
@@ -68,7 +72,9 @@ class MultiTaskModel(nn.Module):
         else:
             hidden = self._encode(batch)
             loss, _ = self.heads[task](hidden, batch)
-            weighted = self._weighted(task, loss, weight) + self._touch_other_heads(task, hidden, batch)
+            weighted = self._weighted(task, loss, weight)
+            if touch_heads:
+                weighted = weighted + self._touch_other_heads(task, hidden, batch)
         return loss, weighted
 
     def _surrogate(self, gradient: list[torch.Tensor]) -> torch.Tensor:
@@ -107,7 +113,11 @@ class MultiTaskModel(nn.Module):
         Under ZeRO-3 a parameter that takes no part in a backward keeps the gradient of the
         last micro-batch that used it, and each optimizer step applies that gradient again
         (measured: an unused head kept moving, and resumed runs diverged from uninterrupted
-        ones). Heads see one token of one row here, so the cost is negligible.
+        ones). Heads see one token of one row here. Once per step is enough: every ZeRO stage
+        overwrites a gradient with its first micro-batch's (ZeRO-3 copies at micro-step 0, the
+        others start from None) and adds later ones, so a head absent from a later micro-batch
+        adds nothing. Every micro-batch, it was 2-3% of a step at 256 tasks (py-spy of
+        benchmarks/many_tasks.py), and grows with the tasks.
         """
         probe = hidden[:1, :1].detach()
         mask = batch["attention_mask"][:1, :1]

@@ -62,7 +62,7 @@ prepare_tasks(spec, tokenizer, encoding)  # what each worker prepares: the same 
 """
 
 
-def measure(folder: Path, model: Path, count: int, env: dict, steps: int = 6) -> dict:
+def measure(folder: Path, model: Path, count: int, env: dict, steps: int = 12) -> dict:
     """The figures of one count, with the node's data cache warm (the tasks prepared as a worker
     prepares them, beforehand): the fixed costs per task, not the first tokenization of their rows."""
     mtl = str(Path(sys.executable).parent / "mtl")
@@ -91,7 +91,7 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tasks", default="8,64,256")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=12, help="steps a run; the step time is the median of steps 3 on")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="mtl-tasks-") as tmp:
         folder = Path(tmp)

@@ -270,7 +270,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     """Per-task data report: rows, bad rows, truncation, micro-batches, real vs. padded tokens."""
     from launcher.jobfile import load_job
     from launcher.validate import require_valid
-    from trainer.data import epoch_padding, prepare_tasks
+    from trainer.data import column_array, epoch_padding, prepare_tasks
     from trainer.model import load_tokenizer_and_encoding
 
     spec = load_job(args.job, args.overrides)
@@ -283,7 +283,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     for name, data in tasks.items():
         task = spec.tasks[name]
         enc = data.encoded["train"]
-        lengths = __import__("numpy").asarray(enc.features["length"])
+        lengths = column_array(enc.features, "length")
         common = dict(rank=0, world=world, seed=spec.train.seed, task=name, max_tokens=task.max_tokens,
                       rows=None if task.max_tokens else (task.micro_batch_size or spec.train.micro_batch_size),
                       pool=spec.train.pool_micro_batches)

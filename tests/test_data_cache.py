@@ -317,3 +317,35 @@ def test_encoded_columns_become_the_dataset_from_dict_makes_without_hashing_them
     assert ours.features == theirs.features and ours.data.schema == theirs.data.schema
     assert ours.to_dict() == theirs.to_dict()
     assert ours._fingerprint != dataset_from_columns(columns)._fingerprint  # its own, not a hash of the values
+
+
+def test_the_token_sample_ranks_compare_covers_every_sampled_row():
+    """data_signature's sample of token ids (what ranks on different nodes must agree on) reads all
+    32 rows it picks: hashed as a datasets Column, only the first few were compared."""
+    import datasets
+
+    from trainer.data.task_data import token_sample
+
+    rows = [[2, i % 50 + 5, 3] for i in range(300)]
+    features = datasets.Dataset.from_dict({"input_ids": rows, "length": [3] * 300})
+    late = [list(r) for r in rows]
+    late[20 * 300 // 32][1] = 99  # the 21st sampled row
+    assert token_sample(datasets.Dataset.from_dict({"input_ids": late})) != token_sample(features)
+    unsampled = [list(r) for r in rows]
+    unsampled[1][1] = 99
+    assert token_sample(datasets.Dataset.from_dict({"input_ids": unsampled})) == token_sample(features)
+    # rows picked out of a larger table (an indices mapping) are sampled as a table of those rows
+    picked = datasets.Dataset.from_dict({"input_ids": rows + rows}).select(range(300, 600))
+    assert token_sample(picked) == token_sample(features)
+
+
+def test_a_task_stream_reads_its_lengths_through_any_row_selection():
+    import datasets
+
+    from trainer.data import TaskStream, column_array
+
+    features = datasets.Dataset.from_dict({"input_ids": [[1] * n for n in range(1, 41)],
+                                           "length": list(range(1, 41))}).select(range(39, -1, -2))
+    assert column_array(features, "length").tolist() == list(range(40, 0, -2))
+    stream = TaskStream("t", features, rank=0, world=1, seed=0, pad_id=0, micro_batch_size=4)
+    assert stream.lengths.tolist() == list(range(40, 0, -2))

@@ -8,7 +8,7 @@ The face: code outside this package imports these names from `trainer.data` (see
 from trainer.face import face
 
 __getattr__, __dir__, __all__ = face(__name__, {
-    "batching": ("IGNORE_INDEX", "TaskStream", "collate", "group_micro_batches", "shard_indices",
+    "batching": ("IGNORE_INDEX", "TaskStream", "collate", "column_array", "group_micro_batches", "shard_indices",
                  "task_salt",),
     "check_encode": ("CheckedTask", "encode_split",),
     "read_data": ("ROW",),

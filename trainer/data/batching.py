@@ -98,6 +98,12 @@ def collate(columns: dict[str, list], pad_id: int, pad_to_multiple_of: int | Non
     return out
 
 
+def column_array(features, name: str) -> np.ndarray:
+    """A whole column of a `datasets.Dataset` as a numpy array, read through Arrow: `features[name]`
+    builds Python lists first, 10x slower (5 ms for 300 rows; at hundreds of tasks, seconds of start)."""
+    return features.with_format("arrow")[name].to_numpy()
+
+
 class TaskStream:
     """An endless, resumable stream of one task's micro-batches for one rank."""
 
@@ -109,7 +115,7 @@ class TaskStream:
         self.task, self.features, self.rank, self.world, self.seed = task, features, rank, world, seed
         self.pad_id, self.rows, self.max_tokens = pad_id, micro_batch_size, max_tokens
         self.pool, self.by_length = pool, by_length
-        self.lengths = np.asarray(features["length"])
+        self.lengths = column_array(features, "length")
         self.salt = task_salt(task)
         self.epoch, self.cursor = 0, 0
         self.remainder: tuple[int, np.ndarray] | None = None  # (epoch, its examples not yet drawn), after a resize

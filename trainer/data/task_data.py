@@ -195,7 +195,8 @@ def token_sample(features, count: int = 32) -> str:
     between nodes encode them differently, at the cost of reading `count` rows."""
     n = len(features)
     picked = sorted({i * n // count for i in range(count)}) if n > count else list(range(n))
-    return fingerprint(features.select(picked)["input_ids"] if picked else [])
+    # Through Arrow: a Column of datasets is hashed by its repr, which shows its first rows only.
+    return fingerprint(features.with_format("arrow")[picked]["input_ids"].to_pylist() if picked else [])
 
 
 def data_signature(tasks: dict[str, TaskData]) -> dict:
@@ -209,7 +210,15 @@ def data_signature(tasks: dict[str, TaskData]) -> dict:
 
 
 def _code_hash(task_type) -> str:
-    return fingerprint(file_identity(code_files(task_type)))
+    """The hash of the code a task type runs, once per type in a process (the code it runs does
+    not change under it; hashing its files again for each of hundreds of tasks took 1 ms a task)."""
+    known = CODE_HASHES.get(id(task_type))
+    if known is None or known[0] is not task_type:
+        known = CODE_HASHES[id(task_type)] = (task_type, fingerprint(file_identity(code_files(task_type))))
+    return known[1]
+
+
+CODE_HASHES: dict[int, tuple[object, str]] = {}  # id -> (the task type, kept so that its id is not reused; its hash)
 
 
 def code_files(task_type) -> list[str]:

@@ -13,7 +13,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
-from trainer.data import ROW, CheckedTask, check_task_data
+from trainer.data import ROW, CheckedTask, check_task_data, reading_once
 from trainer.errors import UserError
 from trainer.control import surgery_problem
 from trainer.model import check_model, job_ds_config, zero_stage
@@ -52,11 +52,12 @@ def validate_job(spec: JobSpec, *, check_files: bool = True, machine: bool = Fal
         if problem:
             report.errors.append(problem)
         _check_model(spec, report)
-        for name in spec.tasks:
-            try:
-                report.tasks[name] = check_task_data(spec, name)
-            except UserError as exc:
-                report.errors.append(str(exc))
+        with reading_once([task.data for task in spec.tasks.values()]):
+            for name in spec.tasks:
+                try:
+                    report.tasks[name] = check_task_data(spec, name)
+                except UserError as exc:
+                    report.errors.append(str(exc))
         report.notes.extend(task_summary(report.tasks))
         for name, checked in report.tasks.items():
             _describe_task(spec, name, checked, report)

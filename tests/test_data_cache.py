@@ -349,3 +349,51 @@ def test_a_task_stream_reads_its_lengths_through_any_row_selection():
     assert column_array(features, "length").tolist() == list(range(40, 0, -2))
     stream = TaskStream("t", features, rank=0, world=1, seed=0, pad_id=0, micro_batch_size=4)
     assert stream.lengths.tolist() == list(range(40, 0, -2))
+
+
+def test_a_file_several_tasks_name_is_read_once(data_dir, tokenizer, monkeypatch, cache):
+    """Collections put many prompts over one dataset: preparing (and validating) such a job reads
+    each shared file once, and every task gets its own rows from it."""
+    import trainer.data.read_data as read_data
+    from launcher.validate import validate_job
+
+    reads = Counter()
+    real = read_data._read_file
+    monkeypatch.setattr(read_data, "_read_file", lambda path, fmt, field: reads.update([path]) or real(path, fmt, field))
+    job = job_dict(data_dir, tasks=("sentiment",))
+    shared = job["tasks"]["sentiment"]["data"]
+    job["tasks"]["asked"] = {"type": "classification", "data": dict(shared),
+                             "prompt": "Is this positive or negative? {text}"}
+    alone = prepare_tasks(spec_of(job_dict(data_dir, tasks=("sentiment",))), tokenizer, "heads", splits=("train",))
+    reads.clear()
+    both = prepare_tasks(spec_of(job), tokenizer, "heads", splits=("train",))
+    assert set(reads.values()) == {1} and len(reads) == 3, reads  # train, validation, test: once each
+    assert both["sentiment"].checked.splits == alone["sentiment"].checked.splits == both["asked"].checked.splits
+    assert read_data._shared is None  # nothing kept after the job's tasks are had
+
+    reads.clear()
+    report = validate_job(spec_of(job), check_files=True)
+    assert set(reads.values()) == {1} and len(reads) == 3, reads
+    assert set(report.tasks) == {"sentiment", "asked"}
+
+
+def test_a_shared_file_that_cannot_be_read_is_named_by_each_task(data_dir, tmp_path):
+    from launcher.validate import validate_job
+
+    job = job_dict(data_dir, tasks=("sentiment",))
+    job["tasks"]["sentiment"]["data"]["train"] = str(tmp_path / "gone.jsonl")
+    job["tasks"]["asked"] = {"type": "classification", "data": dict(job["tasks"]["sentiment"]["data"])}
+    errors = validate_job(spec_of(job), check_files=True).errors
+    assert any("tasks.sentiment.data.train" in e and "gone.jsonl" in e for e in errors), errors
+    assert any("tasks.asked.data.train" in e and "gone.jsonl" in e for e in errors), errors
+
+
+def test_a_file_rewritten_between_two_reads_is_not_taken_for_the_first(tmp_path):
+    from trainer.data.read_data import read_key
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n')
+    first = read_key(str(path), None)
+    path.write_text('{"text": "a longer row", "label": "x"}\n')
+    assert read_key(str(path), None) != first
+    assert read_key(str(tmp_path / "." / "rows.jsonl"), None) == read_key(str(path), None)

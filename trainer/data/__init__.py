@@ -11,7 +11,7 @@ __getattr__, __dir__, __all__ = face(__name__, {
     "batching": ("IGNORE_INDEX", "TaskStream", "collate", "column_array", "group_micro_batches", "shard_indices",
                  "task_salt",),
     "check_encode": ("CheckedTask", "encode_split",),
-    "read_data": ("ROW",),
+    "read_data": ("ROW", "reading_once"),
     "sampling": ("StepPlanner", "mixture_rates",),
     "task_data": ("TaskData", "check_task_data", "data_signature", "epoch_padding", "model_encoding",
                   "prepare_tasks", "primary_metric", "task_context", "task_metrics", "usable_cores",),

@@ -9,6 +9,7 @@ import glob
 import json
 import logging
 import os
+import threading
 import uuid
 from dataclasses import dataclass
 
@@ -55,8 +56,90 @@ def _files(path: str, field: str) -> list[str]:
     return [path]
 
 
+class SharedReads:
+    """Files that several tasks of a job name (a collection with many prompts over one dataset),
+    each read once while they are prepared: every task gets the same Dataset (Arrow tables do not
+    change in place), dropped after the last task that names it has read it. Only files named
+    more than once are kept, so a job of many files does not hold them all at once."""
+
+    def __init__(self, uses: dict[tuple, int]):
+        self.left = {key: n for key, n in uses.items() if n > 1}
+        self.read: dict[tuple, list] = {}  # key -> [lock, Dataset or None]
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple, read):
+        with self.lock:
+            if key not in self.left:
+                return read()
+            entry = self.read.setdefault(key, [threading.Lock(), None])
+        with entry[0]:  # a second task waits for the first one's read instead of reading too
+            if entry[1] is None:
+                entry[1] = read()  # a DataError leaves it None: the next task reads (and names itself)
+            value = entry[1]
+        with self.lock:
+            self.left[key] -= 1
+            if not self.left[key]:
+                del self.left[key], self.read[key]
+        return value
+
+
+_shared: SharedReads | None = None
+
+
+def read_key(path: str, fmt: str | None) -> tuple:
+    """What makes two reads the same: the files (as real paths, with their size and modification
+    time: a file rewritten between two tasks' reads is read again) and the declared format."""
+    try:
+        files = _files(path, "")
+    except DataError:  # read_file names the problem, with the task's field
+        files = [path]
+    return fmt, tuple((os.path.realpath(f), *_size_and_time(f)) for f in files)
+
+
+def _size_and_time(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return -1, -1
+    return st.st_size, st.st_mtime_ns
+
+
+@contextlib.contextmanager
+def reading_once(tasks: list):
+    """Within it, read_file reads a file that several of `tasks` (DataSpecs) name once. Nested
+    uses keep the outer one."""
+    global _shared
+    if _shared is not None:
+        yield
+        return
+    uses: dict[tuple, int] = {}
+    for data in tasks:
+        for path in _named_files(data):
+            key = read_key(path, data.format)
+            uses[key] = uses.get(key, 0) + 1
+    _shared = SharedReads(uses)
+    try:
+        yield
+    finally:
+        _shared = None
+
+
+def _named_files(data) -> list[str]:
+    if data.hub:
+        return []
+    return [data.path] if data.path else [getattr(data, s) for s in SPLITS if getattr(data, s)]
+
+
 def read_file(path: str, fmt: str | None, field: str):
-    """A local file (or folder of files) as a Dataset with `__row__` added."""
+    """A local file (or folder of files) as a Dataset with `__row__` added (read once for every
+    task that names it, within `reading_once`)."""
+    shared = _shared
+    if shared is None:
+        return _read_file(path, fmt, field)
+    return shared.get(read_key(path, fmt), lambda: _read_file(path, fmt, field))
+
+
+def _read_file(path: str, fmt: str | None, field: str):
     import datasets
     import pyarrow as pa
 

@@ -21,7 +21,7 @@ import numpy as np
 from trainer.data.batching import group_micro_batches, shard_indices, task_salt
 from trainer.data.check_encode import BadRows, CheckedTask, EncodedSplit, check_task, encode_split
 from trainer.data.data_cache import CacheUse, DataCache, cache_root, file_identity, fingerprint, library_versions
-from trainer.data.read_data import RawSplit, read_splits, source_files
+from trainer.data.read_data import RawSplit, read_splits, reading_once, source_files
 from trainer.tasks import TaskContext, registry
 
 
@@ -115,12 +115,13 @@ def prepare_tasks(spec, tokenizer, encoding: str, splits=("train", "validation",
         return data
 
     threads = min(PREPARE_THREADS, len(order))
-    if threads <= 1:
-        done = {name: have(name) for name in order}
-    else:
-        _share_progress_bar_lock()
-        with ThreadPoolExecutor(threads, thread_name_prefix="mtl-data") as pool:
-            done = dict(zip(order, pool.map(have, order)))
+    with reading_once([spec.tasks[name].data for name in order]):
+        if threads <= 1:
+            done = {name: have(name) for name in order}
+        else:
+            _share_progress_bar_lock()
+            with ThreadPoolExecutor(threads, thread_name_prefix="mtl-data") as pool:
+                done = dict(zip(order, pool.map(have, order)))
     return {name: done[name] for name in names}
 
 

@@ -7,8 +7,9 @@ QA and summary data and a task the demo does not use (BBC News topics, 5 classes
 the spec's default (temperature) unless the option under test sets it. For each seed:
 
 - the multitask model with each option (loss weighting: static, uncertainty, dwa, famo; gradient
-  surgery: pcgrad; mixing: temperature, uniform, bandit; for the heads model, heads at 10x the
-  rate and a head warm-up),
+  surgery: pcgrad; mixing: temperature, uniform, bandit; losses per micro-batch instead of per
+  token (`micro_batch`, the normalisation before the default); for the heads model, heads at 10x
+  the rate and a head warm-up),
   scored on the test split;
 - one single-task model per task (`mtl baselines` of the first option's run: same recipe, as
   many examples of the task as the multitask run saw), and the untrained model.
@@ -55,6 +56,8 @@ OPTIONS = {
     "uniform": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "uniform"}},
     "bandit": {"loss_weighting": {"strategy": "static"}, "mixture": {"strategy": "bandit"}},
     "pcgrad": {"loss_weighting": {"strategy": "static", "surgery": "pcgrad"}},
+    # before token-normalised losses: each micro-batch's own mean counts alike
+    "micro_batch": {"loss_weighting": {"strategy": "static"}, "train": {"loss_normalization": "micro_batch"}},
     # heads models only: each head at 10x the backbone's rate; the heads alone for the first eighth
     "heads_lr10": {"loss_weighting": {"strategy": "static"}, "every_task": {"lr_scale": 10.0}},
     "lpft": {"loss_weighting": {"strategy": "static"}, "train": {"head_warmup_steps": 0.125}},
@@ -131,10 +134,11 @@ def job_for(kind: str, option: str, seed: int, files: dict, steps: int) -> dict:
     job.update({k: v for k, v in chosen.items() if k in ("loss_weighting", "mixture")})
     for task in tasks.values():
         task.update(chosen.get("every_task", {}))
+    job["train"].pop("loss_normalization", None)  # the default, unless the option sets it (the demo pins one)
     job["train"].update(steps=steps, seed=seed, eval_every=0, checkpoint_every=0, precision="auto",
                         warmup_steps=min(job["train"].get("warmup_steps", 0), steps // 10))
-    if "head_warmup_steps" in chosen.get("train", {}):
-        job["train"]["head_warmup_steps"] = int(steps * chosen["train"]["head_warmup_steps"])
+    for key, value in chosen.get("train", {}).items():
+        job["train"][key] = int(steps * value) if key == "head_warmup_steps" else value
     return job
 
 

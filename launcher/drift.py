@@ -41,7 +41,7 @@ FREE = ("train.steps", "train.eval_every", "train.checkpoint_every", "train.keep
 
 # Fields added with a default that trains differently from what versions written before them did:
 # such a version's job holds no value, and it trained as this one says.
-TRAINED_BEFORE = {"train.loss_normalization": "micro_batch"}
+TRAINED_BEFORE = {"train.loss_normalization": "micro_batch", "mixture.draw": "random"}
 
 
 def flatten(tree, prefix: str = "") -> dict[str, object]:

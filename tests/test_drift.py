@@ -109,6 +109,15 @@ def test_a_version_from_before_token_normalised_losses_trained_per_micro_batch()
     assert training_differences(old, new) == []
 
 
+def test_a_version_from_before_even_draws_drew_its_plans_at_random():
+    new = json.loads(json.dumps(spec_with().model_dump(mode="json")))
+    old = json.loads(json.dumps(new))
+    del old["mixture"]["draw"]
+    assert training_differences(old, new) == ["mixture.draw: random (before the field existed) -> even"]
+    new["mixture"]["draw"] = "random"
+    assert training_differences(old, new) == []
+
+
 def test_device_knobs_of_the_deepspeed_file_may_change():
     """overlap_comm and pin_memory move the same numbers at another time: a version written when the
     shipped files said false resumes under their "auto"."""

@@ -325,7 +325,7 @@ def build_planner(spec, tasks: dict[str, TaskData], world: int) -> StepPlanner:
     free = {t: len(tasks[t].encoded["train"].features) for t in spec.tasks if t not in fixed}
     rates = mixture_rates(spec.mixture.strategy, free, temperature=spec.mixture.temperature, cap=spec.mixture.cap,
                           explicit=spec.explicit_rates()) if free else {}
-    return StepPlanner(list(spec.tasks), rates, fixed, per_step, spec.train.seed)
+    return StepPlanner(list(spec.tasks), rates, fixed, per_step, spec.train.seed, draw=spec.mixture.draw)
 
 
 def follow_job_hyperparameters(engine, job_groups: list[dict]) -> None:

@@ -209,6 +209,10 @@ class MixtureSpec(_Strict):
         "each task's training loss (EXP3 in the style of ODM, Albalak et al. 2023), starting uniform.",
     )
     temperature: float = Field(2.0, gt=0.0, description="T of the temperature strategy (1 = proportional).")
+    draw: Literal["even", "random"] = Field(
+        "even", description="How a step's micro-batches are dealt from the rates: even (each task's count stays "
+        "within about one micro-batch of its rate times the micro-batches so far; the seed sets the order) or "
+        "random (each step drawn independently: a small task can go unseen for many steps).")
     cap: int | None = Field(None, ge=1, description="K of the capped strategy, in train rows.")
     smoothing: float = Field(0.9, ge=0.0, lt=1.0, description="bandit: how much of each task's reward estimate a "
                              "step keeps (ODM's 0.9); the rest is the step's importance-weighted reward.")

@@ -3,9 +3,12 @@
 Rates come from a mixture strategy over the tasks' train sizes (T5's proportional,
 capped-proportional and temperature mixing, uniform, or explicit rates). Tasks with a fixed
 `accumulation` take exactly that many micro-batches every step; the remaining slots of a
-step are drawn from the rates. The draw uses one seeded generator that every rank holds in
-the same state, so plans agree across ranks without communication, and its state is saved
-so a resumed run draws the same plans.
+step are dealt by the rates: `even` (the default) keeps each task's count within about one
+micro-batch of its rate times the micro-batches so far (smooth weighted round robin, from a
+seeded phase), so a task at rate 0.12 gets its 5 of 40 one-task steps; `random` draws each step
+independently (a multinomial), where that task went unseen for 40 steps in a benchmark run. The
+draw uses one seeded generator that every rank holds in the same state, so plans agree across
+ranks without communication, and its state is saved so a resumed run draws the same plans.
 
 During a run, a sampled task's rate can be scaled (early stopping's down-weighting,
 mixture.adapt) or set to zero (early stopping's freezing); the others share what it gives up.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 STRATEGIES = ("proportional", "capped", "temperature", "uniform", "explicit", "bandit")
+DRAWS = ("even", "random")
 
 
 def mixture_rates(strategy: str, sizes: dict[str, int], *, temperature: float = 1.0, cap: int | None = None,
@@ -44,7 +48,10 @@ class StepPlanner:
     """Draws one plan per optimizer step: {task: micro-batches}, in task order."""
 
     def __init__(self, tasks: list[str], rates: dict[str, float], fixed: dict[str, int],
-                 micro_batches_per_step: int, seed: int):
+                 micro_batches_per_step: int, seed: int, draw: str = "even"):
+        if draw not in DRAWS:
+            raise ValueError(f"unknown draw '{draw}' (choose from {', '.join(DRAWS)})")
+        self.draw = draw
         self.tasks = list(tasks)
         self.fixed = {t: fixed[t] for t in self.tasks if t in fixed}
         self.free = [t for t in self.tasks if t not in self.fixed]
@@ -58,6 +65,10 @@ class StepPlanner:
         self.scales = {t: 1.0 for t in self.free}  # rate multipliers (down-weighting, trainer.control.adapt_mixture)
         self.rng = np.random.default_rng(seed)
         self.step = 0
+        # even: what each sampled task is owed, in micro-batches; a seeded phase in [0, 1) so that
+        # seeds differ in the order of the tasks, not in their shares
+        self.credit = {t: float(c) for t, c in zip(self.free, self.rng.random(len(self.free)))} \
+            if draw == "even" else {}
 
     def freeze(self, task: str) -> None:
         """No more micro-batches for `task`; a step keeps its size (DeepSpeed's accumulation is
@@ -94,11 +105,26 @@ class StepPlanner:
         if self.all_frozen():
             raise RuntimeError("every task is frozen: nothing left to train")
         counts, free, probs, slots = self._layout()
-        if free:
+        if free and self.draw == "random":
             drawn = self.rng.multinomial(slots, probs)
             counts.update({t: int(n) for t, n in zip(free, drawn)})
+        elif free:
+            counts.update(self._deal(free, probs, slots))
         self.step += 1
         return {t: counts[t] for t in self.tasks if counts.get(t, 0) > 0}
+
+    def _deal(self, free: list[str], probs: np.ndarray, slots: int) -> dict[str, int]:
+        """Each task is owed its rate times the step's slots; each slot goes to the task owed most
+        (the first in job order on a tie) and pays one back. What a task is owed stays within
+        about one micro-batch of zero, so its count follows its rate at every step, not on average."""
+        for t, p in zip(free, probs):
+            self.credit[t] += float(p) * slots
+        counts = dict.fromkeys(free, 0)
+        for _ in range(slots):
+            t = max(free, key=self.credit.__getitem__)
+            counts[t] += 1
+            self.credit[t] -= 1.0
+        return counts
 
     def expected_rates(self) -> dict[str, float]:
         """Each task's expected share of a step's micro-batches (what the logs call its rate)."""
@@ -110,10 +136,11 @@ class StepPlanner:
 
     def state_dict(self) -> dict:
         return {"step": self.step, "rng": self.rng.bit_generator.state, "frozen": sorted(self.frozen),
-                "scales": dict(self.scales)}
+                "scales": dict(self.scales), "credit": dict(self.credit)}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = int(state["step"])
         self.rng.bit_generator.state = state["rng"]
         self.frozen = set(state.get("frozen", ())) & set(self.tasks)
         self.scales.update({t: v for t, v in state.get("scales", {}).items() if t in self.scales})
+        self.credit.update({t: float(v) for t, v in state.get("credit", {}).items() if t in self.credit})

@@ -234,26 +234,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     options = args.options.split(",")
     files = prepare_data(WORK / "data")
-    sections = []
     for kind in args.kinds.split(","):
         steps = args.steps or KINDS[kind]["steps"]
         seeds = [run_seed(kind, options, seed, files, steps) for seed in range(args.seeds)]
-        sections += table(kind, seeds, options) + [""]
-    text = "\n".join(sections)
-    print(text)
-    if args.update:
-        update(Path(args.update), text, args)
+        text = "\n".join(table(kind, seeds, options))
+        print(text + "\n")
+        if args.update:
+            update(Path(args.update), kind, text, args)
     return 0
 
 
-BEGIN, END = "<!-- bench-quality: begin -->", "<!-- bench-quality: end -->"
-
-
-def update(path: Path, text: str, args) -> None:
-    command = (f"`python benchmarks/quality.py --kinds {args.kinds} --seeds {args.seeds} --options {args.options}"
+def update(path: Path, kind: str, text: str, args) -> None:
+    """The kind's block of the page (each kind keeps its own: a run of one leaves the other's)."""
+    command = (f"`python benchmarks/quality.py --kinds {kind} --seeds {args.seeds} --options {args.options}"
                + (f" --steps {args.steps}" if args.steps else "") + "`")
-    put_marked(path, BEGIN, END, f"{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n",
-               heading="## Quality: multitask against single-task models")
+    put_marked(path, f"<!-- bench-quality {kind}: begin -->", f"<!-- bench-quality {kind}: end -->",
+               f"{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n", heading=f"### Quality: {kind}")
 
 
 if __name__ == "__main__":

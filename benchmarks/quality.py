@@ -240,12 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="optimizer steps of every multitask run (default: per kind)")
     parser.add_argument("--update", help="the markdown file whose quality section gets the table")
     args = parser.parse_args(argv)
-    unknown = [o for o in (args.options or "").split(",") if o and o not in OPTIONS]
-    if unknown or not set(args.kinds.split(",")) <= set(KINDS):
+    asked, kinds = (args.options.split(",") if args.options else None), args.kinds.split(",")
+    if not set(asked or ()) <= set(OPTIONS) or not set(kinds) <= set(KINDS):
         parser.error(f"options are {', '.join(OPTIONS)}; kinds are {', '.join(KINDS)} (got {args.options}, {args.kinds})")
     files = prepare_data(WORK / "data")
-    for kind in args.kinds.split(","):
-        options = args.options.split(",") if args.options else list(KINDS[kind]["options"])
+    for kind in kinds:
+        options = asked or list(KINDS[kind]["options"])
         steps = args.steps or KINDS[kind]["steps"]
         seeds = [run_seed(kind, options, seed, files, steps) for seed in range(args.seeds)]
         text = "\n".join(table(kind, seeds, options))

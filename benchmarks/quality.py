@@ -161,7 +161,7 @@ def job_for(kind: str, option: str, seed: int, files: dict, steps: int, mix: str
             spec["prompt"] = "{text}\nIs this news article about business, entertainment, politics, sport or tech? Answer:"
         spec["data"] = files[task]
         tasks[task] = spec
-    job.update(name="-".join([kind, *([mix] if mix != "demo" else []), option, f"s{seed}"]), tasks=tasks, mixture={"strategy": "temperature"},
+    job.update(name=f"{kind_on(kind, mix)}-{option}-s{seed}", tasks=tasks, mixture={"strategy": "temperature"},
                storage={"path": str(WORK / "runs")})
     chosen = OPTIONS[option]
     job.update({k: v for k, v in chosen.items() if k in ("loss_weighting", "mixture")})
@@ -187,8 +187,13 @@ def primary_scores(results: dict, spec) -> dict[str, float]:
     return {t: results[t]["metrics"][primary_metric(task_metrics(spec, t))] for t in spec.tasks}
 
 
+def kind_on(kind: str, mix: str) -> str:
+    """How runs and score files name a kind on a mix: the demo's mix keeps the kind's bare name."""
+    return kind if mix == "demo" else f"{kind}-{mix}"
+
+
 def scores_file(kind: str, mix: str, seed: int) -> Path:
-    return SCORES / f"{'-'.join([kind, *([mix] if mix != 'demo' else [])])}-s{seed}.json"
+    return SCORES / f"{kind_on(kind, mix)}-s{seed}.json"
 
 
 def run_seed(kind: str, options: list[str], seed: int, files: dict, steps: int, mix: str = "demo") -> dict:

@@ -112,7 +112,7 @@ def swapped_rows(reader: str) -> dict[str, list[dict]]:
 
     source = next(s for sources in demo_data.SOURCES.values() for s in sources if s.read == reader)
     archive = demo_data.fetch(source, REPO / ".cache" / "demo-downloads")
-    return getattr(demo_data, f"read_{reader}")(archive)
+    return demo_data.READERS[reader](archive)
 
 
 def prepare_data(out: Path, mix: str = "demo") -> dict[str, dict[str, str]]:
@@ -188,7 +188,8 @@ def primary_scores(results: dict, spec) -> dict[str, float]:
 
 
 def kind_on(kind: str, mix: str) -> str:
-    """How runs and score files name a kind on a mix: the demo's mix keeps the kind's bare name."""
+    """How runs, score files and data folders name a kind (or "data") on a mix: the demo's mix
+    keeps the bare name."""
     return kind if mix == "demo" else f"{kind}-{mix}"
 
 
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     asked, kinds = (args.options.split(",") if args.options else None), args.kinds.split(",")
     if not set(asked or ()) <= set(OPTIONS) or not set(kinds) <= set(KINDS):
         parser.error(f"options are {', '.join(OPTIONS)}; kinds are {', '.join(KINDS)} (got {args.options}, {args.kinds})")
-    files = prepare_data(WORK / ("data" if args.mix == "demo" else f"data-{args.mix}"), args.mix)
+    files = prepare_data(WORK / kind_on("data", args.mix), args.mix)
     for kind in kinds:
         options = asked or list(KINDS[kind]["options"])
         steps = args.steps or KINDS[kind]["steps"]

@@ -511,9 +511,13 @@ class JobSpec(_Strict):
         return tasks
 
     @model_validator(mode="after")
-    def _cross_checks(self) -> JobSpec:
+    def _default_mixture(self) -> JobSpec:
         if self.mixture.strategy is None:
             self.mixture.strategy = DEFAULT_MIXTURE[self.model.kind]
+        return self
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> JobSpec:
         for name, task in self.tasks.items():
             task_type = registry.get(task.type)
             if self.model.kind not in task_type.model_kinds:
